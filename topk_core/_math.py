@@ -1,0 +1,212 @@
+"""The DFTopK math, once, against the Array API.
+
+Every function here works on *normalised* inputs: the selection axis is last,
+``largest=False`` has already been turned into ``largest=True`` by negating
+``x``, and ``a``/``b``/``tau`` broadcast against ``x``.  The public API
+(:mod:`topk_core._api`) and the framework adapters both call these, so the
+formulas exist in exactly one place.
+
+Notation (per row): ``a`` = k-th largest valid value, ``b`` = (k+1)-th,
+``theta = a/2 + b/2``, ``z = (x - theta) / tau``, ``p = sigmoid(z)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Array = Any
+
+__all__ = [
+    "compute_dtype",
+    "logits",
+    "sigmoid",
+    "sigmoid_grad",
+    "threshold",
+    "tie_weights",
+    "jvp",
+    "vjp",
+]
+
+
+def compute_dtype(xp: Any, dtype: Any) -> Any:
+    """Dtype for the elementwise math: half types are computed in float32."""
+    if dtype == xp.float32 or dtype == xp.float64:
+        return dtype
+    return xp.float32
+
+
+def threshold(xp: Any, a: Array, b: Array) -> Array:
+    """``theta = a/2 + b/2``; the halved form cannot overflow where ``(a+b)/2`` does.
+
+    ``a = -b`` gives exactly 0, also for ``a = +inf, b = -inf`` (the limit of
+    ``M/2 - M/2``), without ever evaluating ``inf - inf``.
+    """
+    opposite = a == -b
+    zero = xp.zeros_like(a)
+    return xp.where(opposite, zero, a / 2) + xp.where(opposite, zero, b / 2)
+
+
+def logits(
+    xp: Any,
+    x: Array,
+    a: Array,
+    b: Array,
+    tau: float | Array,
+    valid: Array | None,
+    *,
+    eager: bool = False,
+) -> Array:
+    """``z = (x - theta) / tau``; masked entries ``-inf``.
+
+    Infinite entries follow the spec's limit rule: ``z = ((x-a) + (x-b)) / 2tau``
+    with ``inf - inf`` taken as 0.  Where ``theta`` is finite the plain formula
+    already gives that; rows with an infinite ``a`` or ``b`` (sentinels or
+    genuine infinities) take their values, all 0 or +-inf, from comparisons.
+    Eager backends skip that branch when no row needs it.
+    """
+    theta = threshold(xp, a, b)
+    finite = True
+    if eager:
+        finite = bool(xp.all(xp.isfinite(theta)))
+    if not finite:
+        # keep inf - inf out of the arithmetic (no NaN, no warnings)
+        theta_ok = xp.isfinite(theta)
+        theta = xp.where(theta_ok, theta, xp.zeros_like(theta))
+    z = x - theta
+    if not (isinstance(tau, float) and tau == 1.0):
+        z = z / tau
+    if not finite:
+        inf = xp.asarray(xp.inf, dtype=z.dtype)
+        zero = xp.asarray(0.0, dtype=z.dtype)
+        # rows with an infinite a or b: every z is 0 or +-inf
+        z_inf = xp.where(
+            x == inf,
+            xp.where(b == inf, zero, inf),
+            xp.where(
+                x == -inf,
+                xp.where(a == -inf, zero, -inf),
+                xp.where(a == inf, -inf, inf),
+            ),
+        )
+        z_inf = xp.where(
+            xp.isnan(x) | xp.isnan(a) | xp.isnan(b), xp.asarray(xp.nan, dtype=z.dtype), z_inf
+        )
+        z = xp.where(theta_ok, z, z_inf)
+    if valid is not None:
+        z = xp.where(valid, z, xp.asarray(-xp.inf, dtype=z.dtype))
+    return z
+
+
+def sigmoid(xp: Any, z: Array) -> Array:
+    """Stable logistic: never exponentiates a positive number, keeps tail accuracy."""
+    e = xp.exp(-xp.abs(z))
+    r = 1 / (1 + e)
+    return xp.where(z >= 0, r, e * r)
+
+
+def sigmoid_grad(xp: Any, z: Array) -> Array:
+    """``p * (1 - p)`` as ``e / (1 + e)^2`` with ``e = exp(-|z|)``: no cancellation."""
+    e = xp.exp(-xp.abs(z))
+    r = 1 / (1 + e)
+    return e * r * r
+
+
+def tie_weights(
+    xp: Any, x: Array, a: Array, b: Array, valid: Array | None
+) -> tuple[Array, Array, Array, Array]:
+    """Entries tied with ``a`` / ``b`` and their per-row weights.
+
+    Returns ``(eq_a, eq_b, wa, wb)``: boolean masks of the valid entries equal
+    to ``a`` and to ``b``, and the per-row weight each such entry carries
+    (``1/2`` split evenly among the ties; 0 for an infinite ``a`` or ``b``).
+    The spec's ``w`` is ``eq_a * wa + eq_b * wb``.
+    """
+    eq_a = x == a
+    eq_b = x == b
+    if valid is not None:
+        eq_a = eq_a & valid
+        eq_b = eq_b & valid
+    dtype = a.dtype if xp.isdtype(a.dtype, "real floating") else xp.float32
+    ca = xp.sum(xp.astype(eq_a, dtype), axis=-1, keepdims=True)
+    cb = xp.sum(xp.astype(eq_b, dtype), axis=-1, keepdims=True)
+    zero = xp.asarray(0.0, dtype=dtype)
+    one = xp.asarray(1.0, dtype=dtype)
+    wa = xp.where(xp.isfinite(a) & (ca > 0), 0.5 / xp.maximum(ca, one), zero)
+    wb = xp.where(xp.isfinite(b) & (cb > 0), 0.5 / xp.maximum(cb, one), zero)
+    return eq_a, eq_b, wa, wb
+
+
+def _apply_w(xp: Any, eq_a: Array, eq_b: Array, wa: Array, wb: Array, scale: Array) -> Array:
+    """``scale * w`` elementwise (``scale`` per row)."""
+    zero = xp.asarray(0.0, dtype=scale.dtype)
+    return xp.where(eq_a, scale * wa, zero) + xp.where(eq_b, scale * wb, zero)
+
+
+def vjp(
+    xp: Any,
+    x: Array,
+    a: Array,
+    b: Array,
+    z: Array,
+    g: Array,
+    tau: float | Array,
+    valid: Array | None,
+    output: str = "probs",
+) -> tuple[Array, Array]:
+    """Closed-form VJP of ``p = sigmoid(z)`` (or of ``z`` itself).
+
+    Returns ``(grad_x, t)`` where ``t`` is the elementwise contribution to the
+    gradient of ``tau``: ``grad_tau = sum(t)`` reduced to tau's shape.
+    ``grad_x = s - sum(s) * w`` with ``s = g * p (1 - p) / tau`` (``g / tau``
+    for logits).
+    """
+    zero = xp.asarray(0.0, dtype=z.dtype)
+    if output == "probs":
+        s = g * sigmoid_grad(xp, z)
+    else:
+        s = g
+    if not (isinstance(tau, float) and tau == 1.0):
+        s = s / tau
+    if valid is not None:
+        s = xp.where(valid, s, zero)
+    total = xp.sum(s, axis=-1, keepdims=True)
+    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid)
+    wa = xp.astype(wa, z.dtype)
+    wb = xp.astype(wb, z.dtype)
+    grad_x = s - _apply_w(xp, eq_a, eq_b, wa, wb, total)
+    # d z / d tau = -z / tau; entries with s == 0 (masked, saturated) contribute 0
+    t = xp.where(s == 0, zero, -s * z)
+    return grad_x, t
+
+
+def jvp(
+    xp: Any,
+    x: Array,
+    a: Array,
+    b: Array,
+    z: Array,
+    u: Array,
+    tau: float | Array,
+    tau_tangent: Array | None,
+    valid: Array | None,
+    output: str = "probs",
+) -> Array:
+    """Closed-form JVP: ``dz = (u - w.u) / tau - z dtau / tau``; ``dp = p(1-p) dz``."""
+    zero = xp.asarray(0.0, dtype=z.dtype)
+    if valid is not None:
+        u = xp.where(valid, u, zero)
+    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid)
+    dtheta = xp.astype(wa, z.dtype) * xp.sum(xp.where(eq_a, u, zero), axis=-1, keepdims=True)
+    dtheta = dtheta + xp.astype(wb, z.dtype) * xp.sum(
+        xp.where(eq_b, u, zero), axis=-1, keepdims=True
+    )
+    dz = u - dtheta
+    if not (isinstance(tau, float) and tau == 1.0):
+        dz = dz / tau
+    if tau_tangent is not None:
+        dz = dz - xp.where(xp.isfinite(z), z, zero) * (tau_tangent / tau)
+    if valid is not None:
+        dz = xp.where(valid, dz, zero)
+    if output == "probs":
+        return sigmoid_grad(xp, z) * dz
+    return dz

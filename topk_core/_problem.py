@@ -1,0 +1,309 @@
+"""Validation and normalisation of the public API's arguments.
+
+``prepare`` turns user arguments into a :class:`Problem`: the selection axis
+moved last, ``largest=False`` turned into negation, ``k`` clipped per row, the
+mask broadcast, ``tau`` laid out like ``x``.  Every bad input is rejected here
+with a ``TypeError``/``ValueError`` that names the argument, what was given and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+from . import _math
+from ._registry import Backend, get_backend, library_name
+
+Array = Any
+
+__all__ = ["Problem", "prepare", "normalise_like_tau", "reduce_to_tau"]
+
+
+@dataclass
+class Problem:
+    """A validated, normalised call.
+
+    Attributes
+    ----------
+    xp : namespace
+        Array API namespace of ``x``.
+    backend : Backend
+        The backend chosen from x's library.
+    x : array
+        Input with the selection axis last, negated when ``largest=False``.
+    k : int or array
+        A Python int (same for every row, no mask) or an integer array of shape
+        ``x.shape[:-1] + (1,)`` clipped to ``[0, n_valid]`` per row.
+    tau : float or array
+        Python float, or an array in the compute dtype broadcasting against
+        ``x`` (axis last).
+    valid : array or None
+        Boolean array of ``x``'s shape (axis last), or None for no mask.
+    axis : int
+        The original selection axis, normalised to be non-negative.
+    largest : bool
+        The original ``largest`` flag.
+    tau_shape : tuple or None
+        Shape of the user's array ``tau`` (None for a float).
+    """
+
+    xp: Any
+    backend: Backend
+    x: Array
+    k: int | Array
+    tau: float | Array
+    valid: Array | None
+    axis: int
+    largest: bool
+    tau_shape: tuple[int, ...] | None
+    device: Any
+
+    @property
+    def dtype(self) -> Any:
+        return self.x.dtype
+
+    @property
+    def compute_dtype(self) -> Any:
+        if self.backend.compute_dtype is not None:
+            return self.backend.compute_dtype(self.xp, self.x.dtype)
+        return _math.compute_dtype(self.xp, self.x.dtype)
+
+    def restore(self, y: Array) -> Array:
+        """Move the last axis back to the user's axis."""
+        if self.axis == y.ndim - 1:
+            return y
+        return self.xp.moveaxis(y, -1, self.axis)
+
+    def in_layout(self, y: Array, name: str) -> Array:
+        """Validate an x-shaped array argument (cotangent/tangent) and lay it out like x."""
+        _check_same_library(y, name, self)
+        xp = self.xp
+        if not xp.isdtype(y.dtype, "real floating"):
+            raise TypeError(f"{name} must have a real floating dtype, got {y.dtype}")
+        shape = _x_shape(self)
+        if tuple(y.shape) != shape:
+            raise ValueError(f"{name} must have x's shape {shape}, got {tuple(y.shape)}")
+        if self.axis != y.ndim - 1:
+            y = xp.moveaxis(y, self.axis, -1)
+        return xp.astype(y, self.compute_dtype, copy=False)
+
+
+def _x_shape(pb: Problem) -> tuple[int, ...]:
+    shape = list(pb.x.shape)
+    shape.insert(pb.axis, shape.pop())
+    return tuple(shape)
+
+
+def _lib_label(obj: Any) -> str:
+    lib = library_name(obj)
+    return f"a {lib} array" if lib else f"a {type(obj).__name__}"
+
+
+def _check_same_library(obj: Any, name: str, pb_or_lib: Problem | str) -> None:
+    lib = pb_or_lib if isinstance(pb_or_lib, str) else library_name(pb_or_lib.x)
+    other = library_name(obj)
+    if other is None:
+        raise TypeError(
+            f"{name} must be an array of the same library as x ({lib}), got {_lib_label(obj)}"
+        )
+    if other != lib:
+        raise TypeError(
+            f"x is a {lib} array but {name} is a {other} array; "
+            f"all array arguments must come from one library"
+        )
+
+
+def _check_device(xp: Any, obj: Any, name: str, device: Any) -> None:
+    other = array_api_compat.device(obj)
+    if other != device:
+        raise ValueError(f"{name} is on device {other} but x is on device {device}")
+
+
+def _is_int(k: Any) -> bool:
+    return isinstance(k, numbers.Integral) and not _is_bool(k)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool) or type(v).__name__ in ("bool_", "bool")
+
+
+def _normalise_axis(axis: Any, ndim: int) -> int:
+    if _is_bool(axis) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for x with {ndim} dimensions")
+    return axis % ndim
+
+
+def _broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    for s, t in zip(reversed(shape), reversed(target)):
+        if s != 1 and s != t:
+            return False
+    return True
+
+
+def check_x(x: Any) -> tuple[Any, str]:
+    """Validate ``x``; return its namespace and library name."""
+    lib = library_name(x)
+    if lib is None:
+        raise TypeError(
+            f"x must be an array of a library with Array API support (NumPy, CuPy, "
+            f"PyTorch, JAX, ...), got {type(x).__name__}"
+        )
+    try:
+        xp = array_api_compat.array_namespace(x)
+    except TypeError as exc:
+        raise TypeError(f"x: no Array API namespace for {type(x).__name__}: {exc}") from None
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(
+            f"x must have a real floating dtype (float16, bfloat16, float32, float64), "
+            f"got {x.dtype}"
+        )
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d array")
+    return xp, lib
+
+
+def prepare(
+    x: Any,
+    k: Any,
+    tau: Any,
+    axis: Any,
+    mask: Any,
+    largest: Any,
+    *,
+    need_tau: bool = True,
+) -> Problem:
+    """Validate and normalise the arguments shared by every public function."""
+    xp, lib = check_x(x)
+    ndim = x.ndim
+    axis = _normalise_axis(axis, ndim)
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest must be a bool, got {type(largest).__name__} {largest!r}")
+    device = array_api_compat.device(x)
+    backend = get_backend(lib)
+    shape = tuple(x.shape)
+    n = shape[axis]
+    batch = shape[:axis] + shape[axis + 1 :]
+
+    # mask
+    valid = None
+    if mask is not None:
+        _check_same_library(mask, "mask", lib)
+        if mask.dtype != xp.bool:
+            raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+        if not _broadcastable(tuple(mask.shape), shape):
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to x's shape {shape}"
+            )
+        _check_device(xp, mask, "mask", device)
+        valid = xp.broadcast_to(mask, shape)
+        if axis != ndim - 1:
+            valid = xp.moveaxis(valid, axis, -1)
+
+    # k
+    if _is_bool(k):
+        raise TypeError(f"k must be an int or an integer array, got bool {k!r}")
+    if _is_int(k):
+        k = int(k)
+        if not 0 <= k <= n:
+            raise ValueError(f"k must satisfy 0 <= k <= {n} (the size of axis {axis}), got {k}")
+        k_out: int | Array = k
+    elif isinstance(k, numbers.Number):
+        raise TypeError(f"k must be an int or an integer array, got {type(k).__name__} {k!r}")
+    else:
+        _check_same_library(k, "k", lib)
+        if not xp.isdtype(k.dtype, "integral"):
+            raise TypeError(
+                f"k must be an int or an integer array, got an array of dtype {k.dtype}"
+            )
+        if not _broadcastable(tuple(k.shape), batch):
+            raise ValueError(
+                f"k of shape {tuple(k.shape)} does not broadcast to the batch shape {batch} "
+                f"(x's shape without axis {axis})"
+            )
+        _check_device(xp, k, "k", device)
+        k_out = xp.reshape(xp.broadcast_to(k, batch), batch + (1,))
+
+    xn = x if axis == ndim - 1 else xp.moveaxis(x, axis, -1)
+    if not largest:
+        xn = -xn
+
+    if valid is not None or not isinstance(k_out, int):
+        if valid is not None:
+            n_valid = xp.sum(xp.astype(valid, xp.int32), axis=-1, keepdims=True)
+        else:
+            n_valid = n
+        if isinstance(k_out, int):
+            k_arr = xp.full(batch + (1,), k_out, dtype=xp.int32, device=device)
+        else:
+            k_arr = k_out
+        k_out = xp.minimum(
+            xp.maximum(k_arr, xp.zeros_like(k_arr)),
+            xp.astype(xp.asarray(n_valid, device=device), k_arr.dtype),
+        )
+
+    pb = Problem(xp, backend, xn, k_out, 1.0, valid, axis, largest, None, device)
+    if need_tau:
+        pb.tau, pb.tau_shape = _prepare_tau(pb, tau, lib, shape)
+    return pb
+
+
+def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
+    xp = pb.xp
+    if _is_bool(tau):
+        raise TypeError(f"tau must be a positive float or a positive array, got bool {tau!r}")
+    if isinstance(tau, numbers.Real):
+        tau = float(tau)
+        if not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
+        return tau, None
+    if isinstance(tau, numbers.Number):
+        raise TypeError(
+            f"tau must be a positive float or a positive array, got {type(tau).__name__}"
+        )
+    _check_same_library(tau, "tau", lib)
+    if not xp.isdtype(tau.dtype, "real floating"):
+        raise TypeError(f"tau must have a real floating dtype, got {tau.dtype}")
+    tau_shape = tuple(tau.shape)
+    if not _broadcastable(tau_shape, shape):
+        raise ValueError(
+            f"tau of shape {tau_shape} does not broadcast to x's shape {shape} "
+            f"(keep the axis, with size 1, for a per-row temperature)"
+        )
+    _check_device(xp, tau, "tau", pb.device)
+    if pb.backend.eager and not bool(xp.all(tau > 0) & xp.all(xp.isfinite(tau))):
+        raise ValueError("tau must be finite and > 0 everywhere")
+    return normalise_like_tau(pb, tau, tau_shape, pb.compute_dtype), tau_shape
+
+
+def normalise_like_tau(pb: Problem, t: Array, tau_shape: tuple[int, ...], dtype: Any) -> Array:
+    """Lay an array of tau's shape out like x (axis last, full rank)."""
+    xp = pb.xp
+    ndim = pb.x.ndim
+    t = xp.reshape(t, (1,) * (ndim - len(tau_shape)) + tau_shape)
+    if pb.axis != ndim - 1:
+        t = xp.moveaxis(t, pb.axis, -1)
+    return xp.astype(t, dtype, copy=False)
+
+
+def reduce_to_tau(pb: Problem, t: Array, out_dtype: Any) -> Array:
+    """Sum the elementwise tau-gradient ``t`` (x's layout) down to tau's shape."""
+    xp = pb.xp
+    if pb.tau_shape is None:
+        return xp.astype(xp.sum(t), out_dtype)
+    ts = tuple(pb.tau.shape)  # laid out like x
+    axes = tuple(d for d in range(t.ndim) if ts[d] == 1 and t.shape[d] != 1)
+    if axes:
+        t = xp.sum(t, axis=axes, keepdims=True)
+    if pb.axis != t.ndim - 1:
+        t = xp.moveaxis(t, -1, pb.axis)
+    return xp.astype(xp.reshape(t, pb.tau_shape), out_dtype)

@@ -1,0 +1,154 @@
+"""Lazy backend registry.
+
+A backend is looked up from the *type* of the input array (the top-level module
+that defines it), so finding one never imports a framework the caller has not
+already imported.  Built-in backends are registered as import paths and loaded
+on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Backend", "get_backend", "library_name", "register_backend"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What an array library adds to the backend-neutral spec.
+
+    Only ``select_pair`` is required; everything else has a generic default.
+
+    Parameters
+    ----------
+    name : str
+        Short name shown in errors, the doctor table and test ids.
+    select_pair : callable, optional
+        ``select_pair(xp, x, k) -> (a, b)``.  ``x`` has the selection axis
+        last and masked-out entries already replaced by ``-inf``; ``k`` is a
+        Python int in ``[0, n]`` or an integer array of shape ``x.shape[:-1] +
+        (1,)`` with values in ``[0, n]``.  Returns the k-th and (k+1)-th largest
+        values along the last axis, each of shape ``x.shape[:-1] + (1,)``, with
+        the sentinels ``x_(0) = +inf`` and ``x_(n+1) = -inf``.  ``None`` uses
+        the generic sort-based selection.
+    eager : bool
+        True when array values may be inspected on the host without a device
+        synchronisation or tracing (NumPy, array-api-strict).  Enables value
+        checks (e.g. ``tau > 0`` for array ``tau``) and host-side shortcuts.
+    sigmoid : callable, optional
+        A native numerically stable ``sigmoid(z)``; ``None`` uses the generic
+        one.
+    apply : callable, optional
+        ``apply(problem, output) -> array``: an autodiff-aware implementation
+        of the forward (``output`` is ``"probs"`` or ``"logits"``), used by
+        frameworks whose gradients must flow through ``topk_core.dftopk``.
+    compute_dtype : callable, optional
+        ``compute_dtype(xp, dtype) -> dtype`` for the elementwise math; the
+        default computes float16/bfloat16 in float32.
+    """
+
+    name: str
+    select_pair: Callable[..., tuple[Any, Any]] | None = None
+    eager: bool = False
+    sigmoid: Callable[[Any], Any] | None = None
+    apply: Callable[..., Any] | None = None
+    compute_dtype: Callable[[Any, Any], Any] | None = None
+
+
+# library name -> Backend, or an import path "pkg.module:attr" loaded lazily
+_REGISTRY: dict[str, Backend | str] = {
+    "numpy": "topk_core.backends.numpy_backend:BACKEND",
+    "torch": "topk_core.backends.torch_backend:BACKEND",
+    "jax": "topk_core.backends.jax_backend:BACKEND",
+    "cupy": "topk_core.backends.cupy_backend:BACKEND",
+    "array_api_strict": "topk_core.backends.generic:STRICT_BACKEND",
+}
+_GENERIC = "topk_core.backends.generic:GENERIC_BACKEND"
+_LOCK = threading.Lock()
+
+
+def library_name(obj: Any) -> str | None:
+    """Name of the array library that owns ``obj``, or None if not an array.
+
+    Uses the type's defining module only, so no framework is imported.
+    """
+    module = type(obj).__module__ or ""
+    root = module.split(".", 1)[0]
+    # jax arrays live in jaxlib, tracers in jax._src
+    if root in ("jax", "jaxlib"):
+        return "jax"
+    if root in _REGISTRY:
+        return root
+    if hasattr(obj, "__array_namespace__"):
+        return root
+    return None
+
+
+def _load(spec: str) -> Backend:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # a backend module missing for a library means: use the generic path
+        if exc.name == module_name:
+            return _load(_GENERIC)
+        raise
+    return getattr(module, attr)
+
+
+def get_backend(library: str) -> Backend:
+    """Return the backend registered for ``library`` (the generic one if none)."""
+    entry = _REGISTRY.get(library)
+    if entry is None:
+        return _load(_GENERIC)
+    if isinstance(entry, str):
+        with _LOCK:
+            entry = _REGISTRY[library]
+            if isinstance(entry, str):
+                entry = _load(entry)
+                _REGISTRY[library] = entry
+    return entry
+
+
+def register_backend(library: str, backend: Backend | str) -> None:
+    """Register a backend for arrays whose type is defined in ``library``.
+
+    Parameters
+    ----------
+    library : str
+        Top-level module name of the array type, i.e.
+        ``type(x).__module__.split(".")[0]`` (for example ``"mylib"``).
+    backend : Backend or str
+        A :class:`Backend`, or ``"package.module:ATTRIBUTE"`` naming one, to be
+        imported on first use.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import topk_core
+    >>> from topk_core import Backend
+    >>> def select_pair(xp, x, k):  # sort-based, for illustration
+    ...     s = xp.sort(x, axis=-1)
+    ...     n = x.shape[-1]
+    ...     inf = xp.full(x.shape[:-1] + (1,), xp.inf, dtype=x.dtype)
+    ...     a = inf if k == 0 else s[..., n - k : n - k + 1]
+    ...     b = -inf if k == n else s[..., n - k - 1 : n - k]
+    ...     return a, b
+    >>> topk_core.register_backend("numpy", Backend("numpy-sort", select_pair, eager=True))
+    >>> topk_core.topk_mask(np.array([3.0, 1.0, 2.0]), 2)
+    array([1., 0., 1.])
+    >>> topk_core.register_backend("numpy", "topk_core.backends.numpy_backend:BACKEND")
+    """
+    if not isinstance(library, str) or not library:
+        raise TypeError(f"library must be a non-empty str, got {library!r}")
+    if not isinstance(backend, (Backend, str)):
+        raise TypeError(
+            f"backend must be a topk_core.Backend or an import path 'module:attr', "
+            f"got {type(backend).__name__}"
+        )
+    with _LOCK:
+        _REGISTRY[library] = backend
