@@ -35,7 +35,7 @@ def select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
         return a, b
     # per-row k: pad with the sentinels so that position k is x_(k), k+1 is x_(k+1)
     ext = xp.concat([sentinel(xp, x, xp.inf), s, sentinel(xp, x, -xp.inf)], axis=-1)
-    k = xp.astype(k, xp.int64 if ext.shape[-1] > 2**31 - 1 else xp.int32)
+    k = xp.astype(k, xp.int64)  # torch.take_along_dim wants int64
     a = xp.take_along_axis(ext, k, axis=-1)
     b = xp.take_along_axis(ext, k + 1, axis=-1)
     return a, b

@@ -65,16 +65,21 @@ def logits(
     Eager backends skip that branch when no row needs it.
     """
     theta = threshold(xp, a, b)
-    finite = True
-    if eager:
-        finite = bool(xp.all(xp.isfinite(theta)))
+    # None: unknown (lazy/traced backends), so the infinite-row branch always runs
+    finite = bool(xp.all(xp.isfinite(theta))) if eager else None
     if not finite:
         # keep inf - inf out of the arithmetic (no NaN, no warnings)
         theta_ok = xp.isfinite(theta)
         theta = xp.where(theta_ok, theta, xp.zeros_like(theta))
-    z = x - theta
-    if not (isinstance(tau, float) and tau == 1.0):
-        z = z / tau
+    # halves first: |x/2 - theta/2| cannot overflow, so z only overflows when it truly exceeds
+    # the dtype's range (x - theta can reach twice the largest float)
+    z = x * 0.5 - theta * 0.5
+    if isinstance(tau, float) and tau == 1.0:
+        z = z * 2.0
+    elif isinstance(tau, float) and tau < 1e-37:
+        z = z / tau * 2.0  # tau/2 could flush to 0 in float32
+    else:
+        z = z / (tau * 0.5)
     if not finite:
         inf = xp.asarray(xp.inf, dtype=z.dtype)
         zero = xp.asarray(0.0, dtype=z.dtype)

@@ -1,0 +1,205 @@
+"""Forward semantics of the foundation spec on every backend, vs the float64 reference."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import topk_core as tk
+
+from .libs import TOLERANCE
+from .reference import ref_dftopk, ref_threshold, ref_topk_mask
+
+
+def _check(lib, out, expected, dtype, *, scale=1.0):
+    got = lib.to_numpy(out).astype(np.float64)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE[dtype] * scale, rtol=0)
+
+
+def _data(rng, shape, dtype, *, ties=False):
+    x = rng.standard_normal(shape)
+    if ties:
+        x = np.round(x * 2) / 2  # many exact ties, incl. at the boundary
+    # round to the tested dtype so the reference sees the same values
+    if dtype == "bfloat16":
+        x = x.astype(np.float32)
+        x = (x.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    return x.astype(np.float64 if dtype == "bfloat16" else dtype).astype(np.float64)
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_forward_matches_reference(lib, rng, dtype, output):
+    if dtype not in lib.dtypes:
+        pytest.skip(f"{lib.name} has no {dtype}")
+    x = _data(rng, (3, 17), dtype)
+    for k in (0, 1, 5, 16, 17):
+        fn = tk.dftopk if output == "probs" else tk.dftopk_logits
+        out = fn(lib.asarray(x, dtype), k, tau=0.7)
+        ref = ref_dftopk(x, k, tau=0.7, output=output)
+        scale = 1.0 if output == "probs" else 20.0  # logits are O(|x|/tau)
+        if output == "logits":
+            ref = np.where(np.isinf(ref), ref, ref)
+        _check(lib, out, ref, dtype, scale=scale)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1, -3])
+def test_axis_and_nd_batches(lib, rng, axis):
+    x = _data(rng, (4, 6, 5), "float64")
+    out = tk.dftopk(lib.asarray(x), 2, tau=0.5, axis=axis)
+    _check(lib, out, ref_dftopk(x, 2, tau=0.5, axis=axis), "float64")
+    th = tk.topk_threshold(lib.asarray(x), 2, axis=axis)
+    _check(lib, th, ref_threshold(x, 2, axis=axis), "float64")
+
+
+def test_per_row_k_and_masks(lib, rng):
+    x = _data(rng, (5, 9), "float64", ties=True)
+    k = np.array([0, 1, 4, 8, 9])
+    mask = rng.random((5, 9)) > 0.35
+    mask[1] = False  # a row with no valid entry
+    mask[2, :2] = True
+    mask[2, 2:] = False  # fewer than k+1 valid entries
+    kk = lib.asarray(k)
+    mm = lib.asarray(mask)
+    for largest in (True, False):
+        out = tk.dftopk(lib.asarray(x), kk, tau=0.3, mask=mm, largest=largest)
+        _check(lib, out, ref_dftopk(x, k, tau=0.3, mask=mask, largest=largest), "float64")
+        got = lib.to_numpy(out)
+        assert np.all(got[~mask] == 0.0)  # masked: exactly 0
+        lg = tk.dftopk_logits(lib.asarray(x), kk, mask=mm, largest=largest)
+        assert np.all(lib.to_numpy(lg)[~mask] == -np.inf)
+        hard = tk.topk_mask(lib.asarray(x), kk, mask=mm, largest=largest)
+        ref_hard = ref_topk_mask(x, k, mask=mask, largest=largest)
+        np.testing.assert_array_equal(lib.to_numpy(hard), ref_hard)
+    # scalar k with a mask is clipped to each row's n_valid
+    out = tk.dftopk(lib.asarray(x), 7, mask=mm)
+    _check(lib, out, ref_dftopk(x, 7, mask=mask), "float64")
+
+
+def test_masked_values_never_influence(lib, rng):
+    x = _data(rng, (2, 8), "float64")
+    mask = np.array([[True] * 5 + [False] * 3] * 2)
+    y = x.copy()
+    y[:, 5:] = [1e30, -1e30, np.nan]
+    a = lib.to_numpy(tk.dftopk(lib.asarray(x), 2, mask=lib.asarray(mask)))
+    b = lib.to_numpy(tk.dftopk(lib.asarray(y), 2, mask=lib.asarray(mask)))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_per_row_k_broadcasts(lib, rng):
+    x = _data(rng, (3, 4, 6), "float64")
+    k = np.array([[1], [2], [5]])  # broadcasts to batch shape (3, 4)
+    out = tk.dftopk(lib.asarray(x), lib.asarray(k))
+    _check(lib, out, ref_dftopk(x, np.broadcast_to(k, (3, 4))), "float64")
+    # out-of-range per-row values are clipped, not an error
+    out = tk.dftopk(lib.asarray(x[0]), lib.asarray(np.array([-3, 0, 2, 99])))
+    _check(lib, out, ref_dftopk(x[0], np.array([0, 0, 2, 6])), "float64")
+
+
+def test_largest_false_equals_negation(lib, rng):
+    x = _data(rng, (3, 11), "float64", ties=True)
+    a = tk.dftopk(lib.asarray(x), 4, largest=False, tau=0.2)
+    b = tk.dftopk(lib.asarray(-x), 4, tau=0.2)
+    np.testing.assert_array_equal(lib.to_numpy(a), lib.to_numpy(b))
+
+
+def test_ties_at_boundary(lib):
+    x = np.array([3.0, 2.0, 2.0, 2.0, 1.0])
+    p = lib.to_numpy(tk.dftopk(lib.asarray(x), 2))
+    # a = b = 2: theta = 2, the three tied entries get exactly 1/2
+    np.testing.assert_allclose(p, [1 / (1 + np.exp(-1)), 0.5, 0.5, 0.5, 1 / (1 + np.exp(1))])
+    hard = lib.to_numpy(tk.topk_mask(lib.asarray(x), 2))
+    np.testing.assert_array_equal(hard, [1, 1, 0, 0, 0])  # lower index wins the tie
+
+
+@pytest.mark.parametrize(
+    ("x", "k", "expected"),
+    [
+        ([np.inf, 1.0, 0.0], 1, [1.0, 0.0, 0.0]),
+        ([np.inf, np.inf, 0.0], 1, [0.5, 0.5, 0.0]),
+        ([-np.inf, 0.0, 1.0], 2, [0.0, 1.0, 1.0]),
+        ([np.inf, -np.inf], 1, [1.0, 0.0]),
+        ([-np.inf, -np.inf, 5.0], 2, [0.5, 0.5, 1.0]),
+    ],
+)
+def test_infinities_are_limits(lib, x, k, expected):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow/invalid warnings either
+        p = lib.to_numpy(tk.dftopk(lib.asarray(np.array(x)), k))
+    np.testing.assert_allclose(p, expected, atol=1e-7)
+    np.testing.assert_allclose(p, ref_dftopk(np.array(x), k), atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_k_zero_and_n_finite_never_nan(lib, rng, dtype):
+    x = _data(rng, (4, 7), dtype)
+    for k in (0, 7):
+        p = lib.to_numpy(tk.dftopk(lib.asarray(x, dtype), k, tau=1e-3))
+        assert not np.isnan(p).any()
+        np.testing.assert_array_equal(p, np.full_like(p, 0.0 if k == 0 else 1.0))
+    th = lib.to_numpy(tk.topk_threshold(lib.asarray(x, dtype), 0))
+    assert np.all(th == np.inf)
+
+
+def test_nan_propagates(lib):
+    x = np.array([[1.0, np.nan, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
+    p = lib.to_numpy(tk.dftopk(lib.asarray(x), 2))
+    assert np.isnan(p[0, 1])
+    np.testing.assert_allclose(p[1], ref_dftopk(x[1], 2), atol=1e-12)  # other rows unaffected
+
+
+def test_huge_float32_values_do_not_overflow(lib):
+    if "float32" not in lib.dtypes:
+        pytest.skip("no float32")
+    x = np.array([3e38, 3e38, 2.9e38, -3e38], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        th = lib.to_numpy(tk.topk_threshold(lib.asarray(x, "float32"), 1))
+        p = lib.to_numpy(tk.dftopk(lib.asarray(x, "float32"), 1, tau=1e30))
+    assert th[0] == np.float32(3e38)  # a = b = 3e38; (a + b)/2 would be inf
+    np.testing.assert_allclose(p[:2], [0.5, 0.5], atol=1e-6)
+    assert np.isfinite(p).all()
+
+
+@pytest.mark.parametrize("tau", [1e-30, 1e-6, 1e6, 1e30])
+def test_tiny_and_huge_tau(lib, rng, tau):
+    x = _data(rng, (2, 9), "float64")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = tk.dftopk(lib.asarray(x), 3, tau=tau)
+    _check(lib, p, ref_dftopk(x, 3, tau=tau), "float64")
+
+
+def test_sigmoid_tails_keep_relative_accuracy(lib):
+    x = np.array([0.0, -60.0, -650.0, 60.0])
+    p = lib.to_numpy(tk.dftopk(lib.asarray(x), 1))  # theta = 30; exp(-680) is normal
+    ref = ref_dftopk(x, 1)
+    np.testing.assert_allclose(p, ref, rtol=1e-12)
+    assert p[2] > 0
+
+
+def test_per_row_tau(lib, rng):
+    x = _data(rng, (3, 6), "float64")
+    tau = np.array([[0.1], [1.0], [10.0]])
+    out = tk.dftopk(lib.asarray(x), 2, tau=lib.asarray(tau))
+    _check(lib, out, ref_dftopk(x, 2, tau=tau), "float64")
+    out = tk.dftopk(lib.asarray(x.T), 2, tau=lib.asarray(tau.T), axis=0)
+    _check(lib, out, ref_dftopk(x.T, 2, tau=tau.T, axis=0), "float64")
+
+
+def test_topk_mask_exact_count(lib, rng):
+    x = _data(rng, (6, 10), "float64", ties=True)
+    for k in range(11):
+        m = lib.to_numpy(tk.topk_mask(lib.asarray(x), k))
+        assert m.dtype == np.float64
+        np.testing.assert_array_equal(m.sum(-1), np.full(6, k))
+        np.testing.assert_array_equal(m, ref_topk_mask(x, k))
+
+
+def test_empty_selection_axis(lib):
+    x = np.zeros((3, 0))
+    p = tk.dftopk(lib.asarray(x), 0)
+    assert lib.to_numpy(p).shape == (3, 0)
