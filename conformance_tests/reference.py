@@ -129,8 +129,7 @@ def ref_vjp(x, k, g, tau=1.0, axis=-1, mask=None, largest=True, output="probs"):
     dp = p * (1 - p) if output == "probs" else np.ones_like(p)
     s = np.where(valid, g * dp / taus, 0.0)
     gx = s - s.sum(-1, keepdims=True) * w
-    with np.errstate(invalid="ignore"):
-        t = np.where(s == 0, 0.0, -s * z)
+    t = -s * np.where(np.isfinite(z), z, 0.0)  # infinite z does not move with tau
     if not largest:
         gx = -gx
     return _restore(gx, x.shape, axis), _restore(t, x.shape, axis)

@@ -269,7 +269,7 @@ def dftopk_vjp(
     >>> from topk_core import dftopk_vjp
     >>> gx, gtau = dftopk_vjp(np.array([4.0, 1.0, 3.0, 2.0]), 2, np.array([1.0, 0, 0, 0]))
     >>> np.round(gx, 4)
-    array([ 0.0452,  0.    , -0.0226, -0.0226])
+    array([ 0.1491,  0.    , -0.0746, -0.0746])
     """
     pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output)
     xp = pb.xp
@@ -320,7 +320,7 @@ def dftopk_jvp(
     >>> from topk_core import dftopk_jvp
     >>> p, dp = dftopk_jvp(np.array([4.0, 1.0, 3.0, 2.0]), 2, np.array([1.0, 0, 0, 0]))
     >>> np.round(dp, 4)
-    array([0.0452, 0.    , 0.    , 0.    ])
+    array([0.1491, 0.    , 0.    , 0.    ])
     """
     pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output)
     xp = pb.xp

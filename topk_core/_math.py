@@ -179,8 +179,9 @@ def vjp(
     wa = xp.astype(wa, z.dtype)
     wb = xp.astype(wb, z.dtype)
     grad_x = s - _apply_w(xp, eq_a, eq_b, wa, wb, total)
-    # d z / d tau = -z / tau; entries with s == 0 (masked, saturated) contribute 0
-    t = xp.where(s == 0, zero, -s * z)
+    # dz/dtau = -z/tau; infinite z (masked, or infinite x) stays infinite whatever tau is,
+    # so those entries contribute 0
+    t = -s * xp.where(xp.isfinite(z), z, zero)
     return grad_x, t
 
 

@@ -1,0 +1,140 @@
+"""Every bad input gets a clear TypeError/ValueError naming the argument."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import topk_core as tk
+
+
+def _x(lib, shape=(2, 5)):
+    return lib.asarray(np.arange(np.prod(shape), dtype=np.float64).reshape(shape))
+
+
+FUNCS = [tk.dftopk, tk.dftopk_logits, tk.topk_threshold, tk.topk_mask]
+
+
+@pytest.mark.parametrize("fn", FUNCS, ids=lambda f: f.__name__)
+def test_k_errors(lib, fn):
+    x = _x(lib)
+    with pytest.raises(ValueError, match=r"k must satisfy 0 <= k <= 5.*got 6"):
+        fn(x, 6)
+    with pytest.raises(ValueError, match=r"got -1"):
+        fn(x, -1)
+    with pytest.raises(TypeError, match=r"k must be an int.*bool"):
+        fn(x, True)
+    with pytest.raises(TypeError, match=r"k must be an int.*float"):
+        fn(x, 2.0)
+    with pytest.raises(TypeError, match=r"k must be an int or an integer array.*dtype"):
+        fn(x, lib.asarray(np.array([1.0, 2.0])))
+    with pytest.raises(ValueError, match=r"k of shape \(3,\) does not broadcast"):
+        fn(x, lib.asarray(np.array([1, 2, 3])))
+    with pytest.raises(TypeError, match=r"k must be an array of the same library"):
+        fn(x, [1, 2])
+
+
+@pytest.mark.parametrize("fn", FUNCS, ids=lambda f: f.__name__)
+def test_x_errors(lib, fn):
+    with pytest.raises(TypeError, match=r"x must have a real floating dtype"):
+        fn(lib.asarray(np.arange(5)), 2)
+    with pytest.raises(TypeError, match=r"x must have a real floating dtype"):
+        fn(lib.asarray(np.array([True, False])), 1)
+    with pytest.raises(ValueError, match=r"at least one dimension"):
+        fn(lib.asarray(np.array(1.0)), 0)
+    with pytest.raises(TypeError, match=r"x must be an array.*got list"):
+        fn([1.0, 2.0], 1)
+    with pytest.raises(ValueError, match=r"axis 2 is out of range"):
+        fn(_x(lib), 1, axis=2)
+    with pytest.raises(TypeError, match=r"axis must be an int"):
+        fn(_x(lib), 1, axis=1.0)
+    with pytest.raises(TypeError, match=r"largest must be a bool"):
+        fn(_x(lib), 1, largest=1)
+
+
+def test_complex_x_rejected():
+    with pytest.raises(TypeError, match=r"x must have a real floating dtype.*complex"):
+        tk.dftopk(np.ones(3, dtype=np.complex128), 1)
+
+
+@pytest.mark.parametrize("fn", [tk.dftopk, tk.dftopk_logits], ids=lambda f: f.__name__)
+def test_tau_errors(lib, fn):
+    x = _x(lib)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"tau must be a finite float > 0"):
+            fn(x, 2, tau=bad)
+    with pytest.raises(TypeError, match=r"tau must be.*bool"):
+        fn(x, 2, tau=True)
+    with pytest.raises(TypeError, match=r"tau must be an array of the same library"):
+        fn(x, 2, tau="1")
+    with pytest.raises(ValueError, match=r"tau of shape .* does not broadcast"):
+        fn(x, 2, tau=lib.asarray(np.ones((3, 1))))
+    with pytest.raises(TypeError, match=r"tau must have a real floating dtype"):
+        fn(x, 2, tau=lib.asarray(np.ones((2, 1), dtype=np.int64)))
+
+
+def test_tau_values_checked_on_eager_backends():
+    x = np.ones((2, 4))
+    with pytest.raises(ValueError, match=r"tau must be finite and > 0 everywhere"):
+        tk.dftopk(x, 1, tau=np.array([[1.0], [0.0]]))
+
+
+@pytest.mark.parametrize("fn", FUNCS, ids=lambda f: f.__name__)
+def test_mask_errors(lib, fn):
+    x = _x(lib)
+    with pytest.raises(TypeError, match=r"mask must have dtype bool"):
+        fn(x, 1, mask=lib.asarray(np.ones((2, 5))))
+    with pytest.raises(ValueError, match=r"mask of shape .* does not broadcast"):
+        fn(x, 1, mask=lib.asarray(np.ones((3, 5), dtype=bool)))
+    with pytest.raises(TypeError, match=r"mask must be an array of the same library"):
+        fn(x, 1, mask=[[True] * 5] * 2)
+
+
+def test_mixed_libraries_name_both(lib):
+    if lib.name == "numpy":
+        other = np.ones(5, dtype=bool)
+        x = _strict_x()
+        expected = "x is a array_api_strict array but mask is a numpy array"
+    else:
+        x = _x(lib)
+        other = np.ones((2, 5), dtype=bool)
+        expected = f"x is a {lib.name.split('.')[0]} array but mask is a numpy array"
+    with pytest.raises(TypeError, match=expected):
+        tk.dftopk(x, 1, mask=other)
+
+
+def _strict_x():
+    s = pytest.importorskip("array_api_strict")
+    return s.asarray(np.ones((2, 5)))
+
+
+def test_mixed_libraries_for_k_and_tau():
+    s = pytest.importorskip("array_api_strict")
+    x = np.ones((2, 5))
+    with pytest.raises(TypeError, match=r"x is a numpy array but k is a array_api_strict array"):
+        tk.dftopk(x, s.asarray([1, 2]))
+    with pytest.raises(TypeError, match=r"x is a numpy array but tau is a array_api_strict array"):
+        tk.dftopk(x, 1, tau=s.asarray([[1.0], [1.0]]))
+
+
+def test_vjp_jvp_argument_errors(lib):
+    x = _x(lib)
+    with pytest.raises(ValueError, match=r"cotangent must have x's shape \(2, 5\)"):
+        tk.dftopk_vjp(x, 2, lib.asarray(np.ones((5, 2))))
+    with pytest.raises(TypeError, match=r"cotangent must have a real floating dtype"):
+        tk.dftopk_vjp(x, 2, lib.asarray(np.ones((2, 5), dtype=np.int64)))
+    with pytest.raises(ValueError, match=r"output must be 'probs' or 'logits'"):
+        tk.dftopk_vjp(x, 2, x, output="p")
+    with pytest.raises(ValueError, match=r"tangent must have x's shape"):
+        tk.dftopk_jvp(x, 2, lib.asarray(np.ones(5)))
+    with pytest.raises(ValueError, match=r"tau_tangent must have tau's shape \(\)"):
+        tk.dftopk_jvp(x, 2, x, tau_tangent=lib.asarray(np.ones(2)))
+    with pytest.raises(TypeError, match=r"tau_tangent must be a float"):
+        tk.dftopk_jvp(x, 2, x, tau_tangent=True)
+
+
+def test_register_backend_errors():
+    with pytest.raises(TypeError, match=r"library must be a non-empty str"):
+        tk.register_backend("", "m:a")
+    with pytest.raises(TypeError, match=r"backend must be a topk_core.Backend"):
+        tk.register_backend("mylib", 3)

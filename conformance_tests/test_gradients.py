@@ -1,0 +1,215 @@
+"""The closed-form VJP/JVP of the spec on every backend: vs the reference, finite
+differences, and each other (transpose identity)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import topk_core as tk
+
+from .reference import finite_difference, ref_dftopk, ref_vjp
+
+
+def _reduce(t, shape):
+    """Sum an x-shaped array down to tau's (broadcast) shape."""
+    if shape == ():
+        return t.sum()
+    lead = t.ndim - len(shape)
+    t = t.sum(axis=tuple(range(lead))) if lead else t
+    axes = tuple(d for d, s in enumerate(shape) if s == 1 and t.shape[d] != 1)
+    return t.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+CASES = {
+    "plain": dict(shape=(3, 9), k=3),
+    "ties": dict(shape=(4, 8), k=2, ties=True),
+    "mask": dict(shape=(4, 8), k=3, mask=True),
+    "per_row_k": dict(shape=(4, 7), k=np.array([0, 1, 3, 7])),
+    "axis0_smallest": dict(shape=(6, 3), k=2, axis=0, largest=False),
+    "per_row_tau": dict(shape=(3, 6), k=2, tau=np.array([[0.3], [1.0], [2.5]])),
+}
+
+
+def _case(rng, name):
+    c = dict(CASES[name])
+    x = rng.standard_normal(c.pop("shape"))
+    if c.pop("ties", False):
+        x = np.round(x)
+    mask = None
+    if c.pop("mask", False):
+        mask = rng.random(x.shape) > 0.3
+        mask[0, :] = True
+        mask[1, 2:] = False
+    kw = dict(k=c.get("k"), tau=c.get("tau", 0.8), axis=c.get("axis", -1), mask=mask)
+    kw["largest"] = c.get("largest", True)
+    return x, kw
+
+
+def _call(lib, fn, x, kw, *args, **extra):
+    k = kw["k"]
+    k = lib.asarray(k) if isinstance(k, np.ndarray) else k
+    tau = kw["tau"]
+    tau = lib.asarray(tau) if isinstance(tau, np.ndarray) else tau
+    mask = None if kw["mask"] is None else lib.asarray(kw["mask"])
+    arrays = [lib.asarray(a) for a in args]
+    return fn(
+        lib.asarray(x),
+        k,
+        *arrays,
+        tau=tau,
+        axis=kw["axis"],
+        mask=mask,
+        largest=kw["largest"],
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_vjp_matches_reference(lib, rng, case, output):
+    x, kw = _case(rng, case)
+    g = rng.standard_normal(x.shape)
+    gx, gtau = _call(lib, tk.dftopk_vjp, x, kw, g, output=output)
+    ref_gx, ref_t = ref_vjp(
+        x,
+        kw["k"],
+        g,
+        tau=kw["tau"],
+        axis=kw["axis"],
+        mask=kw["mask"],
+        largest=kw["largest"],
+        output=output,
+    )
+    np.testing.assert_allclose(lib.to_numpy(gx), ref_gx, atol=1e-9)
+    tau_shape = np.shape(kw["tau"])
+    np.testing.assert_allclose(lib.to_numpy(gtau), _reduce(ref_t, tau_shape), atol=1e-9)
+    assert tuple(gtau.shape) == tau_shape
+    if kw["mask"] is not None:
+        assert np.all(lib.to_numpy(gx)[~kw["mask"]] == 0.0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vjp_matches_finite_differences(lib, rng, case):
+    """Central differences in float64 along random directions (no ties: the spec's
+    tie weights are a choice of subgradient, checked separately)."""
+    if case == "ties":
+        pytest.skip("finite differences are not defined at ties")
+    x, kw = _case(rng, case)
+    g = rng.standard_normal(x.shape)
+    u = rng.standard_normal(x.shape)
+    gx, _ = _call(lib, tk.dftopk_vjp, x, kw, g)
+
+    def f(xx):
+        return ref_dftopk(
+            xx, kw["k"], tau=kw["tau"], axis=kw["axis"], mask=kw["mask"], largest=kw["largest"]
+        )
+
+    fd = np.sum(g * finite_difference(f, x, u, eps=1e-6))
+    np.testing.assert_allclose(np.sum(lib.to_numpy(gx) * u), fd, rtol=1e-5, atol=1e-8)
+
+
+def test_tau_gradient_matches_finite_differences(lib, rng):
+    x = rng.standard_normal((3, 7))
+    tau = np.array([[0.4], [1.3], [0.9]])
+    g = rng.standard_normal(x.shape)
+    _, gtau = tk.dftopk_vjp(lib.asarray(x), 3, lib.asarray(g), tau=lib.asarray(tau))
+    for r in range(3):
+        e = np.zeros_like(tau)
+        e[r] = 1e-6
+        fd = np.sum(g * (ref_dftopk(x, 3, tau=tau + e) - ref_dftopk(x, 3, tau=tau - e))) / 2e-6
+        np.testing.assert_allclose(lib.to_numpy(gtau)[r, 0], fd, rtol=1e-6)
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_jvp_vjp_transpose_identity(lib, rng, case, output):
+    x, kw = _case(rng, case)
+    u = rng.standard_normal(x.shape)
+    v = rng.standard_normal(x.shape)
+    tau_shape = np.shape(kw["tau"])
+    dtau = rng.standard_normal(tau_shape) if tau_shape else 0.37
+    dtau_arr = lib.asarray(dtau) if tau_shape else dtau
+    out, d = _call(lib, tk.dftopk_jvp, x, kw, u, tau_tangent=dtau_arr, output=output)
+    gx, gtau = _call(lib, tk.dftopk_vjp, x, kw, v, output=output)
+    d = lib.to_numpy(d)
+    lhs = np.sum(np.where(np.isfinite(d), v * d, 0.0))
+    rhs = np.sum(lib.to_numpy(gx) * u) + np.sum(lib.to_numpy(gtau) * dtau)
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-9, atol=1e-12)
+    ref = ref_dftopk(
+        x,
+        kw["k"],
+        tau=kw["tau"],
+        axis=kw["axis"],
+        mask=kw["mask"],
+        largest=kw["largest"],
+        output=output,
+    )
+    np.testing.assert_allclose(lib.to_numpy(out), ref, atol=1e-9)
+
+
+def test_jvp_matches_finite_differences(lib, rng):
+    x = rng.standard_normal((2, 10))
+    u = rng.standard_normal(x.shape)
+    _, d = tk.dftopk_jvp(lib.asarray(x), 4, lib.asarray(u), tau=0.6, tau_tangent=0.25)
+
+    def f(eps):
+        return ref_dftopk(x + eps * u, 4, tau=0.6 + eps * 0.25)
+
+    fd = (f(1e-6) - f(-1e-6)) / 2e-6
+    np.testing.assert_allclose(lib.to_numpy(d), fd, rtol=1e-5, atol=1e-9)
+
+
+def test_even_tie_split(lib):
+    # a = b = 2 shared by three entries: each gets weight 1/3 of sum(s)
+    x = np.array([3.0, 2.0, 2.0, 2.0, 1.0])
+    g = np.array([1.0, 0.0, 0.0, 0.0, 0.0])
+    gx, _ = tk.dftopk_vjp(lib.asarray(x), 2, lib.asarray(g))
+    gx = lib.to_numpy(gx)
+    s0 = 1 / (1 + np.exp(-1)) * (1 - 1 / (1 + np.exp(-1)))
+    np.testing.assert_allclose(gx, [s0, -s0 / 3, -s0 / 3, -s0 / 3, 0.0], atol=1e-12)
+    assert abs(gx.sum()) < 1e-12  # shifting every score leaves p unchanged
+    # a = 3 (two ties), b = 2 (one): weights 1/4, 1/4, 1/2
+    x = np.array([3.0, 3.0, 2.0, 1.0])
+    gx, _ = tk.dftopk_vjp(lib.asarray(x), 2, lib.asarray(np.array([0, 0, 0, 1.0])))
+    gx = lib.to_numpy(gx)
+    s3 = gx[3]
+    np.testing.assert_allclose(gx[:3], [-s3 / 4, -s3 / 4, -s3 / 2], atol=1e-12)
+
+
+def test_permutation_equivariant_under_ties(lib, rng):
+    x = np.round(rng.standard_normal(12))
+    g = rng.standard_normal(12)
+    perm = rng.permutation(12)
+    gx, _ = tk.dftopk_vjp(lib.asarray(x), 5, lib.asarray(g))
+    gp, _ = tk.dftopk_vjp(lib.asarray(x[perm]), 5, lib.asarray(g[perm]))
+    np.testing.assert_allclose(lib.to_numpy(gp), lib.to_numpy(gx)[perm], atol=1e-13)
+
+
+def test_gradients_at_infinities_and_extremes_are_finite(lib):
+    x = np.array([np.inf, 1.0, 0.0, -np.inf])
+    g = np.ones(4)
+    for k in (0, 1, 2, 3, 4):
+        gx, gtau = tk.dftopk_vjp(lib.asarray(x), k, lib.asarray(g))
+        assert np.isfinite(lib.to_numpy(gx)).all()
+        assert np.isfinite(lib.to_numpy(gtau)).all()
+        _, d = tk.dftopk_jvp(lib.asarray(x), k, lib.asarray(g), tau_tangent=1.0)
+        assert np.isfinite(lib.to_numpy(d)).all()
+    for tau in (1e-30, 1e30):
+        gx, _ = tk.dftopk_vjp(
+            lib.asarray(np.linspace(-1, 1, 7)), 3, lib.asarray(np.ones(7)), tau=tau
+        )
+        assert np.isfinite(lib.to_numpy(gx)).all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_low_precision_gradients(lib, rng, dtype):
+    if dtype not in lib.dtypes:
+        pytest.skip(f"{lib.name} has no {dtype}")
+    x = rng.standard_normal((2, 16)).astype(dtype).astype(np.float64)
+    g = rng.standard_normal(x.shape).astype(dtype).astype(np.float64)
+    gx, _ = tk.dftopk_vjp(lib.asarray(x, dtype), 4, lib.asarray(g, dtype))
+    assert lib.to_numpy(gx).dtype == np.dtype(dtype)
+    ref_gx, _ = ref_vjp(x, 4, g)
+    tol = {"float16": 3e-3, "float32": 2e-6}[dtype]
+    np.testing.assert_allclose(lib.to_numpy(gx).astype(np.float64), ref_gx, atol=tol)

@@ -1,0 +1,123 @@
+"""Packaging contract: lazy imports, the mapped sub-packages, the built wheel."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import os
+import pathlib
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+import topk_core
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(cmd, cwd, env=None, timeout=600):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_import_is_lazy(tmp_path):
+    code = (
+        "import sys, numpy as np, topk_core\n"
+        "topk_core.dftopk(np.ones(4), 2)\n"
+        "heavy = [m for m in ('torch', 'jax', 'cupy') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print('ok')\n"
+    )
+    assert _run([sys.executable, "-c", code], cwd=tmp_path).strip() == "ok"
+
+
+@pytest.mark.parametrize("name", ["backends", "adapters"])
+def test_mapped_folders_refuse_wrong_import_name(tmp_path, name):
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import {name}"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert f"must be imported as 'topk_core.{name}'" in proc.stderr
+
+
+def test_subpackages_installed_under_topk_core():
+    assert importlib.import_module("topk_core.backends").__name__ == "topk_core.backends"
+    assert importlib.import_module("topk_core.adapters").__name__ == "topk_core.adapters"
+
+
+MODULES = ["topk_core._api", "topk_core._registry"]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_docstring_examples_run(module):
+    mod = importlib.import_module(module)
+    result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_runs_outside_checkout(tmp_path):
+    """Build the wheel, install it into a fresh venv, use it from elsewhere."""
+    dist = tmp_path / "dist"
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(dist),
+            str(ROOT),
+        ],
+        cwd=tmp_path,
+    )
+    wheels = list(dist.glob("topk_core-*.whl"))
+    assert len(wheels) == 1
+    import zipfile
+
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert "topk_core/backends/numpy_backend.py" in names
+    assert "topk_core/py.typed" in names
+    assert not any(n.startswith(("backends/", "adapters/", "conformance_tests/")) for n in names)
+    venv = tmp_path / "venv"
+    # reuse this interpreter's site-packages for numpy/array-api-compat: no network needed
+    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path)
+    py = venv / "bin" / "python"
+    site = sysconfig.get_paths()["purelib"]
+    env = {**os.environ, "PYTHONPATH": site, "PYTHONNOUSERSITE": "1"}
+    _run(
+        [
+            str(py),
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(tmp_path / "target"),
+            str(wheels[0]),
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "target"), site])
+    code = (
+        "import numpy as np, topk_core, pathlib\n"
+        "assert 'target' in pathlib.Path(topk_core.__file__).parts, topk_core.__file__\n"
+        "import topk_core.backends.numpy_backend\n"
+        "p = topk_core.dftopk(np.array([3.0, 1.0, 2.0]), 1, tau=0.5)\n"
+        "print(np.round(p, 4).tolist())\n"
+    )
+    out = _run([str(py), "-c", code], cwd=tmp_path, env=env)
+    assert out.strip() == "[0.7311, 0.0474, 0.2689]"
+
+
+def test_version():
+    assert isinstance(topk_core.__version__, str)
