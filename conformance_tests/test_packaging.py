@@ -121,3 +121,34 @@ def test_wheel_installs_and_runs_outside_checkout(tmp_path):
 
 def test_version():
     assert isinstance(topk_core.__version__, str)
+
+
+def test_doctor_runs_and_reports(tmp_path):
+    out = _run(
+        [
+            sys.executable,
+            "-m",
+            "topk_core",
+            "--n",
+            "20000",
+            "--repeats",
+            "1",
+            "--libraries",
+            "numpy,array_api_strict",
+        ],
+        cwd=tmp_path,
+    )
+    lines = [ln for ln in out.splitlines() if ln.startswith("| numpy") or ln.startswith("| array")]
+    assert len(lines) == 2
+    assert all("| ok " in ln for ln in lines)
+
+
+def test_doctor_rejects_bad_arguments(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "topk_core", "--libraries", "nope"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "unknown libraries ['nope']" in proc.stderr

@@ -1,0 +1,190 @@
+"""``python -m topk_core``: a doctor table for every installed backend.
+
+For each array library that is installed: its version and device, a forward and
+a gradient check against the NumPy float64 result on the same data, and the
+time of one forward and one forward + backward at n = 1e6 (float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import topk_core as tk
+
+LIBRARIES = ("numpy", "array_api_strict", "torch", "jax", "cupy")
+
+
+def _prepare(name: str) -> tuple[Any, Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]]:
+    """(module, numpy -> library, library -> numpy) for an installed library."""
+    if name == "numpy":
+        return np, np.asarray, np.asarray
+    if name == "array_api_strict":
+        import array_api_strict as s
+
+        return s, s.asarray, lambda a: np.asarray(np.from_dlpack(a))
+    if name == "torch":
+        import torch
+
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch, lambda a: torch.from_numpy(a).to(dev), lambda a: a.detach().cpu().numpy()
+    if name == "jax":
+        os.environ.setdefault("JAX_ENABLE_X64", "1")
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+
+        return jax, jnp.asarray, np.asarray
+    if name == "cupy":
+        import cupy
+
+        return cupy, cupy.asarray, lambda a: a.get()
+    raise ValueError(f"unknown library {name!r}")
+
+
+def _device(mod: Any, arr: Any) -> str:
+    from array_api_compat import device
+
+    return str(device(arr))
+
+
+def _sync(name: str, out: Any) -> None:
+    if name == "torch" and out.is_cuda:
+        import torch
+
+        torch.cuda.synchronize()
+    elif name == "jax":
+        out.block_until_ready()
+    elif name == "cupy":
+        import cupy
+
+        cupy.cuda.Device().synchronize()
+
+
+def _timed(fn: Callable[[], Any], name: str, repeats: int) -> float:
+    _sync(name, fn())  # warm-up (and compilation)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _sync(name, fn())
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def _fwd_bwd(name: str, mod: Any, x: Any, k: int) -> Callable[[], Any]:
+    """Forward + backward the way a user of the library would write it."""
+    if name == "torch":
+
+        def run():
+            xx = x.detach().requires_grad_(True)
+            tk.dftopk(xx, k, tau=0.1).sum().backward()
+            return xx.grad
+
+        return run
+    if name == "jax":
+        grad = mod.jit(mod.grad(lambda v: tk.dftopk(v, k, tau=0.1).sum()))
+        return lambda: grad(x)
+    g = x * 0 + 1
+    return lambda: tk.dftopk_vjp(x, k, g, tau=0.1)[0]
+
+
+def check(name: str, n: int, repeats: int) -> dict[str, Any]:
+    mod, to_lib, to_np = _prepare(name)
+    rng = np.random.default_rng(0)
+    x64 = rng.standard_normal((4, 257))
+    g64 = rng.standard_normal(x64.shape)
+    ref = tk.dftopk(x64, 25, tau=0.3)
+    ref_grad, _ = tk.dftopk_vjp(x64, 25, g64, tau=0.3)
+    x = to_lib(x64)
+    fwd_err = float(np.max(np.abs(to_np(tk.dftopk(x, 25, tau=0.3)) - ref)))
+    grad, _ = tk.dftopk_vjp(x, 25, to_lib(g64), tau=0.3)
+    grad_err = float(np.max(np.abs(to_np(grad) - ref_grad)))
+    if name == "torch":
+        xx = x.clone().requires_grad_(True)
+        (tk.dftopk(xx, 25, tau=0.3) * to_lib(g64)).sum().backward()
+        grad_err = max(grad_err, float(np.max(np.abs(to_np(xx.grad) - ref_grad))))
+    elif name == "jax":
+        gj = mod.grad(lambda v: (tk.dftopk(v, 25, tau=0.3) * g64).sum())(x)
+        grad_err = max(grad_err, float(np.max(np.abs(to_np(gj) - ref_grad))))
+    xt = to_lib(rng.standard_normal(n).astype(np.float32))
+    k = n // 10
+    fwd_ms = _timed(lambda: tk.dftopk(xt, k, tau=0.1), name, repeats)
+    bwd_ms = _timed(_fwd_bwd(name, mod, xt, k), name, repeats)
+    ok = fwd_err < 1e-9 and grad_err < 1e-9
+    return {
+        "library": name,
+        "version": getattr(mod, "__version__", "?"),
+        "device": _device(mod, x),
+        "forward err": f"{fwd_err:.1e}",
+        "gradient err": f"{grad_err:.1e}",
+        "check": "ok" if ok else "FAIL",
+        f"fwd ms (n={n:.0e})": f"{fwd_ms:.2f}",
+        "fwd+bwd ms": f"{bwd_ms:.2f}",
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    keys = list(rows[0])
+    width = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
+    line = "| " + " | ".join(k.ljust(width[k]) for k in keys) + " |"
+    sep = "|" + "|".join("-" * (width[k] + 2) for k in keys) + "|"
+    body = ["| " + " | ".join(str(r.get(k, "")).ljust(width[k]) for k in keys) + " |" for r in rows]
+    return "\n".join([line, sep, *body])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m topk_core",
+        description="Check and time DFTopK on every installed array library.",
+    )
+    parser.add_argument("--n", type=int, default=1_000_000, help="size of the timed 1-d input")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (best is shown)")
+    parser.add_argument(
+        "--libraries", default=",".join(LIBRARIES), help="comma-separated subset of: %(default)s"
+    )
+    args = parser.parse_args(argv)
+    if args.n < 10:
+        parser.error(f"--n must be >= 10, got {args.n}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    names = [s.strip() for s in args.libraries.split(",") if s.strip()]
+    unknown = sorted(set(names) - set(LIBRARIES))
+    if unknown:
+        parser.error(f"unknown libraries {unknown}; choose from {list(LIBRARIES)}")
+
+    print(
+        f"topk-core {tk.__version__} on Python {platform.python_version()}, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs"
+    )
+    rows, failed = [], False
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            rows.append({"library": name, "version": "not installed"})
+            continue
+        try:
+            row = check(name, args.n, args.repeats)
+        except Exception as exc:  # the doctor reports failures, it does not crash
+            row = {"library": name, "check": f"ERROR {type(exc).__name__}: {exc}"}
+        failed |= row.get("check") != "ok"
+        rows.append(row)
+        print(f"  checked {name}", file=sys.stderr)
+    full = [r for r in rows if "version" in r and "check" in r]
+    if full:  # align rows of absent libraries to the full header
+        rows = [{k: r.get(k, "") for k in full[0]} for r in rows]
+    print(_table(rows))
+    print("k = n/10, tau = 0.1, float32; best of repeats; errors vs NumPy float64 (n=4x257)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
