@@ -1,0 +1,367 @@
+"""The shared radix-select driver (topk_core._radix) against a full sort.
+
+Run through NumPy (the backend's bincount shims and the comparison-only
+GenericShims), through array-api-strict (proves the driver uses nothing but
+Array API operations) and under ``jax.jit`` (proves it is traceable).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from topk_core.backends import numpy_backend
+from topk_core.backends.numpy_backend import SHIMS, NumpyShims
+
+import topk_core as tk
+from topk_core._radix import (
+    GenericShims,
+    check_digit_bits,
+    digit_widths,
+    float_to_keys,
+    keys_to_float,
+    radix_select_pair,
+)
+
+from .reference import ref_dftopk
+
+DTYPES = (np.float16, np.float32, np.float64)
+DIGIT_BITS = (1, 2, 3, 4, 5, 8, 11, 16)
+
+
+def _view(a, dt):
+    return a.view(dt)
+
+
+GENERIC = GenericShims(np, _view)
+
+
+def shims_for(digit_bits):
+    # the comparison histogram costs one reduction per bin: only for tiny digits
+    return [SHIMS, GENERIC] if digit_bits <= 2 else [SHIMS]
+
+
+def adversarial_values(dtype):
+    fi = np.finfo(dtype)
+    vals = [
+        -np.inf,
+        np.inf,
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        fi.max,
+        -fi.max,
+        fi.tiny,
+        -fi.tiny,
+        fi.smallest_subnormal,
+        -fi.smallest_subnormal,
+        fi.smallest_subnormal * 3,
+        fi.eps,
+        1 + fi.eps,
+        2.5,
+    ]
+    return np.array(vals, dtype=dtype)
+
+
+def sort_pair(x, k):
+    """(a, b) from a full descending sort per row with the sentinels (no NaN)."""
+    x = np.asarray(x)
+    n = x.shape[-1]
+    s = -np.sort(-x, axis=-1)
+    lead = x.shape[:-1] + (1,)
+    ext = np.concatenate(
+        [np.full(lead, np.inf, x.dtype), s, np.full(lead, -np.inf, x.dtype)], axis=-1
+    )
+    k = np.broadcast_to(np.asarray(k), lead) if not isinstance(k, int) else np.full(lead, k)
+    assert (k >= 0).all() and (k <= n).all()
+    return np.take_along_axis(ext, k, -1), np.take_along_axis(ext, k + 1, -1)
+
+
+def check_pair(x, k, digit_bits, shims):
+    a, b = radix_select_pair(np, x, k, shims, digit_bits=digit_bits)
+    ea, eb = sort_pair(x, k)
+    assert a.dtype == x.dtype and b.dtype == x.dtype
+    assert a.shape == x.shape[:-1] + (1,) and b.shape == a.shape
+    np.testing.assert_array_equal(a, ea)
+    np.testing.assert_array_equal(b, eb)
+
+
+# ---------------------------------------------------------------- key mapping
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shims", [SHIMS, GENERIC], ids=["numpy", "generic"])
+def test_keys_order_preserving(dtype, shims):
+    vals = np.unique(adversarial_values(dtype))  # sorted ascending, -0.0 == 0.0 merged
+    rng = np.random.default_rng(1)
+    more = rng.normal(scale=100, size=200).astype(dtype)
+    xs = np.sort(np.concatenate([vals, more]))
+    keys = shims.to_keys(xs)
+    assert keys.dtype == np.dtype(f"uint{np.finfo(dtype).bits}")
+    # same order, ties exactly where the values tie
+    assert (np.diff(keys.astype(np.float64)) >= 0).all()
+    np.testing.assert_array_equal(keys[1:] == keys[:-1], xs[1:] == xs[:-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_keys_signed_zero_and_nan(dtype):
+    x = np.array([0.0, -0.0, np.inf, np.nan, -np.nan, -np.inf], dtype=dtype)
+    keys = SHIMS.to_keys(x)
+    assert keys[0] == keys[1]
+    assert keys[3] > keys[2] and keys[4] > keys[2]  # NaN of either sign above +inf
+    assert keys[5] < keys[0]
+    back = SHIMS.from_keys(keys, x.dtype)
+    assert back.dtype == x.dtype
+    assert np.signbit(back[1]) == np.False_  # -0.0 comes back canonical (+0.0)
+    np.testing.assert_array_equal(back[[0, 1, 2, 5]], x[[0, 1, 2, 5]])
+    assert np.isnan(back[3]) and np.isnan(back[4])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_keys_roundtrip_bitwise(dtype):
+    rng = np.random.default_rng(2)
+    bits = np.finfo(dtype).bits
+    raw = rng.integers(0, 2**bits, size=5000, dtype=np.uint64).astype(f"uint{bits}")
+    x = raw.view(dtype)
+    x = x[~np.isnan(x) & (x != 0)]  # canonical values: zero and NaN checked above
+    back = keys_to_float(np, float_to_keys(np, x, _view), dtype, _view)
+    np.testing.assert_array_equal(back.view(f"uint{bits}"), x.view(f"uint{bits}"))
+
+
+def test_digit_widths_and_validation():
+    assert digit_widths(64, 11) == [11] * 5 + [9]
+    assert digit_widths(16, 16) == [16]
+    assert sum(digit_widths(32, 3)) == 32
+    with pytest.raises(ValueError, match="digit_bits"):
+        check_digit_bits(0)
+    with pytest.raises(ValueError, match="digit_bits"):
+        check_digit_bits(17)
+    with pytest.raises(TypeError, match="digit_bits"):
+        check_digit_bits(8.0)
+    with pytest.raises(ValueError, match="digit_bits"):
+        radix_select_pair(np, np.ones((2, 3)), 1, SHIMS, digit_bits=32)
+
+
+def test_histogram_shims_agree():
+    rng = np.random.default_rng(3)
+    for nbins in (2, 4, 256):
+        digits = rng.integers(0, nbins, size=(3, 2, 50)).astype(np.uint32)
+        active = rng.random((3, 2, 50)) < 0.6
+        expected = np.zeros((3, 2, nbins), dtype=np.int64)
+        for idx in np.ndindex(3, 2):
+            expected[idx] = np.bincount(digits[idx][active[idx]], minlength=nbins)
+        np.testing.assert_array_equal(SHIMS.row_histogram(digits, active, nbins), expected)
+        if nbins <= 4:
+            np.testing.assert_array_equal(GENERIC.row_histogram(digits, active, nbins), expected)
+    # uint64 digits (float64 keys) must not trip bincount's safe casting
+    d64 = rng.integers(0, 8, size=(4, 9)).astype(np.uint64)
+    act = np.ones((4, 9), bool)
+    assert SHIMS.row_histogram(d64, act, 8).sum() == 36
+
+
+# --------------------------------------------------------- driver vs full sort
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("digit_bits", DIGIT_BITS)
+def test_adversarial_per_row_k(dtype, digit_bits):
+    rng = np.random.default_rng(digit_bits)
+    vals = adversarial_values(dtype)
+    n = 23
+    x = rng.choice(vals, size=(4, 3, n))
+    x[0, 0] = vals[2]  # all-equal row (zeros)
+    x[0, 1] = np.where(rng.random(n) < 0.5, 0.0, -0.0).astype(dtype)  # signed zeros only
+    x[1, 0] = np.inf
+    x[1, 1] = -np.inf
+    x[1, 2, :5] = -np.inf  # masked-like tail
+    k = rng.integers(0, n + 1, size=(4, 3, 1))
+    k[0, :, 0] = [0, n, 1]
+    k[1, :, 0] = [n, 0, n - 1]
+    for shims in shims_for(digit_bits):
+        check_pair(x, k, digit_bits, shims)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("digit_bits", (1, 8, 11))
+def test_scalar_k_every_rank(dtype, digit_bits):
+    rng = np.random.default_rng(4)
+    x = rng.choice(adversarial_values(dtype), size=(2, 9))
+    for k in range(10):
+        check_pair(x, k, digit_bits, SHIMS)
+
+
+@pytest.mark.parametrize("digit_bits", (2, 8, 11))
+def test_many_ties_and_clusters(digit_bits):
+    rng = np.random.default_rng(5)
+    # values sharing long key prefixes: consecutive floats around 1.0
+    base = np.float32(1.0)
+    steps = rng.integers(-3, 4, size=(6, 200))
+    x = (base + steps * np.finfo(np.float32).eps).astype(np.float32)
+    k = rng.integers(0, 201, size=(6, 1))
+    check_pair(x, k, digit_bits, SHIMS)
+
+
+def test_n_zero_and_n_one():
+    a, b = radix_select_pair(np, np.zeros((3, 0)), 0, SHIMS)
+    assert a.shape == (3, 1) and (a == np.inf).all() and (b == -np.inf).all()
+    x = np.array([[2.0], [-np.inf]])
+    check_pair(x, np.array([[0], [1]]), 8, SHIMS)
+    check_pair(x, 1, 8, SHIMS)
+
+
+def test_one_dimensional_x():
+    x = np.array([3.0, -0.0, 7.0, 7.0, 1.0])
+    a, b = radix_select_pair(np, x, np.array([1]), SHIMS)
+    assert a.shape == (1,) and a[0] == 7.0 and b[0] == 7.0  # tie: b = a
+    a, b = radix_select_pair(np, x, 3, SHIMS)
+    assert a[0] == 3.0 and b[0] == 1.0
+
+
+def test_nan_rows_no_hang_and_nan_largest():
+    x = np.array([[1.0, np.nan, 3.0, -np.nan, 2.0], [np.nan] * 5, [0.0, 1.0, 2.0, 3.0, 4.0]])
+    for digit_bits in (1, 8, 11):
+        a, b = radix_select_pair(np, x, np.array([[1], [3], [2]]), SHIMS, digit_bits=digit_bits)
+        # NaN ranks above +inf (like a descending sort that puts NaN first)
+        assert np.isnan(a[0, 0]) and np.isnan(b[0, 0])
+        assert np.isnan(a[1, 0]) and np.isnan(b[1, 0])
+        assert a[2, 0] == 3.0 and b[2, 0] == 2.0
+        a, b = radix_select_pair(np, x, np.array([[3], [5], [5]]), SHIMS, digit_bits=digit_bits)
+        assert a[0, 0] == 3.0 and b[0, 0] == 2.0 and b[1, 0] == -np.inf
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(DTYPES),
+    digit_bits=st.sampled_from(DIGIT_BITS),
+)
+def test_random_shapes_hypothesis(data, dtype, digit_bits):
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=12))
+    x = data.draw(
+        hnp.arrays(
+            dtype,
+            shape,
+            elements=st.floats(allow_nan=False, width=np.finfo(dtype).bits),
+        )
+    )
+    n = shape[-1]
+    k = data.draw(hnp.arrays(np.int64, shape[:-1] + (1,), elements=st.integers(0, n)))
+    for shims in shims_for(digit_bits):
+        check_pair(x, k, digit_bits, shims)
+
+
+# ------------------------------------------------- through the NumPy backend
+
+
+def test_numpy_backend_routes_per_row_k_through_driver(monkeypatch):
+    calls = []
+    real = numpy_backend.radix_select_pair
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("digit_bits"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numpy_backend, "radix_select_pair", spy)
+    x = np.random.default_rng(6).normal(size=(3, 10))
+    tk.dftopk(x, np.array([1, 2, 3]))
+    tk.dftopk(x, 2, mask=x > -1.0)
+    assert calls == [8, 8]
+    tk.dftopk(x, 2)  # scalar k, no mask: np.partition
+    assert len(calls) == 2
+    assert numpy_backend.digit_bits_for(10**6) == 11
+
+
+@pytest.mark.parametrize("dtype", ("float16", "float32", "float64"))
+def test_masks_via_dftopk(dtype):
+    rng = np.random.default_rng(7)
+    x = rng.choice(adversarial_values(np.float64)[[0, 1, 2, 3, 4, 5, 15]], size=(5, 4, 11))
+    x = x + rng.integers(0, 3, size=x.shape)  # ties
+    mask = rng.random(x.shape) < 0.7
+    mask[0, 0] = False  # no valid entry
+    mask[0, 1] = True
+    k = rng.integers(0, 12, size=(5, 4))
+    xd = x.astype(dtype)
+    for axis in (-1, 1):
+        xa = np.moveaxis(xd, -1, axis)
+        ma = np.moveaxis(mask, -1, axis)
+        got = tk.dftopk(xa, k, tau=0.5, axis=axis, mask=ma)
+        want = ref_dftopk(xa.astype(np.float64), k, tau=0.5, axis=axis, mask=ma)
+        np.testing.assert_allclose(got, want, atol={"float16": 2e-3}.get(dtype, 2e-5))
+        hard = tk.topk_mask(xa, k, axis=axis, mask=ma)
+        np.testing.assert_array_equal(
+            np.moveaxis(hard, axis, -1).sum(-1), np.minimum(k, mask.sum(-1))
+        )
+
+
+def test_nan_propagates_through_dftopk_per_row_k():
+    x = np.array([[1.0, np.nan, 3.0, 2.0], [4.0, 3.0, 2.0, 1.0]])
+    p = tk.dftopk(x, np.array([2, 2]))
+    assert np.isnan(p[0, 1])
+    assert not np.isnan(p[1]).any()
+
+
+# ------------------------------------- the driver is pure Array API + traceable
+
+
+def _strict_bitcast(a, dt):
+    import array_api_strict as xps
+
+    name = str(dt).rsplit(".", 1)[-1]
+    return xps.asarray(np.from_dlpack(a).view(np.dtype(name)))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("array_api_strict") is None, reason="array-api-strict not installed"
+)
+@pytest.mark.parametrize("digit_bits", (1, 2))
+def test_driver_uses_only_array_api(digit_bits):
+    import array_api_strict as xps
+
+    rng = np.random.default_rng(8)
+    x = rng.choice(adversarial_values(np.float32), size=(3, 13))
+    k = rng.integers(0, 14, size=(3, 1))
+    shims = GenericShims(xps, _strict_bitcast)
+    a, b = radix_select_pair(xps, xps.asarray(x), xps.asarray(k), shims, digit_bits=digit_bits)
+    ea, eb = sort_pair(x, k)
+    np.testing.assert_array_equal(np.from_dlpack(a), ea)
+    np.testing.assert_array_equal(np.from_dlpack(b), eb)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+@pytest.mark.parametrize(
+    "dtype",
+    # compile time grows with the unrolled passes (16/32/64 at digit_bits=1)
+    [
+        "float16",
+        pytest.param("float32", marks=pytest.mark.slow),
+        pytest.param("float64", marks=pytest.mark.slow),
+    ],
+)
+def test_driver_traces_under_jax_jit(dtype):
+    import jax
+    import jax.numpy as jnp
+
+    if dtype == "float64" and not jax.config.read("jax_enable_x64"):
+        pytest.skip("jax x64 mode is off")
+    shims = GenericShims(jnp, jax.lax.bitcast_convert_type)
+    select = jax.jit(lambda x, k: radix_select_pair(jnp, x, k, shims, digit_bits=1))
+    rng = np.random.default_rng(9)
+    x = rng.choice(adversarial_values(np.dtype(dtype).type), size=(4, 17))
+    k = rng.integers(0, 18, size=(4, 1)).astype(np.int32)
+    a, b = select(jnp.asarray(x), jnp.asarray(k))
+    ea, eb = sort_pair(x, k)
+    np.testing.assert_array_equal(np.asarray(a), ea)
+    np.testing.assert_array_equal(np.asarray(b), eb)
+
+
+def test_numpy_shims_module_parameter():
+    # the CuPy backend reuses NumpyShims with mod=cupy: the class must use only self.mod
+    shims = NumpyShims(np)
+    x = np.array([[1.0, 5.0, 3.0]], dtype=np.float32)
+    a, b = radix_select_pair(np, x, np.array([[2]]), shims)
+    assert a[0, 0] == 3.0 and b[0, 0] == 1.0

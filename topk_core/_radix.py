@@ -1,0 +1,300 @@
+"""One radix-select driver for ``(a, b)``, shared by every array library.
+
+The driver finds, per row, the k-th largest entry by MSB-first digit narrowing
+over order-preserving unsigned integer keys, then the (k+1)-th largest from it
+with one masked max.  It uses only Array API operations on ``xp`` plus three
+tiny per-library shims (bitcast to keys and back, per-row histogram), so the
+same code runs eagerly (NumPy, CuPy) and under tracing (JAX): the only Python
+loop is static, over the digit passes; nothing branches on array values, reads
+values on the host or mutates in place.  O(n * key_bits / digit_bits) work.
+
+Key mapping (``float_to_keys``): with ``mag`` the bits without the sign,
+``key = S - mag`` for negative non-zero non-NaN ``x``, else ``key = S + mag``,
+``S = 2**(bits-1)``.  ``-0.0`` and ``+0.0`` both map to ``S``; every NaN maps
+above ``+inf``; ``-inf`` is the smallest non-NaN key.  So NaN sorts as the
+largest value, like a descending ``sort`` that puts NaN first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+Array = Any
+
+__all__ = [
+    "RadixShims",
+    "GenericShims",
+    "float_to_keys",
+    "keys_to_float",
+    "comparison_histogram",
+    "radix_select_pair",
+    "check_digit_bits",
+    "digit_widths",
+]
+
+MAX_DIGIT_BITS = 16
+
+
+class RadixShims(Protocol):
+    """What the driver needs from an array library besides the Array API."""
+
+    def to_keys(self, x: Array) -> Array:
+        """Float ``(..., n)`` -> unsigned keys of the same width, order-preserving.
+
+        ``-0.0`` and ``+0.0`` map to the same key; NaN maps above ``+inf``.
+        """
+
+    def from_keys(self, keys: Array, dtype: Any) -> Array:
+        """Inverse of :meth:`to_keys` for canonical values (``+0.0`` for zero)."""
+
+    def row_histogram(self, digits: Array, active: Array, nbins: int) -> Array:
+        """Per-row counts of the active entries per digit.
+
+        ``digits`` ``(..., n)`` unsigned ints in ``[0, nbins)``, ``active``
+        bool ``(..., n)``; returns integer counts ``(..., nbins)``.
+        """
+
+
+def _uint_dtype(xp: Any, bits: int) -> Any:
+    try:
+        return {16: xp.uint16, 32: xp.uint32, 64: xp.uint64}[bits]
+    except KeyError:
+        raise TypeError(f"no unsigned key type for {bits}-bit floats") from None
+
+
+def float_to_keys(xp: Any, x: Array, bitcast: Callable[[Array, Any], Array]) -> Array:
+    """Order-preserving unsigned keys of ``x``, given a library's ``bitcast(x, dtype)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core._radix import float_to_keys
+    >>> x = np.array([-np.inf, -1.0, -0.0, 0.0, 1.0, np.inf, np.nan], dtype=np.float16)
+    >>> k = float_to_keys(np, x, lambda a, dt: a.view(dt))
+    >>> bool(np.all(k[1:-1] >= k[:-2])), bool(k[2] == k[3]), bool(k[-1] > k[-2])
+    (True, True, True)
+    """
+    bits = xp.finfo(x.dtype).bits
+    udt = _uint_dtype(xp, bits)
+    raw = bitcast(x, udt)
+    sign = xp.asarray(1 << (bits - 1), dtype=udt)
+    mag = raw & xp.asarray((1 << (bits - 1)) - 1, dtype=udt)
+    inf_mag = bitcast(xp.asarray(xp.inf, dtype=x.dtype), udt)
+    one = xp.asarray(1, dtype=udt)
+    # negative = sign bit set (raw > mag) and 0 < mag <= inf's: -0.0 joins +0.0,
+    # NaN of either sign lands above +inf.  Integer tests only: a float ``x < 0``
+    # misreads negative subnormals where denormals are flushed (XLA on CPU).
+    # (mag - 1) wraps to the largest key for mag = 0; no overflow below: mag < sign.
+    neg = (raw > mag) & ((mag - one) < inf_mag)
+    return xp.where(neg, sign - mag, sign + mag)
+
+
+def keys_to_float(
+    xp: Any, keys: Array, dtype: Any, bitcast: Callable[[Array, Any], Array]
+) -> Array:
+    """Inverse of :func:`float_to_keys` (zero comes back as ``+0.0``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core._radix import float_to_keys, keys_to_float
+    >>> view = lambda a, dt: a.view(dt)
+    >>> x = np.array([-np.inf, -2.5, 0.0, 3.0, np.inf])
+    >>> keys_to_float(np, float_to_keys(np, x, view), np.float64, view)
+    array([-inf, -2.5,  0. ,  3. ,  inf])
+    """
+    bits = xp.iinfo(keys.dtype).bits
+    sign = xp.asarray(1 << (bits - 1), dtype=keys.dtype)
+    pos = keys >= sign
+    # both branches are evaluated; unsigned wrap-around in the unused one is harmless
+    raw = xp.where(pos, keys - sign, (sign - keys) | sign)
+    return bitcast(raw, dtype)
+
+
+def comparison_histogram(xp: Any, digits: Array, active: Array, nbins: int) -> Array:
+    """Per-row histogram from comparisons and sums (Array API only).
+
+    O(nbins * n): meant for ``digit_bits`` of 1 or 2, where it is two or four
+    reductions per pass; libraries with a scatter-add should use that instead.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core._radix import comparison_histogram
+    >>> d = np.array([[0, 1, 1, 0]], dtype=np.uint32)
+    >>> comparison_histogram(np, d, np.array([[True, True, True, False]]), 2)
+    array([[1, 2]])
+    """
+    n = digits.shape[-1]
+    idx = xp.int32 if n < 2**31 - 1 else xp.int64
+    act = xp.astype(active, idx)
+    total = xp.sum(act, axis=-1, keepdims=True)
+    counts = []
+    for j in range(1, nbins):
+        hit = xp.astype(digits == xp.asarray(j, dtype=digits.dtype), idx)
+        counts.append(xp.sum(hit * act, axis=-1, keepdims=True))
+    # bin 0 = active entries not counted elsewhere: one reduction fewer
+    first = total
+    for c in counts:
+        first = first - c
+    return xp.concat([first, *counts], axis=-1)
+
+
+class GenericShims:
+    """Shims from a ``bitcast(x, dtype)`` function plus Array API comparisons.
+
+    ``row_histogram`` is :func:`comparison_histogram`, so pair these shims with
+    ``digit_bits=1`` (or 2).  A library passes its own bitcast, e.g. NumPy's
+    ``lambda a, dt: a.view(dt)`` or JAX's ``jax.lax.bitcast_convert_type``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core._radix import GenericShims, radix_select_pair
+    >>> shims = GenericShims(np, lambda a, dt: a.view(dt))
+    >>> radix_select_pair(np, np.array([[3.0, 1.0, 2.0]]), 2, shims, digit_bits=1)
+    (array([[2.]]), array([[1.]]))
+    """
+
+    def __init__(self, xp: Any, bitcast: Callable[[Array, Any], Array]) -> None:
+        self.xp = xp
+        self.bitcast = bitcast
+
+    def to_keys(self, x: Array) -> Array:
+        return float_to_keys(self.xp, x, self.bitcast)
+
+    def from_keys(self, keys: Array, dtype: Any) -> Array:
+        return keys_to_float(self.xp, keys, dtype, self.bitcast)
+
+    def row_histogram(self, digits: Array, active: Array, nbins: int) -> Array:
+        return comparison_histogram(self.xp, digits, active, nbins)
+
+
+def check_digit_bits(digit_bits: Any) -> int:
+    """Validate ``digit_bits``: an int in ``[1, 16]``."""
+    if isinstance(digit_bits, bool) or not isinstance(digit_bits, int):
+        raise TypeError(f"digit_bits must be an int in [1, {MAX_DIGIT_BITS}], got {digit_bits!r}")
+    if not 1 <= digit_bits <= MAX_DIGIT_BITS:
+        raise ValueError(f"digit_bits must be in [1, {MAX_DIGIT_BITS}], got {digit_bits}")
+    return digit_bits
+
+
+def digit_widths(key_bits: int, digit_bits: int) -> list[int]:
+    """Widths of the digit passes, most significant first (the last may be narrower).
+
+    Examples
+    --------
+    >>> from topk_core._radix import digit_widths
+    >>> digit_widths(32, 8), digit_widths(16, 11)
+    ([8, 8, 8, 8], [11, 5])
+    """
+    widths = [digit_bits] * (key_bits // digit_bits)
+    if key_bits % digit_bits:
+        widths.append(key_bits % digit_bits)
+    return widths
+
+
+def radix_select_pair(
+    xp: Any, x: Array, k: int | Array, shims: RadixShims, *, digit_bits: int = 8
+) -> tuple[Array, Array]:
+    """k-th and (k+1)-th largest along the last axis by radix select.
+
+    The :class:`topk_core.Backend` ``select_pair`` contract: ``x`` has the
+    selection axis last with masked-out entries already ``-inf``; ``k`` is a
+    Python int in ``[0, n]`` or an integer array of shape ``x.shape[:-1] +
+    (1,)`` with values in ``[0, n]``.  Returns ``(a, b)``, each
+    ``x.shape[:-1] + (1,)`` in x's dtype, with ``a = +inf`` for ``k = 0`` and
+    ``b = -inf`` for ``k = n``.  NaN counts as larger than ``+inf``.  A zero
+    ``a`` comes back as ``+0.0`` (``-0.0 == 0.0``, so nothing downstream differs).
+
+    Parameters
+    ----------
+    xp : namespace
+        Array API namespace of ``x``.
+    x : array
+        Floating ``(..., n)`` (16-, 32- or 64-bit).
+    k : int or integer array
+        Rank(s) to select, per row for an array.
+    shims : RadixShims
+        Bitcast and per-row histogram for x's library.
+    digit_bits : int, default 8
+        Bits per narrowing pass, in ``[1, 16]``; a pass histograms
+        ``2**digit_bits`` bins per row.
+
+    Returns
+    -------
+    a, b : arrays
+        k-th and (k+1)-th largest values, ``(..., 1)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core._radix import radix_select_pair
+    >>> from topk_core.backends.numpy_backend import SHIMS
+    >>> x = np.array([[4.0, 1.0, 3.0, 3.0], [0.0, -1.0, 2.0, 5.0]])
+    >>> a, b = radix_select_pair(np, x, np.array([[2], [4]]), SHIMS)
+    >>> a.ravel(), b.ravel()
+    (array([ 3., -1.]), array([  3., -inf]))
+    """
+    check_digit_bits(digit_bits)
+    n = x.shape[-1]
+    lead = tuple(x.shape[:-1])
+    if n == 0:
+        # only k = 0 is possible: both sentinels
+        from array_api_compat import device
+
+        return (
+            xp.full(lead + (1,), xp.inf, dtype=x.dtype, device=device(x)),
+            xp.full(lead + (1,), -xp.inf, dtype=x.dtype, device=device(x)),
+        )
+    idx = xp.int32 if n < 2**31 - 1 else xp.int64
+    first = x[..., :1]
+    if isinstance(k, int):
+        kk = xp.zeros_like(first, dtype=idx) + k
+    else:
+        kk = xp.astype(k, idx)
+    zero_i = xp.zeros_like(kk)
+    one_i = xp.ones_like(kk)
+    keys = shims.to_keys(x)
+    key_bits = xp.iinfo(keys.dtype).bits
+    # rank of the wanted key among all entries, counted from the top; k = 0
+    # searches for the maximum, which is b there
+    remaining = xp.maximum(kk, one_i)
+    above = zero_i  # entries whose key is above the prefix fixed so far
+    prefix = xp.zeros_like(keys[..., :1])
+    active = xp.ones_like(keys, dtype=xp.bool)
+    widths = digit_widths(key_bits, digit_bits)
+    shift = key_bits
+    n_equal = one_i
+    for p, w in enumerate(widths):
+        shift -= w
+        nbins = 1 << w
+        digits = (keys >> shift) & xp.asarray(nbins - 1, dtype=keys.dtype)
+        hist = xp.astype(shims.row_histogram(digits, active, nbins), idx)
+        # cum[j] = active entries with digit >= j: non-increasing in j
+        cum = xp.flip(xp.cumulative_sum(xp.flip(hist, axis=-1), axis=-1), axis=-1)
+        ok = cum >= remaining  # True exactly for j <= the wanted digit
+        digit = xp.sum(xp.astype(ok, idx), axis=-1, keepdims=True) - one_i
+        gt = xp.sum(xp.where(ok, xp.zeros_like(hist), hist), axis=-1, keepdims=True)
+        remaining = remaining - gt
+        above = above + gt
+        d = xp.astype(digit, keys.dtype)
+        prefix = prefix | (d << shift)
+        if p + 1 < len(widths):
+            active = active & (digits == d)
+        else:
+            # entries equal to the k-th key: the wanted bin's count, cum[digit] - gt
+            big = xp.full_like(cum, n + 1)
+            n_equal = xp.min(xp.where(ok, cum, big), axis=-1, keepdims=True) - gt
+    top = shims.from_keys(prefix, x.dtype)
+    inf = xp.full_like(top, xp.inf)
+    neg_inf = xp.full_like(x, -xp.inf)
+    # (k+1)-th largest: tied with the k-th, else the largest entry below it
+    tied = above + n_equal >= kk + one_i
+    below = xp.max(xp.where(keys < prefix, x, neg_inf), axis=-1, keepdims=True)
+    b = xp.where(tied, top, below)
+    k_zero = kk == zero_i
+    a = xp.where(k_zero, inf, top)
+    b = xp.where(k_zero, top, b)
+    return a, b
