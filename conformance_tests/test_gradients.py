@@ -213,3 +213,19 @@ def test_low_precision_gradients(lib, rng, dtype):
     ref_gx, _ = ref_vjp(x, 4, g)
     tol = {"float16": 3e-3, "float32": 2e-6}[dtype]
     np.testing.assert_allclose(lib.to_numpy(gx).astype(np.float64), ref_gx, atol=tol)
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+@pytest.mark.parametrize("case", ["mask", "per_row_tau", "axis0_smallest"])
+def test_dftopk_and_vjp_equals_separate_calls(lib, rng, case, output):
+    x, kw = _case(rng, case)
+    g = rng.standard_normal(x.shape)
+    out, vjp = _call(lib, tk.dftopk_and_vjp, x, kw, output=output)
+    fn = tk.dftopk if output == "probs" else tk.dftopk_logits
+    np.testing.assert_array_equal(lib.to_numpy(out), lib.to_numpy(_call(lib, fn, x, kw)))
+    gx, gtau = vjp(lib.asarray(g))
+    ref_gx, ref_gtau = _call(lib, tk.dftopk_vjp, x, kw, g, output=output)
+    np.testing.assert_array_equal(lib.to_numpy(gx), lib.to_numpy(ref_gx))
+    np.testing.assert_array_equal(lib.to_numpy(gtau), lib.to_numpy(ref_gtau))
+    with pytest.raises(ValueError, match="cotangent must have x's shape"):
+        vjp(lib.asarray(np.ones(3)))

@@ -10,6 +10,7 @@ type of the array you pass, the first time you pass one.
 
 from ._api import (
     dftopk,
+    dftopk_and_vjp,
     dftopk_jvp,
     dftopk_logits,
     dftopk_vjp,
@@ -24,6 +25,7 @@ __all__ = [
     "Backend",
     "__version__",
     "dftopk",
+    "dftopk_and_vjp",
     "dftopk_jvp",
     "dftopk_logits",
     "dftopk_vjp",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from . import _math
@@ -12,6 +13,7 @@ Output = Literal["probs", "logits"]
 
 __all__ = [
     "dftopk",
+    "dftopk_and_vjp",
     "dftopk_jvp",
     "dftopk_logits",
     "dftopk_vjp",
@@ -42,9 +44,13 @@ def forward(pb: Problem, output: Output) -> Array:
         xp, x, xp.astype(a, cdt), xp.astype(b, cdt), pb.tau, pb.valid, eager=pb.backend.eager
     )
     if output == "probs":
-        sig = pb.backend.sigmoid
-        z = sig(z) if sig is not None else _math.sigmoid(xp, z)
+        z = _sigmoid(pb, z)
     return xp.astype(z, pb.dtype, copy=False)
+
+
+def _sigmoid(pb: Problem, z: Array) -> Array:
+    sig = pb.backend.sigmoid
+    return sig(z) if sig is not None else _math.sigmoid(pb.xp, z)
 
 
 def _check_output(output: Any) -> None:
@@ -272,14 +278,68 @@ def dftopk_vjp(
     array([ 0.1491,  0.    , -0.0746, -0.0746])
     """
     pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output)
+    return _vjp(pb, xc, a, b, z, cotangent, output, tau)
+
+
+def _vjp(pb: Problem, xc, a, b, z, cotangent, output: Output, tau) -> tuple[Array, Array]:
     xp = pb.xp
     g = pb.in_layout(cotangent, "cotangent")
     grad_x, t = _math.vjp(xp, xc, a, b, z, g, pb.tau, pb.valid, output)
-    if not largest:
+    if not pb.largest:
         grad_x = -grad_x
     grad_x = pb.restore(xp.astype(grad_x, pb.dtype))
     tau_dtype = pb.dtype if pb.tau_shape is None else tau.dtype
     return grad_x, reduce_to_tau(pb, t, tau_dtype)
+
+
+def dftopk_and_vjp(
+    x: Array,
+    k: int | Array,
+    *,
+    tau: float | Array = 1.0,
+    axis: int = -1,
+    mask: Array | None = None,
+    largest: bool = True,
+    output: Output = "probs",
+) -> tuple[Array, Callable[[Array], tuple[Array, Array]]]:
+    """Forward and a VJP function sharing one selection (like ``jax.vjp``).
+
+    For libraries without autodiff (NumPy, CuPy): ``dftopk`` followed by
+    ``dftopk_vjp`` selects twice; this selects once and keeps ``x``, the
+    per-row ``a``/``b`` and the logits for the backward pass.
+
+    Parameters
+    ----------
+    x, k, tau, axis, mask, largest
+        As in :func:`dftopk`.
+    output : {"probs", "logits"}, default "probs"
+        Return (and differentiate) :func:`dftopk` or :func:`dftopk_logits`.
+
+    Returns
+    -------
+    out : array
+        ``p`` (or ``z``), as :func:`dftopk` (or :func:`dftopk_logits`) returns it.
+    vjp : callable
+        ``vjp(cotangent) -> (grad_x, grad_tau)``, as :func:`dftopk_vjp` returns them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core import dftopk_and_vjp
+    >>> p, vjp = dftopk_and_vjp(np.array([4.0, 1.0, 3.0, 2.0]), 2)
+    >>> grad_x, grad_tau = vjp(np.array([1.0, 0, 0, 0]))
+    >>> np.round(grad_x, 4)
+    array([ 0.1491,  0.    , -0.0746, -0.0746])
+    """
+    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output)
+    xp = pb.xp
+    out = z if output == "logits" else _sigmoid(pb, z)
+    out = pb.restore(xp.astype(out, pb.dtype))
+
+    def vjp(cotangent: Array) -> tuple[Array, Array]:
+        return _vjp(pb, xc, a, b, z, cotangent, output, tau)
+
+    return out, vjp
 
 
 def dftopk_jvp(
@@ -331,7 +391,7 @@ def dftopk_jvp(
     if tau_tangent is not None:
         dtau = _tau_tangent(pb, tau_tangent)
     d = _math.jvp(xp, xc, a, b, z, u, pb.tau, dtau, pb.valid, output)
-    out = z if output == "logits" else _math.sigmoid(xp, z)
+    out = z if output == "logits" else _sigmoid(pb, z)
     return (
         pb.restore(xp.astype(out, pb.dtype)),
         pb.restore(xp.astype(d, pb.dtype)),
