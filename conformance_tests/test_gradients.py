@@ -222,7 +222,8 @@ def test_dftopk_and_vjp_equals_separate_calls(lib, rng, case, output):
     g = rng.standard_normal(x.shape)
     out, vjp = _call(lib, tk.dftopk_and_vjp, x, kw, output=output)
     fn = tk.dftopk if output == "probs" else tk.dftopk_logits
-    np.testing.assert_array_equal(lib.to_numpy(out), lib.to_numpy(_call(lib, fn, x, kw)))
+    # autodiff backends run the forward through their own hook: equal up to rounding
+    np.testing.assert_allclose(lib.to_numpy(out), lib.to_numpy(_call(lib, fn, x, kw)), rtol=1e-12)
     gx, gtau = vjp(lib.asarray(g))
     ref_gx, ref_gtau = _call(lib, tk.dftopk_vjp, x, kw, g, output=output)
     np.testing.assert_array_equal(lib.to_numpy(gx), lib.to_numpy(ref_gx))
