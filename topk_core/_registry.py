@@ -106,11 +106,10 @@ def get_backend(library: str) -> Backend:
     if entry is None:
         return _load(_GENERIC)
     if isinstance(entry, str):
-        with _LOCK:
-            entry = _REGISTRY[library]
-            if isinstance(entry, str):
-                entry = _load(entry)
-                _REGISTRY[library] = entry
+        # no lock here: torch.compile cannot trace one, imports are already thread-safe,
+        # and a racing duplicate load stores the same object
+        entry = _load(entry)
+        _REGISTRY[library] = entry
     return entry
 
 
