@@ -1,0 +1,364 @@
+"""PyTorch adapter: closed-form autograd for DFTopK and the ``SoftTopK`` module.
+
+``topk_core.dftopk(t, k)`` on a torch tensor reaches :class:`DFTopKFunction`
+through the torch backend's ``apply`` hook, so ordinary autograd,
+``torch.func`` (``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ``vmap``),
+double backward and ``torch.compile(fullgraph=True)`` all see the spec's O(n)
+closed-form derivatives instead of differentiating through the selection.
+
+The formulas come from :mod:`topk_core._math` (called with the array-api-compat
+torch namespace), so they exist once in the project.  For backward the
+function saves its inputs ``x`` (and a tensor ``tau``, the mask), its output
+``p`` and the per-row ``a``, ``b``: no tensor beyond those the graph holds
+anyway, apart from one value per row.  ``z`` is recomputed when needed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import array_api_compat
+import torch
+from torch import nn
+
+from .. import _math
+from ..backends.torch_backend import host_ok, select_pair
+
+__all__ = ["DFTopKFunction", "SoftTopK", "apply_problem"]
+
+_XP = array_api_compat.array_namespace(torch.empty(0))
+
+
+def _logits(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tau: float | torch.Tensor,
+    valid: torch.Tensor | None,
+    *,
+    differentiable: bool,
+) -> torch.Tensor:
+    """``z`` from the saved ``x, a, b`` (compute dtype).
+
+    ``a`` and ``b`` are constants here.  When the result must itself be
+    differentiable (double backward, forward-over-reverse), a zero-valued
+    straight-through term ``theta_lin - theta_lin.detach()`` with
+    ``theta_lin = sum(w * x)`` restores d theta / dx = w, the derivative of the
+    selected threshold (the selection is piecewise linear in x).
+    """
+    z = _math.logits(_XP, x, a, b, tau, valid, eager=host_ok(x))
+    if differentiable:
+        eq_a, eq_b, wa, wb = _math.tie_weights(_XP, x, a, b, valid)
+        # w * x, summed per row
+        theta = _math._apply_w(_XP, eq_a, eq_b, wa.to(x.dtype), wb.to(x.dtype), x)
+        theta = theta.sum(-1, keepdim=True)
+        shift = theta - theta.detach()
+        if not (isinstance(tau, float) and tau == 1.0):
+            shift = shift / tau
+        z = z - shift
+    return z
+
+
+def _vjp_from_z(kind, xc, a, b, g, tau, valid, tau_grad):
+    """General VJP: recompute ``z`` and apply :func:`topk_core._math.vjp`.
+
+    Used when ``tau`` needs a gradient and for half-precision ``x`` (whose
+    saved output is too coarse for ``p (1 - p)``).  Differentiable to any
+    order (see :func:`_logits`).
+    """
+    z = _logits(xc, a, b, tau, valid, differentiable=torch.is_grad_enabled())
+    grad_x, t = _math.vjp(_XP, xc, a, b, z, g, tau, valid, kind)
+    grad_tau = t.sum_to_size(tau.shape).to(tau.dtype) if tau_grad else None
+    return grad_x, grad_tau
+
+
+def _vjp_from_output(kind, xc, a, b, g, tau, valid, ctx):
+    """The same VJP (:func:`topk_core._math.vjp` without the tau part), fused.
+
+    ``s = g p (1 - p) / tau`` comes in one pass from the saved output ``p``
+    (``aten.sigmoid_backward``) instead of recomputing ``z`` and
+    ``sigmoid_grad(z)`` (about ten passes over x); the tie weights ``w`` come
+    from :func:`topk_core._math.tie_weights`.  Used when ``tau`` needs no
+    gradient, for float32/float64.  Differentiable to any order: ``w`` is
+    locally constant and ``p`` carries its own graph through this Function.
+    """
+    zero = torch.zeros((), dtype=xc.dtype, device=xc.device)
+    if kind == "probs":
+        p = ctx.saved_tensors[5]
+        s = torch.ops.aten.sigmoid_backward(g, p.to(xc.dtype))
+    else:
+        s = g
+    if not (isinstance(tau, float) and tau == 1.0):
+        s = s / tau
+    if valid is not None:
+        s = torch.where(valid, s, zero)
+    total = s.sum(-1, keepdim=True)
+    eq_a, eq_b, wa, wb = _math.tie_weights(_XP, xc, a, b, valid)
+    w_total = _math._apply_w(_XP, eq_a, eq_b, wa.to(s.dtype), wb.to(s.dtype), total)
+    return s - w_total, None
+
+
+def _unpack(ctx):
+    x, tau_t, valid, a, b = ctx.saved_tensors[:5]
+    tau = tau_t if tau_t is not None else ctx.tau_float
+    cdt = _math.compute_dtype(_XP, x.dtype)
+    return x, x.to(cdt), tau, valid, a.to(cdt), b.to(cdt)
+
+
+class _DFTopKNoJvp(torch.autograd.Function):
+    """DFTopK forward and closed-form backward (no ``jvp``: Dynamo cannot trace one).
+
+    Used under ``torch.compile``; see :class:`DFTopKFunction` for the arguments.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, tau, k, valid, output):
+        xm = x if valid is None else torch.where(valid, x, -math.inf)
+        a, b = select_pair(_XP, xm, k)
+        cdt = _math.compute_dtype(_XP, x.dtype)
+        xc = x.to(cdt)
+        z = _math.logits(_XP, xc, a.to(cdt), b.to(cdt), tau, valid, eager=host_ok(x))
+        out = torch.sigmoid(z) if output == "probs" else z
+        return out.to(x.dtype), a, b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, tau, _k, valid, kind = inputs
+        out, a, b = output
+        ctx.mark_non_differentiable(a, b)
+        ctx.kind = kind
+        tau_t = tau if isinstance(tau, torch.Tensor) else None
+        ctx.tau_float = None if tau_t is not None else float(tau)
+        # x and the mask are inputs and ``out`` is the output (no new memory);
+        # a and b are one value per row
+        ctx.save_for_backward(x, tau_t, valid, a, b, out)
+        ctx.save_for_forward(x, tau_t, valid, a, b)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_a, _grad_b):
+        x, xc, tau, valid, a, b = _unpack(ctx)
+        g = grad_out.to(xc.dtype)
+        tau_grad = isinstance(tau, torch.Tensor) and ctx.needs_input_grad[1]
+        if tau_grad or x.dtype not in (torch.float32, torch.float64):
+            grad_x, grad_tau = _vjp_from_z(ctx.kind, xc, a, b, g, tau, valid, tau_grad)
+        else:
+            grad_x, grad_tau = _vjp_from_output(ctx.kind, xc, a, b, g, tau, valid, ctx)
+        grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_tau, None, None, None
+
+
+class DFTopKFunction(_DFTopKNoJvp):
+    """DFTopK on normalised inputs with the spec's closed-form VJP and JVP.
+
+    ``apply(x, tau, k, valid, output) -> (out, a, b)``: ``x`` has the selection
+    axis last (negated already for ``largest=False``), ``tau`` is a float or a
+    tensor broadcasting against ``x`` in the compute dtype, ``k`` a Python int
+    or an integer tensor of shape ``x.shape[:-1] + (1,)`` in ``[0, n_valid]``,
+    ``valid`` a bool tensor like ``x`` or None, ``output`` ``"probs"`` or
+    ``"logits"``.  ``a``/``b`` (k-th and (k+1)-th largest, per row) are
+    returned for saving and are not differentiable.  Use
+    :func:`topk_core.dftopk` rather than calling this directly.
+
+    Forward-over-forward (``jacfwd(jacfwd(f))``) is not supported: PyTorch
+    runs a custom ``jvp`` with forward AD disabled, so its result carries no
+    second-order tangent.  ``torch.func.hessian`` (forward-over-reverse) and
+    reverse-over-reverse are exact.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from topk_core.adapters.torch_adapter import DFTopKFunction
+    >>> x = torch.tensor([[4.0, 1.0, 3.0, 2.0]], requires_grad=True)
+    >>> p, a, b = DFTopKFunction.apply(x, 1.0, 2, None, "probs")
+    >>> p.sum().backward()
+    >>> x.grad
+    tensor([[ 0.1491,  0.1491, -0.1491, -0.1491]])
+    """
+
+    @staticmethod
+    def jvp(ctx, x_t, tau_t, _k_t, _valid_t, _kind_t):
+        x, xc, tau, valid, a, b = _unpack(ctx)
+        z = _logits(xc, a, b, tau, valid, differentiable=True)
+        u = torch.zeros_like(xc) if x_t is None else x_t.to(xc.dtype)
+        dtau = tau_t if isinstance(tau_t, torch.Tensor) else None
+        d = _math.jvp(_XP, xc, a, b, z, u, tau, dtau, valid, ctx.kind)
+        return d.to(x.dtype), None, None
+
+
+def apply_problem(pb: Any, output: str) -> torch.Tensor:
+    """The torch backend's ``apply`` hook: DFTopK of a normalised problem.
+
+    Parameters
+    ----------
+    pb : topk_core._problem.Problem
+        A validated problem on torch tensors (axis last, negated for
+        ``largest=False``; autograd tracks those moves).
+    output : {"probs", "logits"}
+        Which output to compute.
+
+    Returns
+    -------
+    torch.Tensor
+        The output in the normalised layout, x's dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from topk_core._problem import prepare
+    >>> from topk_core.adapters.torch_adapter import apply_problem
+    >>> apply_problem(prepare(torch.tensor([4.0, 1.0, 3.0, 2.0]), 2, 0.5, -1, None, True), "logits")
+    tensor([ 3., -3.,  1., -1.])
+    """
+    # Dynamo cannot trace an autograd.Function with a custom jvp; forward AD
+    # does not exist inside torch.compile anyway
+    fn = _DFTopKNoJvp if torch.compiler.is_compiling() else DFTopKFunction
+    out, _, _ = fn.apply(pb.x, pb.tau, pb.k, pb.valid, output)
+    return out
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be a non-negative int, got {type(k).__name__} {k!r}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return int(k)
+
+
+class SoftTopK(nn.Module):
+    """Differentiable top-k layer (DFTopK): ``sigmoid((x - theta) / tau)``.
+
+    ``theta`` lies halfway between the k-th and (k+1)-th largest entries along
+    ``axis``; the output is each entry's soft membership in the top k, O(n)
+    forward and backward.
+
+    Parameters
+    ----------
+    k : int
+        Number of entries to select (>= 0; at most the size of ``axis`` at call
+        time).  A call may override it with ``forward(x, k=...)``, including a
+        per-row integer tensor.
+    tau : float, default 1.0
+        Temperature > 0 (initial value when learnable).
+    learnable_tau : bool, default False
+        Learn the temperature.  It is stored as the parameter ``log_tau`` and
+        used as ``tau = exp(log_tau)``, so gradient steps keep it positive.
+    axis : int, default -1
+        Axis along which to select.
+    largest : bool, default True
+        Select the k largest (True) or the k smallest (False).
+    output : {"probs", "logits"}, default "probs"
+        Return probabilities, or the logits ``(x - theta) / tau`` for a
+        ``BCEWithLogitsLoss``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from topk_core.adapters.torch_adapter import SoftTopK
+    >>> layer = SoftTopK(2, tau=0.5, learnable_tau=True)
+    >>> layer
+    SoftTopK(k=2, tau=0.5, learnable_tau=True, axis=-1, largest=True, output='probs')
+    >>> p = layer(torch.tensor([4.0, 1.0, 3.0, 2.0]))
+    >>> p.detach().round(decimals=3)
+    tensor([0.9530, 0.0470, 0.7310, 0.2690])
+    >>> p[0].backward()
+    >>> layer.log_tau.grad.round(decimals=4)
+    tensor(-0.1355)
+    """
+
+    def __init__(
+        self,
+        k: int,
+        tau: float = 1.0,
+        learnable_tau: bool = False,
+        axis: int = -1,
+        largest: bool = True,
+        output: str = "probs",
+    ) -> None:
+        super().__init__()
+        self.k = _check_k(k)
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+            raise TypeError(f"tau must be a positive float, got {type(tau).__name__} {tau!r}")
+        if not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
+        if not isinstance(learnable_tau, bool):
+            raise TypeError(f"learnable_tau must be a bool, got {type(learnable_tau).__name__}")
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
+        if not isinstance(largest, bool):
+            raise TypeError(f"largest must be a bool, got {type(largest).__name__} {largest!r}")
+        if output not in ("probs", "logits"):
+            raise ValueError(f"output must be 'probs' or 'logits', got {output!r}")
+        self.learnable_tau = learnable_tau
+        self.axis = int(axis)
+        self.largest = largest
+        self.output = output
+        if learnable_tau:
+            self.log_tau = nn.Parameter(torch.tensor(math.log(float(tau))))
+            self._tau = None
+        else:
+            self.register_parameter("log_tau", None)
+            self._tau = float(tau)
+
+    @property
+    def tau(self) -> float | torch.Tensor:
+        """The temperature: a float, or ``exp(log_tau)`` (a 0-d tensor) when learnable."""
+        if self.log_tau is None:
+            return self._tau
+        return self.log_tau.exp()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        k: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Soft top-k of ``x`` along ``self.axis``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Scores, floating dtype.
+        mask : torch.Tensor of bool, optional
+            Valid entries (True); masked entries get 0 (``-inf`` logits).
+        k : int or integer tensor, optional
+            Overrides ``self.k`` for this call (a tensor gives a per-row k).
+
+        Returns
+        -------
+        torch.Tensor
+            Same shape, dtype and device as ``x``.
+        """
+        from topk_core import dftopk, dftopk_logits
+
+        fn = dftopk if self.output == "probs" else dftopk_logits
+        k = self.k if k is None else k
+        return fn(x, k, tau=self.tau, axis=self.axis, mask=mask, largest=self.largest)
+
+    def hard_mask(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        k: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The matching hard 0/1 top-k mask (:func:`topk_core.topk_mask`), e.g. for labels."""
+        from topk_core import topk_mask
+
+        k = self.k if k is None else k
+        return topk_mask(x, k, axis=self.axis, mask=mask, largest=self.largest)
+
+    def extra_repr(self) -> str:
+        if self.log_tau is None:
+            tau = self._tau
+        else:
+            try:
+                tau = round(float(self.log_tau.detach().exp()), 6)
+            except (RuntimeError, NotImplementedError):  # e.g. meta tensors
+                tau = "exp(log_tau)"
+        return (
+            f"k={self.k}, tau={tau}, learnable_tau={self.learnable_tau}, axis={self.axis}, "
+            f"largest={self.largest}, output={self.output!r}"
+        )

@@ -1,0 +1,432 @@
+"""PyTorch backend and adapter: selection, closed-form autograd, torch.func,
+torch.compile, dtypes, the ``SoftTopK`` module and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from topk_core.adapters.torch_adapter import DFTopKFunction, SoftTopK  # noqa: E402
+from topk_core.backends import torch_backend  # noqa: E402
+
+import topk_core  # noqa: E402
+
+from .reference import ref_dftopk, ref_vjp  # noqa: E402
+
+F64 = torch.float64
+SEED = 20251011
+
+
+def _t(a, dtype=F64, requires_grad=False):
+    t = torch.tensor(np.asarray(a), dtype=dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def _k_tensor(k):
+    return torch.tensor(np.asarray(k), dtype=torch.int64)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(SEED)
+
+
+# ---------------------------------------------------------------- selection
+
+
+def _both_paths(x, k):
+    """select_pair on the host (NumPy) path and on the torch-only path."""
+    host = torch_backend.select_pair(None, x, k)
+    assert torch_backend.host_ok(x)
+    try:  # the torch-only path is what CUDA, compile and torch.func tensors take
+        torch_backend._numpy_backend, saved = None, torch_backend._numpy_backend
+        native = torch_backend.select_pair(None, x, k)
+    finally:
+        torch_backend._numpy_backend = saved
+    return host, native
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 50])
+def test_select_pair_matches_sort(rng, n):
+    x = torch.from_numpy(rng.integers(-3, 4, size=(3, n)).astype(np.float32))  # many ties
+    x[0, 0] = -math.inf
+    s = torch.sort(x, dim=-1, descending=True).values
+    inf = torch.full((3, 1), math.inf)
+    for k in range(n + 1):
+        want_a = inf if k == 0 else s[:, k - 1 : k]
+        want_b = -inf if k == n else s[:, k : k + 1]
+        for a, b in _both_paths(x, k):
+            assert torch.equal(a, want_a) and torch.equal(b, want_b), k
+    ks = _k_tensor(rng.integers(0, n + 1, size=(3, 1)))
+    ext = torch.cat([inf, s, -inf], dim=-1)
+    want = ext.gather(-1, ks), ext.gather(-1, ks + 1)
+    for a, b in _both_paths(x, ks):
+        assert torch.equal(a, want[0]) and torch.equal(b, want[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+def test_select_pair_dtypes_and_large_k(rng, dtype):
+    x = torch.from_numpy(rng.standard_normal((2, 40))).to(dtype)
+    for k in (1, 5, 30, 39):  # both topk sides: k+1 <= n-k+1 and beyond
+        a, b = torch_backend.select_pair(None, x, k)
+        s = torch.sort(x, dim=-1, descending=True).values
+        assert a.dtype == dtype and a.shape == (2, 1)
+        assert torch.equal(a, s[:, k - 1 : k]) and torch.equal(b, s[:, k : k + 1])
+
+
+def test_host_ok_is_false_for_traced_and_wrapped_tensors():
+    x = torch.ones(3)
+    assert torch_backend.host_ok(x)
+    seen = []
+    torch.func.vmap(lambda r: seen.append(torch_backend.host_ok(r)) or r)(torch.ones(2, 3))
+    torch.func.grad(lambda r: seen.append(torch_backend.host_ok(r)) or r.sum())(x)
+    assert seen == [False, False]
+    assert not torch_backend.host_ok(torch.ones(3, device="meta"))
+
+
+# ---------------------------------------------------------------- forward
+
+
+CASES = [
+    # (shape, k, axis, mask?, largest, tau kind)
+    ((9,), 3, -1, False, True, "float"),
+    ((4, 9), 0, -1, False, True, "float"),
+    ((4, 9), 9, -1, False, True, "float"),
+    ((4, 9), 4, 0, False, False, "float"),
+    ((3, 5, 6), "rows", 1, False, True, "row"),
+    ((3, 8), 3, -1, True, True, "full"),
+    ((3, 8), "rows", -1, True, False, "row"),
+]
+
+
+def _case(rng, shape, k, axis, masked, tau_kind, ties=True):
+    x = rng.standard_normal(shape)
+    if ties:
+        x = np.round(x * 2) / 2  # plenty of ties, also at the boundary
+    ax = axis % len(shape)
+    batch = shape[:ax] + shape[ax + 1 :]
+    if k == "rows":
+        k = rng.integers(0, shape[ax] + 1, size=batch)
+    mask = rng.random(shape) > 0.3 if masked else None
+    if tau_kind == "float":
+        tau = 0.7
+    else:
+        tshape = list(shape)
+        tshape[ax] = 1
+        tau = rng.uniform(0.3, 2.0, size=tshape if tau_kind == "row" else shape)
+    return x, k, mask, tau
+
+
+def _torchify(x, k, mask, tau, dtype=F64, requires_grad=False):
+    kt = k if isinstance(k, int) else _k_tensor(k)
+    mt = None if mask is None else torch.from_numpy(mask)
+    tt = tau if isinstance(tau, float) else _t(tau, dtype if dtype == F64 else torch.float32)
+    return _t(x, dtype, requires_grad), kt, mt, tt
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_forward_matches_reference_and_numpy(rng, case, output):
+    shape, k, axis, masked, largest, tau_kind = case
+    x, k, mask, tau = _case(rng, shape, k, axis, masked, tau_kind)
+    fn = topk_core.dftopk if output == "probs" else topk_core.dftopk_logits
+    xt, kt, mt, tt = _torchify(x, k, mask, tau)
+    got = fn(xt, kt, tau=tt, axis=axis, mask=mt, largest=largest)
+    want = ref_dftopk(x, k, tau, axis, mask, largest, output)
+    assert got.dtype == F64 and got.shape == xt.shape
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-12, rtol=1e-12)
+    k_np = k if isinstance(k, int) else np.asarray(k)
+    via_np = fn(x, k_np, tau=tau, axis=axis, mask=mask, largest=largest)
+    np.testing.assert_allclose(got.numpy(), via_np, atol=1e-12, rtol=1e-12)
+
+
+def test_nonfinite_inputs_follow_the_spec():
+    cases = [([math.inf, 1, 0], 1, [1, 0, 0]), ([math.inf, math.inf, 0], 1, [0.5, 0.5, 0])]
+    cases.append(([-math.inf, 0, 1], 2, [0, 1, 1]))
+    for x, k, want in cases:
+        got = topk_core.dftopk(torch.tensor(x, dtype=torch.float32), k)
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-7)
+    x = torch.tensor([1.0, math.nan, 0.0, 3.0], requires_grad=True)
+    p = topk_core.dftopk(x, 2)
+    assert torch.isnan(p[1])
+    p.sum().backward()  # no exception, no hang
+    big = torch.tensor([3e38, -3e38, 1.0])
+    assert torch.isfinite(topk_core.dftopk(big, 1)).all()
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def _reduce(t, tau):
+    t = np.asarray(t)
+    if isinstance(tau, float):
+        return t.sum()
+    tau = np.asarray(tau)
+    axes = tuple(d for d in range(t.ndim) if tau.shape[d] == 1 and t.shape[d] != 1)
+    return t.sum(axis=axes, keepdims=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_autograd_matches_reference_vjp(rng, case, output):
+    shape, k, axis, masked, largest, tau_kind = case
+    x, k, mask, tau = _case(rng, shape, k, axis, masked, tau_kind)
+    g = rng.standard_normal(shape)
+    xt, kt, mt, tt = _torchify(x, k, mask, tau, requires_grad=True)
+    if isinstance(tt, torch.Tensor):
+        tt.requires_grad_(True)
+    fn = topk_core.dftopk if output == "probs" else topk_core.dftopk_logits
+    out = fn(xt, kt, tau=tt, axis=axis, mask=mt, largest=largest)
+    if output == "logits" and mask is not None:
+        out = torch.where(mt, out, 0.0)  # -inf logits at masked entries
+        g = np.where(mask, g, 0.0)
+    (out * _t(g)).sum().backward()
+    gx, t = ref_vjp(x, k, g, tau, axis, mask, largest, output)
+    np.testing.assert_allclose(xt.grad.numpy(), gx, atol=1e-12)
+    if mask is not None:
+        assert np.all(xt.grad.numpy()[~mask] == 0)
+    if isinstance(tt, torch.Tensor):
+        np.testing.assert_allclose(tt.grad.numpy(), _reduce(t, tau), atol=1e-12)
+
+
+def _gradcheck_inputs():
+    """float64 cases with ties arranged so that finite differences are defined."""
+    x1 = _t([[3.0, 3.0, 1.0, 0.5], [2.0, -1.0, 2.0, 0.0]], requires_grad=True)  # ties at a=b
+    x2 = _t([[0.3, 3.0, 1.5, 1.5, -2.0, 0.1]], requires_grad=True)  # tie at b
+    mask = torch.tensor([[True, True, False, True, True, True]])
+    xr = torch.from_numpy(np.random.default_rng(SEED).standard_normal((3, 5))).requires_grad_()
+    ks = _k_tensor([0, 2, 5])
+    tau_row = _t([[0.5], [1.3], [0.8]], requires_grad=True)
+    return [
+        ("ties", lambda x: topk_core.dftopk(x, 1, tau=0.7), x1),
+        ("tie_b", lambda x: topk_core.dftopk(x, 2, tau=0.9), x2),
+        ("mask", lambda x: topk_core.dftopk(x, 2, mask=mask), x2),
+        ("rows", lambda x: topk_core.dftopk(x, ks, tau=0.6), xr),
+        ("smallest_axis0", lambda x: topk_core.dftopk(x, 2, axis=0, largest=False), xr),
+        ("logits", lambda x: topk_core.dftopk_logits(x, 3, tau=0.4), xr),
+        ("tau", lambda x, t: topk_core.dftopk(x, ks, tau=t), (xr, tau_row)),
+        (
+            "tau_mask",
+            lambda x, t: topk_core.dftopk(x, 2, tau=t, mask=mask),
+            (x2, _t(0.8, requires_grad=True)),
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name,fn,inputs", _gradcheck_inputs(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_gradcheck_and_gradgradcheck(name, fn, inputs):
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    assert torch.autograd.gradcheck(fn, inputs, check_forward_ad=True, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(fn, inputs, check_fwd_over_rev=True)
+
+
+def test_dispatches_to_the_closed_form_function():
+    p = topk_core.dftopk(torch.randn(5, requires_grad=True), 2)
+    assert "DFTopKFunction" in type(p.grad_fn).__name__
+
+
+# ---------------------------------------------------------------- torch.func
+
+
+def test_torch_func_transforms_match_spec(rng):
+    x_np = rng.standard_normal((3, 7))
+    u_np = rng.standard_normal((3, 7))
+    x, u = _t(x_np), _t(u_np)
+    f = lambda r: topk_core.dftopk(r, 3, tau=0.6)  # noqa: E731
+    # vjp and grad against the closed form of the API
+    _, pull = torch.func.vjp(f, x)
+    gx_spec, _ = topk_core.dftopk_vjp(x_np, 3, u_np, tau=0.6)
+    np.testing.assert_allclose(pull(u)[0].numpy(), gx_spec, atol=1e-12)
+    g = torch.func.grad(lambda r: (f(r) * u).sum())(x)
+    np.testing.assert_allclose(g.numpy(), gx_spec, atol=1e-12)
+    # jvp against the closed form
+    p, dp = torch.func.jvp(f, (x,), (u,))
+    p_spec, dp_spec = topk_core.dftopk_jvp(x_np, 3, u_np, tau=0.6)
+    np.testing.assert_allclose(p.numpy(), p_spec, atol=1e-12)
+    np.testing.assert_allclose(dp.numpy(), dp_spec, atol=1e-12)
+    # jacobians agree both ways; vmap equals a loop
+    np.testing.assert_allclose(
+        torch.func.jacrev(f)(x).numpy(), torch.func.jacfwd(f)(x).numpy(), atol=1e-12
+    )
+    vm = torch.func.vmap(f)(x[:, None]).squeeze(1)
+    np.testing.assert_allclose(vm.numpy(), f(x).numpy(), atol=0)
+    ks = _k_tensor([1, 0, 7])
+    vk = torch.func.vmap(lambda r, kk: topk_core.dftopk(r, kk, tau=0.6))(x, ks)
+    np.testing.assert_allclose(vk.numpy(), topk_core.dftopk(x, ks, tau=0.6).numpy(), atol=0)
+
+
+def test_torch_func_tau_and_hessian(rng):
+    x = _t(rng.standard_normal(6))
+    tau = _t(0.8)
+    gt = torch.func.grad(lambda t: (topk_core.dftopk(x, 2, tau=t) ** 2).sum())(tau)
+    _, t_el = ref_vjp(x.numpy(), 2, 2 * ref_dftopk(x.numpy(), 2, 0.8), 0.8)
+    np.testing.assert_allclose(gt.numpy(), t_el.sum(), atol=1e-12)
+    _, dtau = torch.func.jvp(lambda t: topk_core.dftopk(x, 2, tau=t), (tau,), (_t(1.0),))
+    _, dtau_spec = topk_core.dftopk_jvp(x.numpy(), 2, np.zeros(6), tau=0.8, tau_tangent=1.0)
+    np.testing.assert_allclose(dtau.numpy(), dtau_spec, atol=1e-12)
+
+    def loss(r):
+        return (topk_core.dftopk(r, 2, tau=0.7) ** 2).sum()
+
+    grad = torch.func.grad(loss)
+    eps = 1e-6
+    eye = torch.eye(6, dtype=F64)
+    fd = torch.stack([(grad(x + eps * e) - grad(x - eps * e)) / (2 * eps) for e in eye])
+    for hess in (torch.func.hessian(loss), torch.func.jacrev(torch.func.jacrev(loss))):
+        np.testing.assert_allclose(hess(x).numpy(), fd.numpy(), atol=1e-7)
+
+
+# ---------------------------------------------------------------- compile
+
+
+def test_compile_fullgraph_aot_eager():
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(SEED), requires_grad=True)
+    mask = torch.arange(8) < 6
+    topk_core.dftopk(x.detach(), 1)  # registry warm-up (see report: lock in get_backend)
+    f = torch.compile(
+        lambda x: topk_core.dftopk(x, 2, tau=0.5, mask=mask), fullgraph=True, backend="aot_eager"
+    )
+    y = f(x)
+    (y**2).sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    y0 = topk_core.dftopk(x, 2, tau=0.5, mask=mask)
+    (y0**2).sum().backward()
+    torch.testing.assert_close(y, y0)
+    torch.testing.assert_close(g, x.grad)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor_module():
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(SEED), requires_grad=True)
+    topk_core.dftopk(x.detach(), 1)
+    layer = SoftTopK(3, tau=0.5, learnable_tau=True)
+    y = torch.compile(layer, fullgraph=True)(x)
+    y.sum().backward()
+    ref_layer = SoftTopK(3, tau=0.5, learnable_tau=True)
+    x2 = x.detach().requires_grad_()
+    ref_layer(x2).sum().backward()
+    torch.testing.assert_close(y, ref_layer(x2))
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer.log_tau.grad, ref_layer.log_tau.grad)
+
+
+# ---------------------------------------------------------------- dtypes, autocast
+
+
+@pytest.mark.parametrize(
+    "dtype,atol",
+    [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2), (torch.float32, 2e-5), (F64, 1e-12)],
+)
+def test_dtype_and_device_preserved(rng, dtype, atol):
+    x_np = rng.standard_normal((3, 10)).astype(np.float32)
+    x = torch.from_numpy(x_np).to(dtype).requires_grad_()
+    g = torch.from_numpy(rng.standard_normal((3, 10))).to(dtype)
+    p = topk_core.dftopk(x, 4, tau=0.5)
+    assert p.dtype == dtype and p.device == x.device
+    p.backward(g)
+    assert x.grad.dtype == dtype
+    xr = x.detach().double().numpy()  # the rounded inputs
+    np.testing.assert_allclose(p.detach().double().numpy(), ref_dftopk(xr, 4, 0.5), atol=atol)
+    gx, _ = ref_vjp(xr, 4, g.double().numpy(), 0.5)
+    np.testing.assert_allclose(x.grad.double().numpy(), gx, atol=4 * atol)
+
+
+def test_autocast_bfloat16():
+    lin = torch.nn.Linear(6, 12)
+    torch.manual_seed(0)
+    inp = torch.randn(5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lin(inp)
+        p = topk_core.dftopk(h, 3, tau=0.5)
+    assert h.dtype == torch.bfloat16 and p.dtype == torch.bfloat16
+    p.float().sum().backward()
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+
+
+# ---------------------------------------------------------------- SoftTopK
+
+
+def test_soft_topk_module_repr_and_forward():
+    layer = SoftTopK(2, tau=0.5, learnable_tau=True, axis=0, largest=False, output="logits")
+    assert repr(layer) == (
+        "SoftTopK(k=2, tau=0.5, learnable_tau=True, axis=0, largest=False, output='logits')"
+    )
+    assert [n for n, _ in layer.named_parameters()] == ["log_tau"]
+    x = _t([[4.0, 1.0], [1.0, 2.0], [3.0, 0.0]])
+    want = topk_core.dftopk_logits(x, 2, tau=0.5, axis=0, largest=False)
+    torch.testing.assert_close(layer.double()(x), want)
+    fixed = SoftTopK(1)
+    assert list(fixed.parameters()) == [] and fixed.tau == 1.0
+    assert "learnable_tau=False" in repr(fixed)
+    hard = fixed.hard_mask(_t([1.0, 3.0, 3.0]))
+    assert hard.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_soft_topk_learnable_tau_gradient_and_positivity():
+    layer = SoftTopK(2, tau=0.5, learnable_tau=True).double()
+    x = _t([4.0, 1.0, 3.0, 2.0])
+    layer(x)[0].backward()
+    _, t_el = ref_vjp(x.numpy(), 2, np.array([1.0, 0, 0, 0]), 0.5)
+    # d/dlog_tau = d/dtau * tau
+    # log_tau was created in float32: log(0.5) is rounded there
+    np.testing.assert_allclose(layer.log_tau.grad.item(), t_el.sum() * 0.5, rtol=1e-6)
+    with torch.no_grad():
+        layer.log_tau -= 100.0  # a huge step still leaves tau > 0
+    assert layer.tau.item() > 0
+
+
+def test_soft_topk_training_loop_learns():
+    gen = torch.Generator().manual_seed(SEED)
+    scores = torch.nn.Linear(8, 1)
+    layer = SoftTopK(3, tau=1.0, learnable_tau=True)
+    feats = torch.randn(16, 10, 8, generator=gen)
+    target = feats @ torch.randn(8, generator=gen)  # learnable relevance
+    labels = layer.hard_mask(target)  # the true top 3 per list
+    opt = torch.optim.Adam([*scores.parameters(), *layer.parameters()], lr=0.05)
+    losses = []
+    for _ in range(60):
+        p = layer(scores(feats).squeeze(-1))
+        loss = torch.nn.functional.binary_cross_entropy(p, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert layer.tau.item() != 1.0  # the temperature was trained
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="k of shape"):
+        topk_core.dftopk(x, torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="k must be an int or an integer array"):
+        topk_core.dftopk(x, torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(TypeError, match="numpy"):
+        topk_core.dftopk(x, 2, mask=np.ones((3, 5), dtype=bool))
+    with pytest.raises(ValueError, match="device"):
+        topk_core.dftopk(x, 2, mask=torch.ones(3, 5, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="device"):
+        topk_core.dftopk(x, torch.ones(3, dtype=torch.int64, device="meta"))
+    with pytest.raises(TypeError, match="real floating"):
+        topk_core.dftopk(torch.arange(5), 2)
+    with pytest.raises(TypeError, match="k must be a non-negative int"):
+        SoftTopK(2.0)
+    with pytest.raises(ValueError, match="tau must be a finite float > 0"):
+        SoftTopK(2, tau=0.0)
+    with pytest.raises(ValueError, match="output must be"):
+        SoftTopK(2, output="mask")
+    with pytest.raises(TypeError, match="learnable_tau must be a bool"):
+        SoftTopK(2, learnable_tau=1)
+    with pytest.raises(TypeError, match=r"k must be a Python int or a torch\.Tensor"):
+        torch_backend.select_pair(None, x, np.array([[1]] * 3))
+    assert DFTopKFunction.generate_vmap_rule
