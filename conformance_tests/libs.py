@@ -1,8 +1,32 @@
-"""The array libraries the conformance suite runs against.
+"""The array libraries the conformance suite runs against, and its tolerances.
 
-Each entry knows how to move NumPy test data into the library and back, which
-floating dtypes it has, and why it might be unavailable here (then its cases
-skip with that reason).  Importing this module imports no framework.
+Each :class:`ArrayLib` knows how to move NumPy test data into its library and
+back, which floating dtypes it has, and why it might be unavailable here (then
+its cases skip with that reason).  Importing this module imports no framework.
+
+Built-in libraries are listed in :data:`BUILTIN_LIBS`.  Any other library that
+exposes the Array API (directly, like array-api-strict, or through
+array-api-compat, like NumPy/CuPy/PyTorch/JAX) is wrapped by
+:func:`third_party_lib`; that is what ``pytest --array-module=NAME`` runs.
+
+Tolerances
+----------
+:data:`TOLERANCE` is the documented per-dtype bound every check uses for the
+maximum absolute error of ``p`` (which lies in [0, 1]) and of gradients of
+O(1) size, against the float64 reference or against the NumPy float64 result
+on the same (dtype-rounded) inputs:
+
+============  ===========  ==================================================
+dtype         tolerance    why
+============  ===========  ==================================================
+float64       1e-9         ~1e6 ulps: room for summation order, nothing else
+float32       2e-5         ~170 ulps of 1.0 (eps 1.19e-7)
+float16       2e-3         ~2 ulps of 1.0 (eps 9.8e-4); math runs in float32
+bfloat16      1.6e-2       ~2 ulps of 1.0 (eps 7.8e-3); math runs in float32
+============  ===========  ==================================================
+
+Quantities that are not O(1) (logits, thresholds, ``grad_tau`` which sums a
+row) are compared relative to ``max(1, |reference|)`` with the same numbers.
 """
 
 from __future__ import annotations
@@ -15,6 +39,16 @@ from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "BUILTIN_LIBS",
+    "FLOAT_DTYPES",
+    "TOLERANCE",
+    "ArrayLib",
+    "available_libs",
+    "third_party_lib",
+    "tolerance",
+]
+
 TOLERANCE = {
     # max abs error of p (in [0, 1]) and of gradients vs the float64 reference
     "float64": 1e-9,
@@ -23,10 +57,39 @@ TOLERANCE = {
     "bfloat16": 1.6e-2,
 }
 
+#: floating dtypes the suite knows, most precise last
+FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
+def tolerance(dtype: str) -> float:
+    """The documented tolerance for ``dtype`` (a name such as ``"float32"``).
+
+    Examples
+    --------
+    >>> tolerance("float32")
+    2e-05
+    """
+    try:
+        return TOLERANCE[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(TOLERANCE)}, got {dtype!r}") from None
+
 
 @dataclass(frozen=True)
 class ArrayLib:
-    """One array library under test."""
+    """One array library under test.
+
+    Attributes
+    ----------
+    name : str
+        Test id and report row (the library's module name for third-party ones).
+    module : str
+        Module imported by :attr:`mod`.
+    dtypes : tuple of str
+        Floating dtypes the library has (names as in :data:`TOLERANCE`).
+    third_party : bool
+        True when built by :func:`third_party_lib` (``--array-module``).
+    """
 
     name: str
     module: str
@@ -34,6 +97,7 @@ class ArrayLib:
     _from_numpy: Callable[[Any, np.ndarray, str], Any]
     _to_numpy: Callable[[Any], np.ndarray]
     _unavailable: Callable[[], str | None] = field(default=lambda: None)
+    third_party: bool = False
 
     def unavailable(self) -> str | None:
         """Why this library can't be tested here, or None."""
@@ -46,12 +110,14 @@ class ArrayLib:
         return importlib.import_module(self.module)
 
     def asarray(self, a: Any, dtype: str = "float64") -> Any:
+        """NumPy data -> this library; bool/int data keep their dtype, floats get ``dtype``."""
         a = np.asarray(a)
         if a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer):
             return self._from_numpy(self.mod, a, str(a.dtype))
         return self._from_numpy(self.mod, a, dtype)
 
     def to_numpy(self, a: Any) -> np.ndarray:
+        """This library's array -> NumPy (bfloat16 comes back as float32)."""
         return self._to_numpy(a)
 
 
@@ -73,8 +139,6 @@ def _strict_to(a: Any) -> np.ndarray:
 def _torch_from(mod: Any, a: np.ndarray, dtype: str) -> Any:
     if dtype == "bfloat16":
         return mod.from_numpy(np.asarray(a, dtype=np.float32)).to(mod.bfloat16)
-    if dtype in ("bool", "int8", "int16", "int32", "int64", "uint8"):
-        return mod.from_numpy(np.array(a, dtype=dtype))
     return mod.from_numpy(np.array(a, dtype=dtype))
 
 
@@ -149,3 +213,114 @@ BUILTIN_LIBS: dict[str, ArrayLib] = {
 
 def available_libs() -> list[ArrayLib]:
     return [lib for lib in BUILTIN_LIBS.values() if lib.unavailable() is None]
+
+
+# --------------------------------------------------------------------------- third party
+
+
+def _namespace(mod: Any) -> Any:
+    """The Array API namespace of ``mod``'s arrays (``mod`` itself if it is one)."""
+    import array_api_compat
+
+    try:
+        probe = mod.asarray(np.zeros(2, dtype=np.float64))
+    except Exception as exc:
+        raise TypeError(
+            f"--array-module: {mod.__name__}.asarray(numpy_array) failed "
+            f"({type(exc).__name__}: {exc}); the module must create arrays from NumPy data"
+        ) from None
+    try:
+        return array_api_compat.array_namespace(probe)
+    except TypeError:
+        raise TypeError(
+            f"--array-module: arrays of {mod.__name__} ({type(probe).__module__}."
+            f"{type(probe).__name__}) have no Array API namespace (no __array_namespace__ "
+            f"and not supported by array-api-compat)"
+        ) from None
+
+
+def _probe_dtypes(xp: Any) -> tuple[str, ...]:
+    """Floating dtypes that exist in ``xp`` and survive a round trip from NumPy data."""
+    names = set()
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is not None:
+        try:
+            names.update(str(n) for n in info().dtypes(kind="real floating"))
+        except Exception:  # an incomplete info object: fall back to attributes
+            pass
+    names.update(n for n in FLOAT_DTYPES if getattr(xp, n, None) is not None)
+    found = []
+    for name in FLOAT_DTYPES:
+        if name not in names:
+            continue
+        try:
+            arr = _to_lib(xp, np.array([0.5, -1.0]), name)
+            ok = arr.dtype == getattr(xp, name)
+        except Exception:
+            ok = False
+        if ok:
+            found.append(name)
+    return tuple(found)
+
+
+def _to_lib(xp: Any, a: np.ndarray, dtype: str) -> Any:
+    if dtype == "bfloat16":  # NumPy has no bfloat16: go through float32
+        return xp.astype(xp.asarray(np.asarray(a, dtype=np.float32)), xp.bfloat16)
+    return xp.asarray(np.asarray(a, dtype=dtype))
+
+
+def _from_lib(xp: Any, a: Any) -> np.ndarray:
+    if getattr(xp, "bfloat16", None) is not None and a.dtype == xp.bfloat16:
+        a = xp.astype(a, xp.float32)
+    for convert in (
+        np.from_dlpack,
+        lambda v: np.from_dlpack(v, device="cpu", copy=True),  # arrays on an accelerator
+        np.asarray,
+    ):
+        try:
+            # copy: the result must not alias the library's buffer
+            return np.array(convert(a), copy=True)
+        except Exception:
+            continue
+    raise TypeError(f"cannot convert a {type(a).__name__} to NumPy (tried dlpack and asarray)")
+
+
+def third_party_lib(module_name: str) -> ArrayLib:
+    """Wrap any importable Array API library as an :class:`ArrayLib`.
+
+    Data goes in with ``xp.asarray(numpy_array)`` (``xp`` is the library's
+    namespace, found through ``array_api_compat.array_namespace`` on a probe
+    array) and comes back with ``np.from_dlpack`` or ``np.asarray``.  The
+    floating dtypes are probed from the namespace.
+
+    Parameters
+    ----------
+    module_name : str
+        Importable module with an ``asarray`` function, e.g. ``"array_api_strict"``.
+
+    Examples
+    --------
+    >>> lib = third_party_lib("array_api_strict")
+    >>> lib.dtypes
+    ('float32', 'float64')
+    >>> lib.to_numpy(lib.asarray([1.0, 2.0], "float32"))
+    array([1., 2.], dtype=float32)
+    """
+    if not isinstance(module_name, str) or not module_name:
+        raise TypeError(f"module_name must be a non-empty str, got {module_name!r}")
+    try:
+        mod = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--array-module: cannot import {module_name!r} ({exc})") from None
+    xp = _namespace(mod)
+    dtypes = _probe_dtypes(xp)
+    if not dtypes:
+        raise ValueError(f"--array-module: {module_name} has no usable floating dtype")
+    return ArrayLib(
+        name=module_name,
+        module=module_name,
+        dtypes=dtypes,
+        _from_numpy=lambda _mod, a, dtype: _to_lib(xp, a, dtype),
+        _to_numpy=lambda a: _from_lib(xp, a),
+        third_party=True,
+    )

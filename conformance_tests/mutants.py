@@ -1,0 +1,245 @@
+"""Planted bugs ("mutants") for the mutation proof of the conformance suite.
+
+Each mutant is a realistic bug in a *copy* of a backend: the patched
+functions wrap the real ones and misbehave only for arrays of one target
+library (the ``--array-module`` library), so NumPy, the suite's anchor, stays
+correct.  Nothing here runs on import.  A mutant is active only in a pytest
+process started with ``-p conformance_tests.mutants`` and the environment
+variable ``TOPK_CONFORMANCE_MUTANT=NAME`` (the mutation proof does that in
+subprocesses), or, for ``off_by_one_k``, with
+``--backend=conformance_tests.mutants:OFF_BY_ONE_K``.
+
+=====================  =======================================================
+mutant                 planted bug
+=====================  =======================================================
+grad_no_threshold      gradient forgets the threshold term ``- sum(s) * w``
+ties_uneven            ties at a / b each get weight 1/2 instead of sharing it
+overflow_threshold     ``theta = (a + b) / 2``: overflows for huge finite a, b
+off_by_one_k           selection returns the (k+1)-th and (k+2)-th largest
+mask_leak              masked-out entries take part in the selection
+dtype_upcast           forward returns float64 whatever x's dtype
+=====================  =======================================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+ENV = "TOPK_CONFORMANCE_MUTANT"
+
+__all__ = ["ENV", "MUTANTS", "OFF_BY_ONE_K", "Mutant", "install"]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """A planted bug: ``install(target) -> undo`` or a ``--backend`` path."""
+
+    description: str
+    install: Callable[[str], Callable[[], None]] | None = None
+    backend: str | None = None
+
+
+def _is_target(arr: Any, target: str) -> bool:
+    from topk_core._registry import library_name
+
+    return library_name(arr) == target
+
+
+def _patch(module: Any, name: str, make: Callable[[Callable], Callable]) -> Callable[[], None]:
+    original = getattr(module, name)
+    setattr(module, name, make(original))
+
+    def undo() -> None:
+        setattr(module, name, original)
+
+    return undo
+
+
+def _grad_no_threshold(target: str) -> Callable[[], None]:
+    from topk_core import _math
+
+    def make(orig):
+        def tie_weights(xp, x, a, b, valid):
+            eq_a, eq_b, wa, wb = orig(xp, x, a, b, valid)
+            if _is_target(x, target):
+                wa, wb = wa * 0, wb * 0
+            return eq_a, eq_b, wa, wb
+
+        return tie_weights
+
+    return _patch(_math, "tie_weights", make)
+
+
+def _ties_uneven(target: str) -> Callable[[], None]:
+    from topk_core import _math
+
+    def make(orig):
+        def tie_weights(xp, x, a, b, valid):
+            eq_a, eq_b, wa, wb = orig(xp, x, a, b, valid)
+            if _is_target(x, target):
+                half = xp.asarray(0.5, dtype=wa.dtype)
+                wa = xp.where(wa > 0, half, wa)  # every tie gets 1/2: not split
+                wb = xp.where(wb > 0, half, wb)
+            return eq_a, eq_b, wa, wb
+
+        return tie_weights
+
+    return _patch(_math, "tie_weights", make)
+
+
+def _overflow_threshold(target: str) -> Callable[[], None]:
+    from topk_core import _math
+
+    def make(orig):
+        def threshold(xp, a, b):
+            if _is_target(a, target):
+                return (a + b) / 2
+            return orig(xp, a, b)
+
+        return threshold
+
+    return _patch(_math, "threshold", make)
+
+
+def _shift_k(select_pair: Callable) -> Callable:
+    def shifted(xp, x, k):
+        n = x.shape[-1]
+        if isinstance(k, int):
+            return select_pair(xp, x, min(k + 1, n))
+        return select_pair(xp, x, xp.minimum(k + 1, xp.full_like(k, n)))
+
+    return shifted
+
+
+def _mask_leak(target: str) -> Callable[[], None]:
+    from topk_core import _api
+
+    def make(orig):
+        def select(pb):
+            if _is_target(pb.x, target):
+                from topk_core.backends.generic import select_pair
+
+                return (pb.backend.select_pair or select_pair)(pb.xp, pb.x, pb.k)  # no -inf fill
+            return orig(pb)
+
+        return select
+
+    return _patch(_api, "select", make)
+
+
+def _dtype_upcast(target: str) -> Callable[[], None]:
+    from topk_core import _api
+
+    def make(orig):
+        def forward(pb, output):
+            out = orig(pb, output)
+            if _is_target(out, target):
+                out = pb.xp.astype(out, pb.xp.float64)
+            return out
+
+        return forward
+
+    return _patch(_api, "forward", make)
+
+
+def _off_by_one_install(target: str) -> Callable[[], None]:
+    import topk_core
+    from topk_core._registry import _REGISTRY, get_backend
+
+    previous = _REGISTRY.get(target)
+    topk_core.register_backend(target, _off_by_one_backend(get_backend(target)))
+
+    def undo() -> None:
+        if previous is None:
+            _REGISTRY.pop(target, None)
+        else:
+            _REGISTRY[target] = previous
+
+    return undo
+
+
+def _off_by_one_backend(base: Any) -> Any:
+    from dataclasses import replace
+
+    from topk_core.backends.generic import select_pair
+
+    return replace(
+        base,
+        name=f"{base.name}-mutant-off-by-one-k",
+        select_pair=_shift_k(base.select_pair or select_pair),
+    )
+
+
+def _strict_off_by_one() -> Any:
+    from topk_core.backends.generic import STRICT_BACKEND
+
+    return _off_by_one_backend(STRICT_BACKEND)
+
+
+#: a copy of the array-api-strict backend with the off-by-one selection, for --backend
+OFF_BY_ONE_K = _strict_off_by_one()
+
+
+MUTANTS: dict[str, Mutant] = {
+    "grad_no_threshold": Mutant("gradient without the threshold term", install=_grad_no_threshold),
+    "ties_uneven": Mutant("ties at a/b not split evenly", install=_ties_uneven),
+    "overflow_threshold": Mutant("theta = (a + b) / 2", install=_overflow_threshold),
+    "off_by_one_k": Mutant(
+        "selection off by one in k",
+        install=_off_by_one_install,
+        backend="conformance_tests.mutants:OFF_BY_ONE_K",
+    ),
+    "mask_leak": Mutant("masked entries leak into the selection", install=_mask_leak),
+    "dtype_upcast": Mutant("forward output upcast to float64", install=_dtype_upcast),
+}
+
+
+def install(name: str, target: str) -> Callable[[], None]:
+    """Activate mutant ``name`` for arrays of library ``target``; returns ``undo()``.
+
+    Never installed by importing this module: a doctest that installed one and then
+    failed before ``undo()`` would leak the bug into the rest of the session.
+
+    Examples
+    --------
+    >>> sorted(MUTANTS)[:3]
+    ['dtype_upcast', 'grad_no_threshold', 'mask_leak']
+    """
+    if name not in MUTANTS:
+        raise ValueError(f"mutant must be one of {sorted(MUTANTS)}, got {name!r}")
+    if not isinstance(target, str) or not target:
+        raise TypeError(f"target must be a library name (str), got {target!r}")
+    return MUTANTS[name].install(target)
+
+
+# ------------------------------------------------------------------ pytest plugin hooks
+
+
+def pytest_configure(config: Any) -> None:
+    """Install ``$TOPK_CONFORMANCE_MUTANT`` for the ``--array-module`` library."""
+    import pytest
+
+    name = os.environ.get(ENV)
+    if not name:
+        return
+    target = config.getoption("array_module", None)
+    if not target:
+        raise pytest.UsageError(f"{ENV}={name} needs --array-module (the library to mutate)")
+    from topk_core._registry import library_name
+
+    from .libs import third_party_lib
+
+    lib = third_party_lib(target)
+    library = library_name(lib.asarray([0.0], lib.dtypes[-1]))
+    try:
+        config._topk_mutant_undo = install(name, library)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_report_header(config: Any) -> str | None:
+    name = os.environ.get(ENV)
+    return f"topk conformance: MUTANT {name!r} installed (expect failures)" if name else None

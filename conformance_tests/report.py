@@ -1,0 +1,140 @@
+"""``--conformance-report=PATH``: a per-backend Markdown summary of a run.
+
+Tests record measurements through the ``conformance_record`` fixture
+(``conformance_record("forward_err", value, lib=..., dtype=...)``); this plugin
+also counts passed/failed/skipped tests per backend (from the ``lib``
+parameter, or from the file name for framework-specific files such as
+``test_torch.py``) and writes one table row per backend when the session ends.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+__all__ = ["ConformanceReport", "METRICS", "backend_of"]
+
+#: measurement kinds and how repeated values combine (errors: worst; scaling: last)
+METRICS = {
+    "forward_err": max,
+    "grad_err": max,
+    "scaling_fwd": lambda old, new: new,
+    "scaling_fwd_bwd": lambda old, new: new,
+}
+
+# framework-specific test files and the backend they exercise
+_FILE_BACKEND = re.compile(r"test_(torch|jax|cupy|numpy|array_api_strict)\b")
+SHARED = "(backend-independent)"
+
+
+def backend_of(item: pytest.Item) -> str:
+    """The backend a collected test exercises (its ``lib`` parameter or its file)."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "lib" in callspec.params:
+        return str(callspec.params["lib"])
+    m = _FILE_BACKEND.search(Path(str(item.path)).stem)
+    return m.group(1) if m else SHARED
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return f"{v:.2g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.3g}"
+
+
+class ConformanceReport:
+    """Pytest plugin object collecting outcomes and measurements."""
+
+    def __init__(self, path: str | Path, args: list[str] | None = None) -> None:
+        self.path = Path(path)
+        self.args = list(args or [])
+        self.backend: dict[str, str] = {}
+        self.counts: dict[str, dict[str, int]] = defaultdict(
+            lambda: {"passed": 0, "failed": 0, "skipped": 0}
+        )
+        # (backend, metric) -> {dtype or "": value}
+        self.metrics: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+        self.notes: dict[str, list[str]] = defaultdict(list)
+
+    # ----------------------------------------------------------- recording
+    def record(self, kind: str, value: float, lib: str, dtype: str = "") -> None:
+        if kind not in METRICS:
+            raise ValueError(f"kind must be one of {sorted(METRICS)}, got {kind!r}")
+        slot = self.metrics[(lib, kind)]
+        value = float(value)
+        slot[dtype] = METRICS[kind](slot[dtype], value) if dtype in slot else value
+
+    def note(self, lib: str, text: str) -> None:
+        if text not in self.notes[lib]:
+            self.notes[lib].append(text)
+
+    # ------------------------------------------------------------- hooks
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        for item in items:
+            self.backend[item.nodeid] = backend_of(item)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        lib = self.backend.get(report.nodeid, SHARED)
+        if report.failed:
+            self.counts[lib]["failed"] += 1
+        elif report.skipped and report.when in ("setup", "call"):
+            self.counts[lib]["skipped"] += 1
+        elif report.passed and report.when == "call":
+            self.counts[lib]["passed"] += 1
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(self.markdown(), encoding="utf-8")
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        terminalreporter.write_line(f"conformance report written to {self.path}")
+
+    # ------------------------------------------------------------ output
+    def _cell(self, lib: str, kind: str) -> str:
+        vals = self.metrics.get((lib, kind))
+        if not vals:
+            return "-"
+        return ", ".join(
+            f"{d}: {_fmt(v)}" if d else _fmt(v)
+            for d, v in sorted(vals.items(), key=lambda kv: kv[0])
+        )
+
+    def markdown(self) -> str:
+        libs = sorted(
+            {lib for lib in self.counts} | {lib for lib, _ in self.metrics},
+            key=lambda s: (s == SHARED, s),
+        )
+        lines = [
+            "# topk-core conformance report",
+            "",
+            f"Python {platform.python_version()} on {platform.machine()} "
+            f"({platform.system()}); pytest args: `{' '.join(self.args) or '(none)'}`",
+            "",
+            "| backend | forward max abs err | gradient max abs err | scaling exponent fwd "
+            "| scaling exponent fwd+bwd | passed | failed | skipped |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for lib in libs:
+            c = self.counts[lib]
+            lines.append(
+                f"| {lib} | {self._cell(lib, 'forward_err')} | {self._cell(lib, 'grad_err')} "
+                f"| {self._cell(lib, 'scaling_fwd')} | {self._cell(lib, 'scaling_fwd_bwd')} "
+                f"| {c['passed']} | {c['failed']} | {c['skipped']} |"
+            )
+        lines += [
+            "",
+            "Errors: max |value - float64 reference| over the contract battery, per dtype "
+            "(gradients: VJP w.r.t. x). Scaling exponent: log-log slope of the time "
+            "normalised by an elementwise op of the same library, plus 1 (1.0 = linear).",
+        ]
+        notes = [(lib, t) for lib in libs for t in self.notes.get(lib, [])]
+        if notes:
+            lines += ["", "Notes:", ""] + [f"- {lib}: {t}" for lib, t in notes]
+        return "\n".join(lines) + "\n"

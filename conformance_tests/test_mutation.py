@@ -1,0 +1,140 @@
+"""The suite's plumbing: --array-module, --backend, the report, and the mutants.
+
+The full mutation proof (every mutant caught by the forward, gradient and
+contract files) is ``python -m conformance_tests.mutation_proof``; it also
+runs here under ``-m slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import topk_core
+from topk_core import _api, _math
+from topk_core._registry import get_backend
+
+from . import mutants
+from .mutation_proof import main as proof_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pytest(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TOPK_CONFORMANCE_")}
+    clean["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), clean.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    return subprocess.run(
+        cmd, cwd=ROOT, env=clean | (env or {}), capture_output=True, text=True, timeout=300
+    )
+
+
+def test_no_mutant_in_the_normal_run():
+    """Mutants only exist in processes that ask for them."""
+    assert mutants.ENV not in os.environ
+    for module, name in ((_math, "tie_weights"), (_math, "threshold"), (_api, "select")):
+        assert getattr(module, name).__module__ == module.__name__, f"{name} is patched"
+    assert _api.forward.__qualname__ == "forward"
+    assert "mutant" not in get_backend("array_api_strict").name
+
+
+def _battery(xp):
+    """Outputs that each planted bug changes (ties, masks, huge values, dtype)."""
+    x = xp.asarray(np.array([[3.0, 1.0, 3.0, 2.0, 2.0, 0.0]]), dtype=xp.float32)
+    g = xp.asarray(np.array([[1.0, -2.0, 0.5, 1.5, -1.0, 0.3]]), dtype=xp.float32)
+    mask = xp.asarray(np.array([[False, True, True, True, True, True]]))
+    big = xp.asarray(np.array([[3e38, 2.9e38, 2.8e38, -3e38]]), dtype=xp.float32)
+    p = topk_core.dftopk(x, 2)
+    return {
+        "p": np.asarray(p),
+        "dtype": str(p.dtype),
+        "grad": np.asarray(topk_core.dftopk_vjp(x, 2, g)[0]),
+        "masked": np.asarray(topk_core.dftopk(x, 2, mask=mask)),
+        "big": np.asarray(topk_core.dftopk(big, 2)),
+    }
+
+
+@pytest.mark.parametrize("name", list(mutants.MUTANTS))
+def test_mutant_is_live_and_undone(name):
+    """Each mutant changes results for its target library only, and undo restores them."""
+    import array_api_strict as xp
+
+    clean = _battery(xp)
+    clean_np = _battery(np)
+    undo = mutants.install(name, "array_api_strict")
+    try:
+        mutated = _battery(xp)
+        mutated_np = _battery(np)
+    finally:
+        undo()
+
+    def same(a, b) -> bool:
+        return a == b if isinstance(a, str) else np.array_equal(a, b, equal_nan=True)
+
+    changed = [key for key in clean if not same(clean[key], mutated[key])]
+    assert changed, f"mutant {name} changed nothing"
+    assert all(same(clean_np[key], mutated_np[key]) for key in clean_np), "NumPy was mutated"
+    after = _battery(xp)
+    assert all(same(clean[key], after[key]) for key in clean), "undo did not restore"
+    test_no_mutant_in_the_normal_run()
+
+
+def test_array_module_option_runs_the_suite_and_writes_the_report(tmp_path):
+    """--array-module=array_api_strict drives the lib fixture; the report gets its row."""
+    report = tmp_path / "report.md"
+    proc = _pytest(
+        "conformance_tests/test_contract.py",
+        "-k",
+        "float32 and (random or mask)",
+        "--array-module=array_api_strict",
+        f"--conformance-report={report}",
+        "-rA",
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (
+        "PASSED conformance_tests/test_contract.py::test_agrees_with_numpy[array_api_strict-"
+        in (proc.stdout)
+    )
+    assert "[numpy-" not in proc.stdout and "[torch-" not in proc.stdout
+    text = report.read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| array_api_strict |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1].startswith("float32: ") and int(cells[5]) == 2 and cells[6] == "0", row
+
+
+def test_backend_option_registers_the_backend():
+    """--backend swaps in a Backend for the library: an off-by-one copy makes checks fail."""
+    args = ("conformance_tests/test_contract.py", "-k", "agrees and float32 and random")
+    ok = _pytest(*args, "--array-module=array_api_strict")
+    bad = _pytest(
+        *args, "--array-module=array_api_strict", "--backend=conformance_tests.mutants:OFF_BY_ONE_K"
+    )
+    assert ok.returncode == 0, ok.stdout[-2000:]
+    assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert "topk_mask differs from NumPy" in bad.stdout or "max error" in bad.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--array-module=no_such_array_lib_xyz"], "cannot import 'no_such_array_lib_xyz'"),
+        (["--backend=conformance_tests.mutants:OFF_BY_ONE_K"], "--backend needs --array-module"),
+        (["--array-module=numpy", "--backend=nocolon"], "must look like 'package.module:ATTR'"),
+        (["--array-module=numpy", "--backend=conformance_tests.mutants:ENV"], "not a topk_core"),
+    ],
+)
+def test_bad_options_are_usage_errors(args, message):
+    proc = _pytest("conformance_tests/test_mutation.py", "--co", *args)
+    assert proc.returncode == 4, proc.stdout[-1000:] + proc.stderr[-1000:]
+    assert message in proc.stderr
+
+
+@pytest.mark.slow
+def test_mutation_proof_catches_every_mutant(capsys):
+    """Every planted bug makes the forward/gradient/contract files fail."""
+    assert proof_main([]) == 0, capsys.readouterr().out
