@@ -230,3 +230,15 @@ def test_dftopk_and_vjp_equals_separate_calls(lib, rng, case, output):
     np.testing.assert_array_equal(lib.to_numpy(gtau), lib.to_numpy(ref_gtau))
     with pytest.raises(ValueError, match="cotangent must have x's shape"):
         vjp(lib.asarray(np.ones(3)))
+
+
+def test_jax_grad_with_concrete_mask_and_k():
+    """Traced x (no device) beside concrete mask/k arrays (a device) is fine."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    x = jnp.asarray(np.linspace(-1.0, 1.0, 6))
+    mask = jnp.asarray(np.array([True, True, False, True, True, True]))
+    k = jnp.asarray(np.array(2))
+    g = jax.grad(lambda v: tk.dftopk(v, k, mask=mask).sum())(x)
+    ref, _ = ref_vjp(np.linspace(-1.0, 1.0, 6), 2, np.ones(6), mask=np.asarray(mask))
+    np.testing.assert_allclose(np.asarray(g), ref, atol=1e-9)

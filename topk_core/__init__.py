@@ -18,18 +18,21 @@ from ._api import (
     topk_threshold,
 )
 from ._registry import Backend, register_backend
+from .losses import cascade_joint_loss, topk_bce_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
     "__version__",
+    "cascade_joint_loss",
     "dftopk",
     "dftopk_and_vjp",
     "dftopk_jvp",
     "dftopk_logits",
     "dftopk_vjp",
     "register_backend",
+    "topk_bce_loss",
     "topk_mask",
     "topk_threshold",
 ]

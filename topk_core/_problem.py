@@ -120,6 +120,9 @@ def _check_same_library(obj: Any, name: str, pb_or_lib: Problem | str) -> None:
 
 def _check_device(xp: Any, obj: Any, name: str, device: Any) -> None:
     other = array_api_compat.device(obj)
+    # jax tracers report no device; concrete arrays beside them do
+    if other is None or device is None:
+        return
     if other != device:
         raise ValueError(f"{name} is on device {other} but x is on device {device}")
 
