@@ -1,42 +1,68 @@
-"""PyTorch backend: O(n) selection of the k-th and (k+1)-th largest values.
+"""PyTorch backend: O(n) selection of the k-th and (k+1)-th largest values, no NumPy.
 
-Selection choices, measured on this project's shared 2-core CPU machine (torch
-2.13.0 CPU build, float32, k = n/10; min over 25-40 interleaved rounds, the
-machine was loaded by other jobs so medians are noisy):
+Measured on this project's shared 2-core CPU machine (torch 2.13.0 CPU build,
+2 threads, float32 normal data; one run, methods interleaved, 9 rounds, min /
+median ms; the machine had a load average of 7-8 from other jobs, so medians
+are noisy and only the mins compare well):
 
-==========================================  ============  ==============
-method                                       n = 1e6       B=1024, n=4096
-==========================================  ============  ==============
-``torch.kthvalue`` twice (official DFTopK)    26 - 38 ms     141 - 176 ms
-``kthvalue`` + masked max for ``b``           13 - 15 ms     114 - 168 ms
-``topk(k+1, sorted=False)`` + min/2nd-min     11 - 15 ms      62 -  76 ms
-``torch.sort``                               114 - 250 ms    218 - 570 ms
-``np.partition`` (one kth) + max, zero-copy   10 ms           43 ms
-``np.sort``                                   70 ms          100 ms
-==========================================  ============  ==============
+=====================  ==============  ==============  ===============
+shape, k               topk(sorted=F)  kthvalue + max  sampled bracket
+=====================  ==============  ==============  ===============
+1e4, n/10              0.15 / 0.16     0.15 / 0.16     0.45 / 0.48
+1e4, n/2               0.16 / 0.16     0.18 / 0.19     0.48 / 0.52
+1e5, n/10              0.97 / 1.00     1.52 / 9.70     1.15 / 1.23
+1e5, n/2               1.38 / 9.60     1.66 / 1.72     1.14 / 1.21
+1e6, n/10              24.7 / 28.9     41.1 / 58.5     11.6 / 19.8
+1e6, n/2               44.2 / 84.2     52.8 / 69.1     3.7 / 80.4
+1e7, n/10              478 / 551       452 / 537       144 / 310
+1e7, n/2               996 / 1343      1035 / 1395     339 / 645
+1024 x 4096, n/10      103 / 255       216 / 288       346 / 543
+1024 x 4096, n/2       216 / 279       232 / 271       456 / 512
+=====================  ==============  ==============  ===============
 
-So, for a Python-int ``k``:
+Per-row k (random in [0, n]):
 
-* plain CPU tensors in eager mode (no ``torch.compile`` tracing, no
-  ``torch.func`` wrapper, a dtype NumPy has) use NumPy's SIMD quickselect on a
-  zero-copy view (:mod:`topk_core.backends.numpy_backend`): no device exists to
-  synchronise with, and it is 1.5-2x faster than any torch CPU primitive;
-* everything else (CUDA, tracing, functorch transforms, bfloat16) uses
+=====================  ==============  ===============
+shape                  sort + gather   sampled bracket
+=====================  ==============  ===============
+64 x 1e5               1120 / 1174     188 / 330
+1024 x 4096            852 / 999       333 / 782
+4096 x 1024            489 / 707       536 / 620
+=====================  ==============  ===============
+
+(With one thread the sampled path took 57 ms on 1024 x 4096, n/10, against
+77 ms for topk; with two contended threads its many small ops lose.)
+
+So:
+
+* scalar ``k``, plain CPU tensor in eager mode (:func:`host_ok`), rows of at
+  least 2**16: the sampled bracket (:func:`_select_sampled`); otherwise
   ``torch.topk(m, sorted=False)`` on the smaller side (``m = k+1`` largest or
-  ``n-k+1`` smallest) and reads ``a``/``b`` off those ``m`` values with
-  elementwise ops.  On CPU that beats ``kthvalue`` (which is not parallel over
-  rows); on CUDA both are radix selects and ``topk`` also has a multi-block
-  path for a single long row, where ``kthvalue`` uses one block per row.  The
-  CUDA choice follows from that and is NOT measured here (no GPU available).
+  ``n-k+1`` smallest) with ``a``/``b`` read off those ``m`` values by
+  elementwise ops.  On CUDA ``kthvalue`` and ``topk`` are both radix selects and
+  ``topk`` also has a multi-block path for one long row; that CUDA choice is
+  NOT measured here (no GPU).
+* per-row ``k`` tensor (also what a mask produces: k is clipped to each row's
+  valid count): the sampled bracket on host tensors with rows of at least 2048,
+  else ``torch.sort`` + gather (graph-safe, no host reads, no Python loop over
+  rows).  The shared radix driver (:mod:`topk_core._radix`) was not wired to
+  torch: it needs unsigned keys that torch supports only partly, and on the
+  CPU the sampled path is already 2.5-6x faster than the sort.
 
-A per-row ``k`` tensor (also what a mask produces, since k is clipped to each
-row's valid count) cannot use ``topk`` without reading ``max(k)`` on the host,
-so it sorts (``np.sort`` on the host path, ``torch.sort`` otherwise) and
-gathers; that is O(n log n) but never loops over rows in Python.
+The sampled bracket (Floyd-Rivest style): from a fixed, seeded stratified
+sample of ~n**(2/3) positions per row, take the sample values ``hi``/``lo``
+3 standard deviations of the sample rank beyond the wanted ranks; count the
+entries above ``hi`` (NaN counts as above) and gather those in ``[lo, hi]``
+(a variable-size compaction: free to size on the host, which is why this path
+never runs on CUDA, under ``torch.compile`` or functorch); pick ``a`` and ``b``
+among them exactly by rank.  Rows whose bracket misses either rank are redone
+with the exact path above, so results never depend on the sample.  NaN counts
+as larger than ``+inf`` on every path, like ``torch.sort``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -46,16 +72,19 @@ from topk_core._registry import Backend
 __all__ = ["BACKEND", "host_ok", "select_pair"]
 
 _INF = float("inf")
-# dtypes for which NumPy has the same type (bfloat16 has none)
-_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
-try:  # NumPy is optional for topk-core; without it the torch-only path is used
-    import numpy as _np
-
-    from . import numpy_backend as _numpy_backend
-except ImportError:  # pragma: no cover - numpy is installed wherever the tests run
-    _np = None
-    _numpy_backend = None
+# sampling (host) path, by measurement (module docstring): per-row k from rows
+# of 2048, scalar k only for long rows (topk wins on batches of short rows)
+_SAMPLE_MIN_N = 2048
+_SAMPLE_MIN_N_SCALAR = 1 << 16
+# half-width of the bracket in standard deviations of the sample rank; a row
+# whose bracket misses (probability ~0.3% per row at 3 sd on random data)
+# is redone exactly, so this trades bracket size against redo work only
+_BRACKET_SD = 3.0
+# the host path may be switched off (tests compare it with the torch-only path)
+_HOST_PATH = True
+_SAMPLE_CACHE: dict[tuple[int, int], torch.Tensor] = {}
+_SAMPLE_SEED = 20251011
 
 
 def host_ok(x: torch.Tensor) -> bool:
@@ -64,6 +93,13 @@ def host_ok(x: torch.Tensor) -> bool:
     That is: a plain CPU tensor in eager mode.  Not while ``torch.compile``
     traces (reading values would break the graph), not for functorch-wrapped
     (``vmap``/``grad``) or fake/subclass tensors, never for CUDA (a sync).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from topk_core.backends.torch_backend import host_ok
+    >>> host_ok(torch.ones(3)), host_ok(torch.ones(3, device="meta"))
+    (True, False)
     """
     if x.device.type != "cpu" or type(x) is not torch.Tensor:
         return False
@@ -78,28 +114,44 @@ def _sentinel(x: torch.Tensor, value: float) -> torch.Tensor:
 
 def _extreme_and_next(v: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Of the values ``v`` (last axis), the smallest and the 2nd smallest
-    (``largest=True``) or the largest and the 2nd largest, counting repeats."""
+    (``largest=True``) or the largest and the 2nd largest, counting repeats.
+
+    NaN counts as larger than ``+inf`` (as in ``torch.sort`` and ``topk``).
+    """
+    nan = v.isnan()
+    n_nan = nan.sum(-1, keepdim=True)
+    w = torch.where(nan, _INF if largest else -_INF, v)
     if largest:
-        e = v.amin(-1, keepdim=True)
-        beyond = v > e
-        fill = _INF
+        e = w.amin(-1, keepdim=True)
+        beyond = w > e
     else:
-        e = v.amax(-1, keepdim=True)
-        beyond = v < e
-        fill = -_INF
-    nxt = torch.where(beyond, v, fill)
+        e = w.amax(-1, keepdim=True)
+        beyond = w < e
+    nxt = torch.where(beyond, w, _INF if largest else -_INF)
     nxt = nxt.amin(-1, keepdim=True) if largest else nxt.amax(-1, keepdim=True)
     # a repeated extreme is its own runner-up
     repeated = (~beyond).sum(-1, keepdim=True) >= 2
-    return e, torch.where(repeated, e, nxt)
+    nxt = torch.where(repeated, e, nxt)
+    if largest:
+        # the non-NaN values are the smallest: NaN only where fewer than 1 or 2 exist
+        n_real = v.shape[-1] - n_nan
+        return torch.where(n_real >= 1, e, math.nan), torch.where(n_real >= 2, nxt, math.nan)
+    # NaN are the largest: one is the maximum, two the runner-up as well
+    return torch.where(n_nan >= 1, math.nan, e), torch.where(
+        n_nan >= 2, math.nan, torch.where(n_nan == 1, e, nxt)
+    )
 
 
 def _select_scalar_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Graph-safe path: one ``topk`` on the smaller side (no host reads)."""
     n = x.shape[-1]
     if k == 0:
         return _sentinel(x, _INF), x.amax(-1, keepdim=True)
     if k == n:
-        return x.amin(-1, keepdim=True), _sentinel(x, -_INF)
+        # amin would return NaN; NaN counts as the largest, so skip it
+        low = torch.where(x.isnan(), _INF, x).amin(-1, keepdim=True)
+        low = torch.where(x.isnan().all(-1, keepdim=True), math.nan, low)
+        return low, _sentinel(x, -_INF)
     if k + 1 <= n - k + 1:
         # the k+1 largest: b is their minimum, a the runner-up
         v = torch.topk(x, k + 1, dim=-1, largest=True, sorted=False).values
@@ -123,6 +175,164 @@ def _gather_sorted(s: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torc
     a = torch.where(k == 0, _INF, a)
     b = torch.where(k == n, -_INF, b)
     return a.to(s.dtype), b.to(s.dtype)
+
+
+def _select_sorted(x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Graph-safe per-row ``k``: sort, then gather."""
+    return _gather_sorted(torch.sort(x, dim=-1).values, k)
+
+
+def _sample_size(n: int) -> int:
+    # ~n**(2/3) (Floyd-Rivest), at most a quarter of the row
+    return max(64, min(n // 4, round(n ** (2 / 3))))
+
+
+def _sample_index(n: int, s: int) -> torch.Tensor:
+    """Fixed stratified sample of ``s`` positions in ``[0, n)`` (one per stratum).
+
+    Deterministic (fixed seed) and cached; the results never depend on it,
+    only the speed does: an unrepresentative sample only makes rows miss
+    their bracket, and those are redone exactly.
+    """
+    key = (n, s)
+    idx = _SAMPLE_CACHE.get(key)
+    if idx is None:
+        gen = torch.Generator().manual_seed(_SAMPLE_SEED)
+        edges = torch.arange(s + 1, dtype=torch.int64) * n // s
+        width = edges[1:] - edges[:-1]
+        jitter = (torch.rand(s, generator=gen, dtype=torch.float64) * width).to(torch.int64)
+        idx = edges[:-1] + jitter
+        if len(_SAMPLE_CACHE) > 64:
+            _SAMPLE_CACHE.clear()
+        _SAMPLE_CACHE[key] = idx
+    return idx
+
+
+def _sample_value(samp: torch.Tensor, j: int) -> torch.Tensor:
+    """Per row, the value at descending position ``j`` (0-based) of ``samp``.
+
+    One ``topk`` on the smaller side: on (1024, 256) samples it took 3.3 ms
+    where ``kthvalue`` took 7.8 ms (one thread).
+    """
+    s = samp.shape[-1]
+    if j + 1 <= s - j:
+        return torch.topk(samp, j + 1, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    return torch.topk(samp, s - j, dim=-1, largest=False, sorted=False).values.amax(
+        -1, keepdim=True
+    )
+
+
+def _bracket(
+    x2: torch.Tensor, kl: torch.Tensor, kh: torch.Tensor, scalar_k: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(lo, hi)``, shape ``(R, 1)``: sample values that enclose the
+    ``kl``-th and ``kh``-th largest of each row with high probability."""
+    n = x2.shape[1]
+    s = _sample_size(n)
+    samp = x2.index_select(1, _sample_index(n, s))
+    if scalar_k is not None:
+        # one pair of sample ranks for all rows: two selections, no sort
+        q = scalar_k / n
+        d = _BRACKET_SD * math.sqrt(s * q * (1.0 - q)) + 1.0
+        hi_pos = math.floor(max(scalar_k, 1) * s / n - 1.0 - d)  # descending, 0-based
+        lo_pos = math.ceil(min(scalar_k + 1, n) * s / n - 1.0 + d)
+        hi = _sample_value(samp, hi_pos) if hi_pos >= 0 else _sentinel(x2, _INF)
+        lo = _sample_value(samp, lo_pos) if lo_pos < s else _sentinel(x2, -_INF)
+        return lo, hi
+    desc = torch.sort(samp, dim=-1, descending=True).values
+    q = kl.to(torch.float64) / n
+    d = _BRACKET_SD * torch.sqrt(s * q * (1.0 - q)) + 1.0
+    hi_pos = torch.floor(kl * (s / n) - 1.0 - d).to(torch.int64)
+    lo_pos = torch.ceil(kh * (s / n) - 1.0 + d).to(torch.int64)
+    hi = torch.take_along_dim(desc, hi_pos.clamp(0, s - 1), dim=-1)
+    lo = torch.take_along_dim(desc, lo_pos.clamp(0, s - 1), dim=-1)
+    hi = torch.where(hi_pos < 0, _INF, hi)
+    lo = torch.where(lo_pos >= s, -_INF, lo)
+    return lo, hi
+
+
+def _row_counts(mask: torch.Tensor) -> torch.Tensor:
+    """Per-row number of True in a contiguous bool ``(R, 8 w)`` mask, ``(R, 1)`` int64.
+
+    Sums the mask as 64-bit words, so each byte lane adds up its 0/1 bytes; a
+    lane cannot carry into the next within 255 words.  Measured 0.15 ms for
+    1024 x 4096 (one thread) where ``mask.sum(-1)`` (bool -> int64) takes 36 ms
+    and ``count_nonzero(dim=-1)`` 3 ms; 0.16 ms vs 67 ms for one row of 1e7.
+    """
+    rows = mask.shape[0]
+    words = mask.view(torch.int64)
+    groups, rest = divmod(words.shape[1], 255)
+    parts = []
+    if groups:
+        parts.append(words[:, : groups * 255].reshape(rows, groups, 255).sum(-1))
+    if rest:
+        parts.append(words[:, groups * 255 :].sum(-1, keepdim=True))
+    lanes = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    return lanes.view(torch.uint8).sum(-1, keepdim=True, dtype=torch.int64)
+
+
+def _select_sampled(x: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host path (eager CPU only): sample, bracket, compact, select exactly.
+
+    Per row: a value bracket ``[lo, hi]`` from a fixed sample, ``above`` = the
+    entries above ``hi`` (NaN counts as above: ``~(x <= hi)``), the entries
+    inside it gathered (variable size: reading it is free on the host), and the
+    k-th / (k+1)-th largest picked among those by rank ``k - above``.  Rows
+    whose bracket does not hold both ranks are redone with the exact path.
+    """
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.detach().reshape(-1, n)
+    rows = x2.shape[0]
+    scalar_k = k if isinstance(k, int) else None
+    if scalar_k is not None:
+        kk = torch.full((rows, 1), scalar_k, dtype=torch.int64)
+    else:
+        kk = k.reshape(rows, 1).to(torch.int64)
+    kl = kk.clamp(min=1)  # rank of a, or of b for k = 0
+    kh = (kk + 1).clamp(max=n)  # rank of b, or of a for k = n
+    lo, hi = _bracket(x2, kl, kh, scalar_k)
+    # masks in buffers padded to whole 8-byte words (pad = False) for _row_counts
+    width8 = -(-n // 8) * 8
+    le_buf = torch.zeros((rows, width8), dtype=torch.bool)
+    cand_buf = torch.zeros((rows, width8), dtype=torch.bool)
+    le = torch.le(x2, hi, out=le_buf[:, :n])
+    cand = torch.ge(x2, lo, out=cand_buf[:, :n])
+    cand &= le
+    above = n - _row_counts(le_buf)
+    ncand = _row_counts(cand_buf)
+    flat = x2[cand]
+    miss = (above >= kl) | (above + ncand < kh)
+    # descending rank of b among the row's candidates; rows are shifted by
+    # ``e`` leading +inf so that it is the same rank ``m`` in every row
+    rb = (kh - above).clamp(min=1)
+    m = int(rb.max())
+    e = m - rb
+    width = int((e + ncand).max())
+    cols = torch.arange(width, dtype=torch.int64)
+    pad = torch.where(cols < e, _INF, -_INF).to(x2.dtype)
+    counts = ncand.view(-1)
+    starts = torch.cumsum(counts, 0) - counts
+    offset = torch.arange(rows, dtype=torch.int64) * width + e.view(-1) - starts
+    lin = torch.arange(flat.shape[0], dtype=torch.int64) + torch.repeat_interleave(
+        offset, counts, output_size=flat.shape[0]
+    )
+    pad.view(-1)[lin] = flat
+    top = torch.topk(pad, m, dim=-1, sorted=False).values
+    b, runner = _extreme_and_next(top, largest=True)
+    a = torch.where(kh > kl, runner, b)
+    a = torch.where(kk == 0, _INF, a)
+    b = torch.where(kk == n, -_INF, b)
+    redo = miss.view(-1).nonzero().view(-1)
+    if redo.numel():
+        xr = x2.index_select(0, redo)
+        if scalar_k is not None:
+            ar, br = _select_scalar_k(xr, scalar_k)
+        else:
+            ar, br = _select_sorted(xr, kk.index_select(0, redo))
+        a[redo] = ar
+        b[redo] = br
+    return a.reshape(lead + (1,)), b.reshape(lead + (1,))
 
 
 def select_pair(xp: Any, x: torch.Tensor, k: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,22 +365,19 @@ def select_pair(xp: Any, x: torch.Tensor, k: Any) -> tuple[torch.Tensor, torch.T
             [5.]]), tensor([[4.],
             [-inf]]))
     """
-    if x.shape[-1] == 0:
+    n = x.shape[-1]
+    if n == 0:
         shape_inf = _sentinel(x, _INF)
         return shape_inf, -shape_inf
-    fast = _numpy_backend is not None and x.dtype in _NUMPY_DTYPES and host_ok(x)
     if isinstance(k, int):
-        if fast and 0 < k < x.shape[-1]:
-            a, b = _numpy_backend.select_pair(_np, x.detach().numpy(), k)
-            return torch.from_numpy(a), torch.from_numpy(b)
+        if _HOST_PATH and n >= _SAMPLE_MIN_N_SCALAR and 0 < k < n and host_ok(x):
+            return _select_sampled(x, k)
         return _select_scalar_k(x, k)
     if not isinstance(k, torch.Tensor):
         raise TypeError(f"k must be a Python int or a torch.Tensor, got {type(k).__name__}")
-    if fast and type(k) is torch.Tensor:
-        s = torch.from_numpy(_np.sort(x.detach().numpy(), axis=-1))
-    else:
-        s = torch.sort(x, dim=-1).values
-    return _gather_sorted(s, k)
+    if _HOST_PATH and n >= _SAMPLE_MIN_N and host_ok(x) and type(k) is torch.Tensor:
+        return _select_sampled(x, k)
+    return _select_sorted(x, k)
 
 
 def _sigmoid(z: torch.Tensor) -> torch.Tensor:

@@ -39,14 +39,15 @@ def rng():
 
 
 def _both_paths(x, k):
-    """select_pair on the host (NumPy) path and on the torch-only path."""
+    """select_pair on the host (sampling) path and on the graph-safe torch path."""
     host = torch_backend.select_pair(None, x, k)
     assert torch_backend.host_ok(x)
-    try:  # the torch-only path is what CUDA, compile and torch.func tensors take
-        torch_backend._numpy_backend, saved = None, torch_backend._numpy_backend
+    saved = torch_backend._HOST_PATH
+    try:  # the graph-safe path is what CUDA, compile and torch.func tensors take
+        torch_backend._HOST_PATH = False
         native = torch_backend.select_pair(None, x, k)
     finally:
-        torch_backend._numpy_backend = saved
+        torch_backend._HOST_PATH = saved
     return host, native
 
 
