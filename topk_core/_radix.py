@@ -289,10 +289,16 @@ def radix_select_pair(
             n_equal = xp.min(xp.where(ok, cum, big), axis=-1, keepdims=True) - gt
     top = shims.from_keys(prefix, x.dtype)
     inf = xp.full_like(top, xp.inf)
-    neg_inf = xp.full_like(x, -xp.inf)
-    # (k+1)-th largest: tied with the k-th, else the largest entry below it
+    # (k+1)-th largest: tied with the k-th, else the largest entry below it.  The max runs
+    # over the integer keys: XLA on CPU flushes subnormals in a float max
     tied = above + n_equal >= kk + one_i
-    below = xp.max(xp.where(keys < prefix, x, neg_inf), axis=-1, keepdims=True)
+    below_key = xp.max(xp.where(keys < prefix, keys, xp.zeros_like(keys)), axis=-1, keepdims=True)
+    # key 0 never encodes a value (it would need mag == sign): nothing below
+    below = xp.where(
+        below_key == xp.zeros_like(below_key),
+        xp.full_like(top, -xp.inf),
+        shims.from_keys(below_key, x.dtype),
+    )
     b = xp.where(tied, top, below)
     k_zero = kk == zero_i
     a = xp.where(k_zero, inf, top)

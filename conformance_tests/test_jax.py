@@ -1,0 +1,298 @@
+"""JAX backend and adapter: radix select, custom_jvp rules, transformations.
+
+The shared suites (test_forward, test_gradients, ...) already run the jax
+backend through the ``lib`` fixture; this module covers what is specific to
+JAX: the radix select against a full sort on adversarial inputs, derivatives
+to second order with ``jax.test_util.check_grads``, and compositions of
+``jit``/``vmap``/``grad``/``jacfwd``/``jacrev``/``hessian``/``linearize``/
+``linear_transpose``.  Shapes are reused so compiled programs are shared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+
+from jax.test_util import check_grads  # noqa: E402
+
+import topk_core as tk  # noqa: E402
+
+from .libs import TOLERANCE  # noqa: E402
+from .reference import ref_dftopk, ref_vjp  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not jax.config.read("jax_enable_x64"), reason="float64 cases need jax x64 (set in conftest)"
+)
+
+DTYPES = {
+    "float16": jnp.float16,
+    "bfloat16": jnp.bfloat16,
+    "float32": jnp.float32,
+    "float64": jnp.float64,
+}
+SUBNORMAL = {"float16": 6e-8, "bfloat16": 1e-39, "float32": 1e-40, "float64": 5e-320}
+
+
+def _rows(dtype: str) -> np.ndarray:
+    """Adversarial rows (n = 12) as float64 values exactly representable in ``dtype``."""
+    s = SUBNORMAL[dtype]
+    inf, nan = np.inf, np.nan
+    rows = [
+        [3, 1, 3, 2, 3, -1, 0, 2, 3, -4, 1, 2],  # ties
+        [0.0, -0.0, 0.0, -0.0, 1, -1, -0.0, 0.0, 2, -2, 0.0, -0.0],  # signed zeros
+        [inf, -inf, 1, inf, -inf, 0, -1, 5, inf, -3, 2, -inf],  # infinities
+        [s, -s, 0.0, 2 * s, -2 * s, -0.0, s, 3 * s, -s, 1, -1, 0.0],  # subnormals
+        [1.5] * 12,  # all equal
+        [-inf] * 12,  # all masked-like
+        [nan, 1, 2, nan, 0, -inf, inf, 3, -1, nan, 2, 1],  # NaN
+        [1e4, -1e4, 65504, -65504, 0.5, 0.25, 7, 7, -7, 1e-3, 3, 2],  # wide range
+    ]
+    x = np.asarray(rows, dtype=np.float64)
+    # round to the dtype (bfloat16 through jax), so the reference sees the same values
+    return np.asarray(jnp.asarray(x, dtype=DTYPES[dtype]).astype(jnp.float64))
+
+
+def _sorted_desc(x: np.ndarray) -> np.ndarray:
+    """Descending sort with NaN first (NaN counts as the largest value)."""
+    return np.sort(x, axis=-1)[..., ::-1]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_radix_select_matches_full_sort(dtype):
+    from topk_core.backends.jax_backend import select_pair
+
+    x64 = _rows(dtype)
+    x = jnp.asarray(x64, dtype=DTYPES[dtype])
+    n = x.shape[-1]
+    s = _sorted_desc(x64)
+    ext = np.concatenate([np.full((len(s), 1), np.inf), s, np.full((len(s), 1), -np.inf)], -1)
+    # per-row k covering every rank: all k = 0..n over n + 1 shifted copies
+    ks = (np.arange(len(s))[None, :] + np.arange(n + 1)[:, None]) % (n + 1)
+    xs = jnp.broadcast_to(x, (n + 1,) + x.shape)
+    a, b = jax.jit(select_pair, static_argnums=0)(jnp, xs, jnp.asarray(ks[..., None]))
+    assert a.dtype == x.dtype and b.dtype == x.dtype and a.shape == (n + 1, len(s), 1)
+    a = np.asarray(a.astype(jnp.float64))[..., 0]
+    b = np.asarray(b.astype(jnp.float64))[..., 0]
+    rows = np.arange(len(s))[None, :]
+    # assert_array_equal treats NaN == NaN and -0.0 == 0.0, as the spec does
+    np.testing.assert_array_equal(a, ext[rows, ks])
+    np.testing.assert_array_equal(b, ext[rows, ks + 1])
+    # scalar (static) k gives the same
+    for k in (0, 5, n):
+        a, b = select_pair(jnp, x, k)
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float64))[:, 0], ext[:, k])
+        np.testing.assert_array_equal(np.asarray(b.astype(jnp.float64))[:, 0], ext[:, k + 1])
+
+
+def test_default_path_has_no_sort_or_top_k():
+    x = jnp.zeros((4, 64), jnp.float32)
+    k = jnp.full((4,), 3)
+    m = jnp.ones((4, 64), bool)
+
+    def loss(x, k, m):
+        return (tk.dftopk(x, k, mask=m, tau=0.5) ** 2).sum()
+
+    text = str(jax.make_jaxpr(jax.value_and_grad(loss))(x, k, m))
+    for prim in ("sort", "top_k", "approx_top_k", "argsort"):
+        assert f" {prim}[" not in text and f"{prim}\n" not in text, prim
+    assert "scatter-add" in text or "scatter_add" in text
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_forward_and_vjp_match_reference(dtype, rng):
+    x64 = rng.normal(size=(3, 16))
+    x64[1, 3:7] = 0.25  # ties at the boundary
+    x = jnp.asarray(x64, dtype=DTYPES[dtype])
+    x64 = np.asarray(x.astype(jnp.float64))
+    g64 = rng.normal(size=x64.shape)
+    mask = rng.random(x64.shape) > 0.25
+    k = np.array([4, 5, 16])
+    tau = np.array([[0.5], [1.0], [2.0]])
+    jm, jk, jtau = jnp.asarray(mask), jnp.asarray(k), jnp.asarray(tau, DTYPES[dtype])
+    tol = TOLERANCE[dtype]
+
+    f = jax.jit(lambda x, tau, k, m: tk.dftopk(x, k, tau=tau, mask=m))
+    p, vjp = jax.vjp(lambda x, tau: f(x, tau, jk, jm), x, jtau)
+    assert p.dtype == x.dtype
+    np.testing.assert_allclose(
+        np.asarray(p.astype(jnp.float64)), ref_dftopk(x64, k, tau, mask=mask), atol=tol
+    )
+    gx, gtau = vjp(jnp.asarray(g64, dtype=DTYPES[dtype]))
+    assert gx.dtype == x.dtype and gtau.dtype == jtau.dtype and gtau.shape == tau.shape
+    rgx, rt = ref_vjp(x64, k, g64, tau, mask=mask)
+    scale = max(1.0, np.abs(rgx).max())
+    np.testing.assert_allclose(np.asarray(gx.astype(jnp.float64)), rgx, atol=4 * tol * scale)
+    np.testing.assert_allclose(
+        np.asarray(gtau.astype(jnp.float64)), rt.sum(-1, keepdims=True), atol=8 * tol * scale
+    )
+    assert np.all(np.asarray(gx)[~mask] == 0)
+
+
+def test_agrees_with_numpy_backend(rng):
+    x = rng.normal(size=(4, 16))
+    g = rng.normal(size=x.shape)
+    for kk, kw in ((3, dict(largest=False, axis=0)), (16, {})):
+        pn = tk.dftopk_logits(x, kk, tau=0.7, **kw)
+        pj = tk.dftopk_logits(jnp.asarray(x), kk, tau=0.7, **kw)
+        np.testing.assert_allclose(np.asarray(pj), pn, atol=1e-12)
+        gn, tn = tk.dftopk_vjp(x, kk, g, tau=0.7, **kw)
+        gj = jax.grad(lambda x, kk=kk, kw=kw: (tk.dftopk(x, kk, tau=0.7, **kw) * g).sum())(
+            jnp.asarray(x)
+        )
+        np.testing.assert_allclose(np.asarray(gj), gn, atol=1e-12)
+        tj = jax.grad(lambda t, x, kk=kk, kw=kw: (tk.dftopk(x, kk, tau=t, **kw) * g).sum())(
+            0.7, jnp.asarray(x)
+        )
+        np.testing.assert_allclose(float(tj), float(tn), atol=1e-12)
+
+
+X = np.random.default_rng(7).normal(size=(3, 8))
+MASK = np.random.default_rng(8).random((3, 8)) > 0.3
+K_ROWS = np.array([1, 3, 8])
+ORDER2 = dict(order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
+
+
+def test_check_grads_plain():
+    # (logits are covered with the mask below)
+    f = jax.jit(lambda x: tk.dftopk(x, 3, tau=0.7))
+    check_grads(lambda x: f(jnp.asarray(x)), (jnp.asarray(X),), **ORDER2)
+
+
+def test_check_grads_ties():
+    # ties that survive every perturbation: x repeats entries of y, so the
+    # function of y is smooth and checks the even split of the tie weights
+    y = jnp.asarray([1.0, 2.0, 3.0, 0.5])
+    idx = jnp.asarray([0, 1, 1, 2, 2, 3, 2, 0])
+    f = jax.jit(lambda y, k: tk.dftopk(y[idx], k, tau=0.8))
+    # sorted x: 3 3 3 2 2 1 1 .5; k = 3: a in a 3-way tie, b in a 2-way tie
+    check_grads(lambda y: f(jnp.asarray(y), jnp.asarray(3)), (y,), **ORDER2)
+
+
+def test_check_grads_mask_per_row_k_learnable_tau():
+    # mask and k arrive as arguments of the jitted function (traced, per row)
+    f = jax.jit(lambda x, tau, k, m: tk.dftopk(x, k, tau=tau, mask=m))
+    tau = jnp.asarray([[0.5], [1.0], [2.0]])
+    check_grads(
+        lambda x, tau: f(jnp.asarray(x), jnp.asarray(tau), jnp.asarray(K_ROWS), jnp.asarray(MASK)),
+        (jnp.asarray(X), tau),
+        **ORDER2,
+    )
+
+
+@pytest.mark.slow
+def test_check_grads_logits_per_entry_tau_axis0_smallest():
+    # logits with a full per-entry tau, largest=False along axis 0 (no mask: masked
+    # logits are -inf, where finite differences give NaN)
+    g = jax.jit(lambda x, tau: tk.dftopk_logits(x, 1, tau=tau, axis=0, largest=False))
+    check_grads(
+        lambda x, t: g(jnp.asarray(x), jnp.asarray(t)),
+        (jnp.asarray(X), jnp.asarray(0.5 + np.abs(X))),
+        **ORDER2,
+    )
+
+
+def test_concrete_mask_k_tau_with_traced_x():
+    # the common pattern: differentiate w.r.t. x with a fixed (concrete) mask,
+    # per-row k and tau array closed over
+    m, k, tau = jnp.asarray(MASK), jnp.asarray(K_ROWS), jnp.asarray([[0.5], [1.0], [2.0]])
+    x = jnp.asarray(X)
+    gx = jax.grad(lambda x: tk.dftopk(x, k, tau=tau, mask=m).sum())(x)
+    gj = jax.jit(jax.grad(lambda x: tk.dftopk(x, k, tau=tau, mask=m).sum()))(x)
+    ref, _ = ref_vjp(X, K_ROWS, np.ones_like(X), np.asarray(tau), mask=MASK)
+    np.testing.assert_allclose(np.asarray(gx), ref, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(gj), ref, atol=1e-12)
+
+
+def test_transformations_compose():
+    # float32 (four radix passes instead of eight): less to compile
+    x = jnp.asarray(X, jnp.float32)
+    f = lambda x: tk.dftopk(x, 3, tau=0.7)  # noqa: E731
+    # jacfwd == jacrev, hessian symmetric, linearize/linear_transpose == vjp
+    jf, jr = jax.jacfwd(f)(x), jax.jacrev(f)(x)
+    np.testing.assert_allclose(np.asarray(jf), np.asarray(jr), atol=1e-6)
+    h = jax.hessian(lambda r: tk.dftopk(r, 3, tau=0.7) @ jnp.arange(8.0, dtype=jnp.float32))(x[0])
+    np.testing.assert_allclose(np.asarray(h), np.asarray(h.T), atol=1e-6)
+    _, lin = jax.linearize(f, x)
+    u = jnp.asarray(np.random.default_rng(1).normal(size=X.shape), jnp.float32)
+    (ct,) = jax.linear_transpose(lin, x)(u)
+    _, vjp = jax.vjp(f, x)
+    np.testing.assert_allclose(np.asarray(ct), np.asarray(vjp(u)[0]), atol=1e-6)
+    # <v, J u> == <J^T v, u>
+    np.testing.assert_allclose(float((lin(u) * u).sum()), float((ct * u).sum()), atol=1e-6)
+    # vmap over rows with a per-row (traced) k == the batched call
+    k = jnp.asarray(K_ROWS)
+    pv = jax.vmap(lambda r, k: tk.dftopk(r, k, tau=0.7))(x, k)
+    np.testing.assert_allclose(np.asarray(pv), np.asarray(tk.dftopk(x, k, tau=0.7)), atol=1e-6)
+    # vmap of grad == batched grad; jit(grad) == grad
+    gv = jax.vmap(jax.grad(lambda r: tk.dftopk(r, 3, tau=0.7)[0]))(x)
+    gb = jax.grad(lambda x: tk.dftopk(x, 3, tau=0.7)[:, 0].sum())(x)
+    np.testing.assert_allclose(np.asarray(gv), np.asarray(gb), atol=1e-6)
+    gj = jax.jit(jax.grad(lambda x: tk.dftopk(x, 3, tau=0.7)[:, 0].sum()))(x)
+    np.testing.assert_allclose(np.asarray(gj), np.asarray(gb), atol=1e-6)
+    # jit with static k via static_argnums, k as a traced scalar array
+    js = jax.jit(lambda x, k: tk.dftopk(x, k, tau=0.7), static_argnums=1)(x, 3)
+    jt = jax.jit(lambda x, k: tk.dftopk(x, k, tau=0.7))(x, jnp.asarray(3))
+    np.testing.assert_allclose(np.asarray(js), np.asarray(f(x)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jt), np.asarray(f(x)), atol=1e-6)
+
+
+def test_threshold_and_hard_mask_traceable():
+    x = jnp.asarray(X)
+    th = jax.jit(lambda x, k: tk.topk_threshold(x, k))(x, jnp.asarray(K_ROWS))
+    s = np.sort(X, -1)[:, ::-1]
+    ext = np.concatenate([np.full((3, 1), np.inf), s, np.full((3, 1), -np.inf)], -1)
+    r = np.arange(3)
+    want = np.where(K_ROWS == 8, -np.inf, ext[r, K_ROWS] / 2 + ext[r, K_ROWS + 1] / 2)
+    np.testing.assert_array_equal(np.asarray(th)[:, 0], want)
+    hm = jax.jit(lambda x, m: tk.topk_mask(x, 3, mask=m))(x, jnp.asarray(MASK))
+    np.testing.assert_array_equal(np.asarray(hm).sum(-1), np.minimum(3, MASK.sum(-1)))
+
+
+def test_infinite_inputs_nan_free_and_nan_propagates():
+    x = jnp.asarray([[np.inf, 1.0, 0.0], [np.inf, np.inf, 0.0], [-np.inf, 0.0, 1.0]])
+    k = jnp.asarray([1, 1, 2])
+    p = tk.dftopk(x, k)
+    np.testing.assert_array_equal(np.asarray(p), [[1, 0, 0], [0.5, 0.5, 0], [0, 1, 1]])
+    g = jax.grad(lambda x, k: (tk.dftopk(x, k) * jnp.arange(3.0)).sum())(x, k)
+    assert np.all(np.isfinite(np.asarray(g)))
+    jf = jax.jacfwd(lambda x, k: tk.dftopk(x, k))(x, k)
+    assert np.all(np.isfinite(np.asarray(jf)))
+    xn = jnp.asarray([[np.nan, 1.0, 0.0, 2.0]])
+    assert np.isnan(np.asarray(tk.dftopk(xn, 2))[0, 0])
+    assert np.isnan(np.asarray(jax.jit(lambda x: tk.dftopk(x, 2))(xn))[0, 0])
+
+
+def test_dtype_and_sharding_preserved():
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    for dtype in DTYPES.values():
+        x = jax.device_put(jnp.asarray(X, dtype=dtype), sharding)
+        p = tk.dftopk(x, 3)
+        assert p.dtype == dtype and p.shape == x.shape
+        assert p.sharding == x.sharding
+        g = jax.grad(lambda x: tk.dftopk(x, 3).astype(jnp.float32).sum())(x)
+        assert g.dtype == dtype
+
+
+def test_bad_input_errors():
+    x = jnp.asarray(X)
+    with pytest.raises(TypeError, match="k must be an int"):
+        tk.dftopk(x, 2.0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        tk.dftopk(x, jnp.asarray([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="k must satisfy"):
+        tk.dftopk(x, 9)
+    with pytest.raises(TypeError, match="real floating"):
+        tk.dftopk(jnp.arange(8), 2)
+    with pytest.raises(TypeError, match="mask must have dtype bool"):
+        tk.dftopk(x, 2, mask=jnp.ones(X.shape))
+    with pytest.raises(TypeError, match="numpy"):
+        tk.dftopk(x, 2, mask=np.ones(X.shape, bool))
+    with pytest.raises(ValueError, match="tau"):
+        tk.dftopk(x, 2, tau=-1.0)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        jax.jit(lambda x: tk.dftopk(x, jnp.asarray([1, 2])))(x)
+    with pytest.raises(TypeError, match="k must be an int"):
+        jax.jit(lambda x, k: tk.dftopk(x, k))(x, 1.5)
