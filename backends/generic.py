@@ -28,7 +28,7 @@ def _device(x: Any) -> Any:
 def select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
     """k-th and (k+1)-th largest along the last axis, via a full sort."""
     n = x.shape[-1]
-    s = xp.sort(x, axis=-1, descending=True)
+    s = xp.sort(x, axis=-1, descending=True, stable=False)  # ties need no order
     if isinstance(k, int):
         a = sentinel(xp, x, xp.inf) if k == 0 else s[..., k - 1 : k]
         b = sentinel(xp, x, -xp.inf) if k == n else s[..., k : k + 1]

@@ -1,0 +1,478 @@
+"""Machine description, Markdown table, JSON and the log-log plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TARGETS",
+    "fit_slope",
+    "headline",
+    "machine_info",
+    "ratios",
+    "write_json",
+    "write_markdown",
+    "write_plot",
+]
+
+# (backend or "*", baseline operator, baseline mode, comparison, target) for ours fwd+bwd
+TARGETS = (
+    ("torch", "official", "fwd+bwd", ">=", 2.0),
+    ("jax", "official", "fwd+bwd", ">=", 20.0),
+    ("*", "lapsum", "fwd+bwd", ">=", 5.0),
+    ("*", "best_selection", "sel", "<=", 2.0),
+)
+# the floor for "ours <= 2x hard selection": the faster of the library's primitive
+# (``hard``) and topk-core's own selection (``ours_select``; on JAX ``lax.top_k``
+# is a sort on CPU, so the radix select is the best selection the backend has)
+FLOOR_OPS = ("hard", "ours_select")
+SLOPE_MIN_N = 2**16  # below this, per-call overhead dominates and hides the growth rate
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(f for f in flags if f.startswith(("avx", "sse4", "fma")))
+    except OSError:
+        pass
+    return []
+
+
+def machine_info(versions: dict[str, str]) -> dict[str, Any]:
+    """CPU model, cores, memory, OS, Python and library versions, load average."""
+    import numpy
+
+    import topk_core
+
+    mem = None
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    info = {
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "cores": os.cpu_count(),
+        "memory_bytes": mem,
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "numpy": numpy.__version__,
+        "topk_core": topk_core.__version__,
+    }
+    info.update(versions)
+    try:
+        info["loadavg_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def fit_slope(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log(time) against log(n) over ``n >= SLOPE_MIN_N``."""
+    pts = [(math.log(n), math.log(t)) for n, t in points if n >= SLOPE_MIN_N and t > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    if sxx == 0:
+        return None
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+
+
+def _ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "ok"]
+
+
+def _shape_label(batch: int | None, n: int) -> str:
+    return f"{n}" if batch is None else f"{batch}x{n}"
+
+
+def _fmt_ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}"
+
+
+def _fmt_bytes(b: int | None) -> str:
+    if b is None:
+        return "n/a"
+    if b >= 2**20:
+        return f"{b / 2**20:.1f} MiB"
+    if b >= 2**10:
+        return f"{b / 2**10:.1f} KiB"
+    return f"{b} B"
+
+
+def _pick_1d(rows: list[dict], target: int = 1_000_000) -> int | None:
+    ns = sorted({r["n"] for r in rows if r["batch"] is None})
+    if not ns:
+        return None
+    return min(ns, key=lambda n: abs(math.log(n / target)))
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Ours (fwd+bwd and fwd) against every baseline at n closest to 1e6 and at 1024x4096.
+
+    Uses median times of the same run.  ``ratio = baseline / ours`` for the
+    baselines (speed-up, bigger is better) and ``ours / floor`` for ``hard``,
+    ``ours_select`` and ``elementwise`` (cost over the floor, smaller is better).
+    """
+    ok = _ok(rows)
+    out = []
+    index = {
+        (r["backend"], r["dtype"], r["batch"], r["n"], r["kfrac"], r["op"], r["mode"]): r
+        for r in ok
+    }
+    for key in list(index):
+        if key[5] in FLOOR_OPS:
+            floors = [index.get(key[:5] + (op, "sel")) for op in FLOOR_OPS]
+            best = min((f for f in floors if f), key=lambda f: f["median_s"])
+            index[key[:5] + ("best_selection", "sel")] = dict(
+                best, op="best_selection", source=best["op"]
+            )
+    n1 = _pick_1d(ok)
+    shapes = [(None, n1)] if n1 else []
+    if any(r["batch"] == 1024 and r["n"] == 4096 for r in ok):
+        shapes.append((1024, 4096))
+    groups = sorted({(r["backend"], r["dtype"], r["kfrac"]) for r in ok}, key=str)
+    for backend, dtype, kfrac in groups:
+        for batch, n in shapes:
+            for ours_mode in ("fwd+bwd", "fwd"):
+                ours = index.get((backend, dtype, batch, n, kfrac, "ours", ours_mode))
+                if ours is None:
+                    continue
+                for op in (
+                    "official",
+                    "lapsum",
+                    "sort_dftopk",
+                    "hard",
+                    "ours_select",
+                    "best_selection",
+                    "elementwise",
+                ):
+                    mode = ours_mode if op in ("official", "lapsum", "sort_dftopk") else "sel"
+                    base = index.get((backend, dtype, batch, n, kfrac, op, mode))
+                    if base is None:
+                        continue
+                    floor = mode == "sel"
+                    ratio = (
+                        ours["median_s"] / base["median_s"]
+                        if floor
+                        else base["median_s"] / ours["median_s"]
+                    )
+                    ratio_min = (
+                        ours["min_s"] / base["min_s"] if floor else base["min_s"] / ours["min_s"]
+                    )
+                    target = None
+                    if ours_mode == "fwd+bwd":
+                        for tb, top, _tmode, cmp, val in TARGETS:
+                            if top == op.split(" ")[0] and tb in ("*", backend):
+                                target = (cmp, val)
+                    entry = {
+                        "backend": backend,
+                        "dtype": dtype,
+                        "kfrac": kfrac,
+                        "batch": batch,
+                        "n": n,
+                        "ours_mode": ours_mode,
+                        "baseline": (
+                            f"best_selection ({base['source']})" if op == "best_selection" else op
+                        ),
+                        "kind": "ours/floor" if floor else "baseline/ours",
+                        "ratio_median": ratio,
+                        "ratio_min": ratio_min,
+                        "ours_median_s": ours["median_s"],
+                        "baseline_median_s": base["median_s"],
+                    }
+                    if target:
+                        cmp, val = target
+                        entry["target"] = f"{cmp} {val:g}"
+                        entry["met"] = ratio >= val if cmp == ">=" else ratio <= val
+                    out.append(entry)
+    return out
+
+
+def headline(rat: list[dict]) -> list[dict]:
+    """The ratios the issue sets targets for (1-D, k = n/10, fwd+bwd, float32)."""
+    return [
+        r
+        for r in rat
+        if "target" in r and r["batch"] is None and r["dtype"] == "float32" and r["kfrac"] == 0.1
+    ]
+
+
+def _round(obj: Any) -> Any:
+    # 4 significant digits: timing noise here is far larger, and the file stays small
+    if isinstance(obj, float):
+        return float(f"{obj:.4g}")
+    if isinstance(obj, dict):
+        return {k: _round(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """One result row per line, floats to 4 significant digits."""
+    head = {k: _round(v) for k, v in payload.items() if k not in ("results", "ratios")}
+    lines = ["{"]
+    for key, value in head.items():
+        lines.append(f"{json.dumps(key)}: {json.dumps(value, separators=(',', ':'))},")
+    for key in ("ratios", "results"):
+        rows = [json.dumps(_round(r), separators=(",", ":")) for r in payload.get(key, [])]
+        lines.append(f'"{key}": [\n' + ",\n".join(rows) + "\n]" + ("," if key == "ratios" else ""))
+    lines.append("}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _series(rows: list[dict]) -> dict[tuple, list[tuple[int, float]]]:
+    series: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
+    for r in _ok(rows):
+        if r["batch"] is None:
+            key = (r["backend"], r["dtype"], r["kfrac"], r["op"], r["mode"])
+            series[key].append((r["n"], r["median_s"]))
+    for v in series.values():
+        v.sort()
+    return series
+
+
+def slopes(rows: list[dict]) -> dict[str, float]:
+    """Fitted log-log slope per 1-D series, keyed ``backend/dtype/k/op/mode``."""
+    out = {}
+    for key, pts in _series(rows).items():
+        s = fit_slope(pts)
+        if s is not None:
+            out["/".join(str(k) for k in key)] = round(s, 3)
+    return out
+
+
+def write_markdown(path: Path, payload: dict[str, Any], plot_name: str | None) -> None:
+    rows = payload["results"]
+    m = payload["machine"]
+    cfg = payload["config"]
+    lines = [
+        "# topk-core benchmark results",
+        "",
+        f"Command: `{cfg['command']}`",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores"
+        + (f", {m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else "")
+        + f"; {m['os']}; Python {m['python']}; "
+        + ", ".join(f"{k} {m[k]}" for k in ("numpy", "torch", "jax") if k in m)
+        + (f"; torch threads {m['torch_threads']}" if "torch_threads" in m else "")
+        + f"; topk-core {m['topk_core']}.",
+        f"Backends used by topk-core: {cfg.get('backend_names', {})}.",
+        f"Load average at start / end: {m.get('loadavg_start')} / {m.get('loadavg_end')} "
+        "(shared machine: absolute times are noisy; ratios come from the same interleaved run).",
+        f"Timing: {cfg['warmup']} warm-up calls, then up to {cfg['repeats']} rounds in which every "
+        "operator of a shape runs once in turn; times are medians (min in the JSON), ms per call. "
+        "`fwd` runs without an autodiff tape, `fwd+bwd` is the forward plus the gradient for a "
+        "fixed cotangent, `sel` operators have no gradient.",
+        "",
+    ]
+    head = headline(payload["ratios"])
+    if head:
+        lines += [
+            "## Targets (1-D, k = n/10, float32, forward+backward, median of the same run)",
+            "",
+            "| backend | n | vs | ratio | target | met |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in head:
+            what = (
+                f"ours / {r['baseline']}"
+                if r["kind"] == "ours/floor"
+                else f"{r['baseline']} / ours"
+            )
+            lines.append(
+                f"| {r['backend']} | {r['n']} | {what} | {r['ratio_median']:.2f} | "
+                f"{r['target']} | {'yes' if r['met'] else '**no**'} |"
+            )
+        lines.append("")
+    rat = payload["ratios"]
+    if rat:
+        lines += [
+            "## All ratios at n ≈ 1e6 (1-D) and 1024x4096 (median; min-based in brackets)",
+            "",
+            "speed-up = baseline time / ours (bigger is better); "
+            "cost = ours / floor (smaller is better).",
+            "",
+            "| backend | dtype | k | shape | ours | baseline | kind | ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rat:
+            if r["baseline"].startswith("best_selection"):
+                continue  # duplicate of hard or ours_select; shown in the targets table
+            lines.append(
+                f"| {r['backend']} | {r['dtype']} | {r['kfrac']} | "
+                f"{_shape_label(r['batch'], r['n'])} | {r['ours_mode']} | {r['baseline']} | "
+                f"{'cost' if r['kind'] == 'ours/floor' else 'speed-up'} | "
+                f"{r['ratio_median']:.2f} ({r['ratio_min']:.2f}) |"
+            )
+        lines.append("")
+    if plot_name:
+        lines += [f"![time vs n]({plot_name})", ""]
+    slope = payload["slopes"]
+    by_group: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_group[(r["backend"], r["dtype"], r["kfrac"], r["batch"] is None)].append(r)
+    lines += ["## Median ms per call", ""]
+    for (backend, dtype, kfrac, one_d), grp in sorted(by_group.items(), key=str):
+        shapes = sorted({(r["batch"] or 0, r["n"]) for r in grp})
+        title = "1-D" if one_d else "batched"
+        lines += [
+            f"### {backend}, {dtype}, k = {kfrac}·n, {title}",
+            "",
+            "| operator | mode | "
+            + " | ".join(_shape_label(b or None, n) for b, n in shapes)
+            + (" | slope |" if one_d else " |"),
+            "|---|---|" + "---|" * len(shapes) + ("---|" if one_d else ""),
+        ]
+        cells: dict[tuple, dict[tuple, dict]] = defaultdict(dict)
+        for r in grp:
+            cells[(r["op"], r["mode"])][(r["batch"] or 0, r["n"])] = r
+        order = {op: i for i, op in enumerate(cfg["operators_all"])}
+        for (op, mode), by_shape in sorted(
+            cells.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])
+        ):
+            if all(r["status"].startswith("n/a") for r in by_shape.values()):
+                continue
+            vals = []
+            for s in shapes:
+                r = by_shape.get(s)
+                if r is None:
+                    vals.append("")
+                elif r["status"] == "ok":
+                    vals.append(_fmt_ms(r["median_s"]))
+                elif r["status"].startswith("skipped"):
+                    vals.append("skip")
+                else:
+                    vals.append("err" if r["status"].startswith("error") else "n/a")
+            line = f"| {op} | {mode} | " + " | ".join(vals) + " |"
+            if one_d:
+                s = slope.get(f"{backend}/{dtype}/{kfrac}/{op}/{mode}")
+                line += f" {s:.2f} |" if s is not None else " — |"
+            lines.append(line)
+        lines.append("")
+    mem = [
+        r for r in _ok(rows) if r.get("memory") and r["batch"] is None and r["mode"] == "fwd+bwd"
+    ]
+    n1 = _pick_1d(_ok(rows))
+    mem = [r for r in mem if r["n"] == n1]
+    if mem:
+        lines += [
+            f"## Memory, forward+backward, n = {n1} (1-D)",
+            "",
+            "Saved for backward: torch saved-tensor hooks (unique storages, the input "
+            "included) / jax `jax.vjp` residuals. Peak: CUDA max allocated, XLA temp+output "
+            "of the compiled fwd+bwd, or tracemalloc for NumPy; n/a where not reported.",
+            "",
+            "| backend | dtype | k | operator | saved for backward | peak | peak source |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(mem, key=lambda r: (r["backend"], r["dtype"], r["kfrac"], r["op"])):
+            mm = r["memory"]
+            lines.append(
+                f"| {r['backend']} | {r['dtype']} | {r['kfrac']} | {r['op']} | "
+                f"{_fmt_bytes(mm.get('saved_bytes'))} | {_fmt_bytes(mm.get('peak_bytes'))} | "
+                f"{mm.get('peak_kind', '')} |"
+            )
+        lines.append("")
+    bad = [r for r in rows if r["status"].startswith(("error", "skipped"))]
+    if bad:
+        seen = set()
+        lines += ["## Skipped and failed cases", ""]
+        for r in bad:
+            key = (r["backend"], r["dtype"], r["op"], r["mode"], r["status"])
+            if key in seen:
+                continue
+            seen.add(key)
+            lines.append(f"- {r['backend']} {r['dtype']} {r['op']} {r['mode']}: {r['status']}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def write_plot(path: Path, payload: dict[str, Any]) -> bool:
+    """Log-log time vs n (1-D) per backend and k: fwd+bwd and selection lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    series = _series(payload["results"])
+    dtype = "float32" if any(k[1] == "float32" for k in series) else None
+    panels = sorted({(k[0], k[2]) for k in series if dtype is None or k[1] == dtype}, key=str)
+    if not panels:
+        return False
+    backends = sorted({p[0] for p in panels})
+    kfracs = sorted({p[1] for p in panels})
+    fig, axes = plt.subplots(
+        len(kfracs),
+        len(backends),
+        figsize=(5.2 * len(backends), 4.2 * len(kfracs)),
+        squeeze=False,
+        sharex=True,
+    )
+    styles = {"fwd": ":", "fwd+bwd": "-", "sel": "--"}
+    colors = {op: f"C{i}" for i, op in enumerate(payload["config"]["operators_all"])}
+    for i, kf in enumerate(kfracs):
+        for j, be in enumerate(backends):
+            ax = axes[i][j]
+            for key, pts in sorted(series.items(), key=str):
+                if key[0] != be or key[2] != kf or (dtype and key[1] != dtype):
+                    continue
+                if key[4] == "fwd":  # forward-only lines are in the table; keep the plot legible
+                    continue
+                op, mode = key[3], key[4]
+                s = fit_slope(pts)
+                label = f"{op} {mode}" + (f" (slope {s:.2f})" if s is not None else "")
+                ax.loglog(
+                    [p[0] for p in pts],
+                    [p[1] * 1e3 for p in pts],
+                    styles.get(mode, "-"),
+                    color=colors.get(op, "k"),
+                    marker="o",
+                    markersize=3,
+                    label=label,
+                )
+            ax.set_title(f"{be}, k = {kf}·n, {dtype or ''}", fontsize=10)
+            ax.set_xlabel("n")
+            ax.set_ylabel("ms per call (median)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6.5, loc="upper left")
+    fig.suptitle(f"topk-core benchmark — {payload['machine']['cpu']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=60)
+    plt.close(fig)
+    return True

@@ -1,0 +1,251 @@
+"""The benchmark harness: LapSum baseline correctness, parsing, reporting, CLI smoke runs.
+
+No timing is asserted: only that every operator runs, computes what it claims
+and that the outputs (JSON, Markdown, PNG) are written and consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ is run from the checkout, never installed
+
+from benchmarks import cli, lapsum, report  # noqa: E402
+
+
+def _laplace_cdf(z):
+    return np.where(z <= 0, 0.5 * np.exp(np.minimum(z, 0)), 1 - 0.5 * np.exp(-np.maximum(z, 0)))
+
+
+def _bisect_threshold(x, k, alpha):
+    """Independent reference: bisection on the monotone sum of the soft mask."""
+    lo = np.full(x.shape[:-1] + (1,), x.min() - 60 * alpha)
+    hi = np.full(x.shape[:-1] + (1,), x.max() + 60 * alpha)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        s = _laplace_cdf((x - mid) / alpha).sum(-1, keepdims=True)
+        lo = np.where(s > k, mid, lo)
+        hi = np.where(s > k, hi, mid)
+    return (lo + hi) / 2
+
+
+CASES = [
+    (10, 3, 1.0, 1.0),
+    (300, 30, 0.1, 1.0),
+    (300, 150, 5.0, 1.0),
+    (64, 1, 0.01, 1.0),
+    (64, 63, 50.0, 1.0),
+    (40, 20, 1.0, 1000.0),
+]  # last: range >> 600 alpha, exact fallback
+
+
+@pytest.mark.parametrize("n,k,alpha,scale", CASES)
+def test_lapsum_numpy_matches_bisection(rng, n, k, alpha, scale):
+    x = rng.standard_normal((3, n)) * scale
+    p = lapsum.lapsum(np, x, k, alpha)
+    ref = _laplace_cdf((x - _bisect_threshold(x, k, alpha)) / alpha)
+    np.testing.assert_allclose(p, ref, atol=1e-9)
+    np.testing.assert_allclose(p.sum(-1), k, rtol=1e-10)
+
+
+@pytest.mark.parametrize("n,k,alpha,scale", CASES)
+def test_lapsum_vjp_matches_finite_differences(rng, n, k, alpha, scale):
+    x = rng.standard_normal((2, n)) * scale
+    g = rng.standard_normal(x.shape)
+    u = rng.standard_normal(x.shape)
+    eps = 1e-6 * max(alpha, 1e-3)
+    fd = (
+        (lapsum.lapsum(np, x + eps * u, k, alpha) - lapsum.lapsum(np, x - eps * u, k, alpha)) * g
+    ).sum() / (2 * eps)
+    got = (lapsum.lapsum_vjp(np, x, k, g, alpha) * u).sum()
+    assert got == pytest.approx(fd, rel=1e-4, abs=1e-6)
+
+
+def test_lapsum_torch_and_jax_agree_with_numpy(rng):
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    x = rng.standard_normal((4, 500)).astype(np.float32)
+    g = rng.standard_normal((4, 500)).astype(np.float32)
+    k, alpha = 50, 0.5
+    p_ref = lapsum.lapsum(np, x.astype(np.float64), k, alpha)
+    g_ref = lapsum.lapsum_vjp(np, x.astype(np.float64), k, g.astype(np.float64), alpha)
+
+    xt = torch.tensor(x, requires_grad=True)
+    pt = lapsum.lapsum_torch(xt, k, alpha)
+    pt.backward(torch.tensor(g))
+    np.testing.assert_allclose(pt.detach().numpy(), p_ref, atol=2e-6)
+    np.testing.assert_allclose(xt.grad.numpy(), g_ref, atol=2e-6 * np.abs(g_ref).max())
+
+    f = jax.jit(lambda v: jax.vjp(lambda t: lapsum.lapsum_jax(t, k, alpha), v))
+    pj, pull = f(jnp.asarray(x))
+    (gj,) = pull(jnp.asarray(g))
+    np.testing.assert_allclose(np.asarray(pj), p_ref, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(gj), g_ref, atol=2e-6 * np.abs(g_ref).max())
+
+
+def test_lapsum_rejects_bad_k():
+    with pytest.raises(ValueError, match="k must be"):
+        lapsum.lapsum(np, np.arange(4.0), 4)
+    with pytest.raises(ValueError, match="alpha"):
+        lapsum.lapsum(np, np.arange(4.0), 2, 0.0)
+
+
+def test_parse_sizes_and_fractions():
+    assert cli.parse_sizes("2^10,2**4,1e6,1024x4096,100") == [
+        (None, 1024),
+        (None, 16),
+        (None, 1_000_000),
+        (1024, 4096),
+        (None, 100),
+    ]
+    assert cli.parse_fractions("0.1,0.5") == [0.1, 0.5]
+    for bad in ("abc", "1.5e0", "1", "2^x"):
+        with pytest.raises(ValueError, match="--sizes"):
+            cli.parse_sizes(bad)
+    for bad in ("0", "1", "x", ""):
+        with pytest.raises(ValueError, match="--k"):
+            cli.parse_fractions(bad)
+
+
+def _row(backend, op, mode, median, n=1_000_000, kfrac=0.1):
+    return {
+        "backend": backend,
+        "dtype": "float32",
+        "batch": None,
+        "n": n,
+        "kfrac": kfrac,
+        "op": op,
+        "mode": mode,
+        "status": "ok",
+        "median_s": median,
+        "min_s": median,
+    }
+
+
+def test_ratios_and_targets():
+    rows = [
+        _row("torch", "ours", "fwd+bwd", 0.010),
+        _row("torch", "official", "fwd+bwd", 0.030),
+        _row("torch", "lapsum", "fwd+bwd", 0.040),
+        _row("torch", "hard", "sel", 0.004),
+        _row("torch", "ours_select", "sel", 0.006),
+        _row("torch", "ours", "fwd+bwd", 0.5, n=1024),  # other sizes are not the headline
+    ]
+    head = {r["baseline"]: r for r in report.headline(report.ratios(rows))}
+    assert head["official"]["ratio_median"] == pytest.approx(3.0)
+    assert head["official"]["met"] is True
+    assert head["lapsum"]["ratio_median"] == pytest.approx(4.0)
+    assert head["lapsum"]["met"] is False  # target >= 5
+    floor = head["best_selection (hard)"]
+    assert floor["ratio_median"] == pytest.approx(2.5) and floor["met"] is False
+    assert report.fit_slope([(2**16, 1.0), (2**18, 4.0), (2**20, 16.0)]) == pytest.approx(1.0)
+    assert report.fit_slope([(2**10, 1.0), (2**12, 4.0)]) is None  # below SLOPE_MIN_N
+
+
+def _run_cli(tmp_path, *args):
+    env = dict(os.environ, MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
+    env.pop("JAX_ENABLE_X64", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args, "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads((tmp_path / "results.json").read_text())
+    md = (tmp_path / "results.md").read_text()
+    return proc, payload, md
+
+
+def test_cli_smoke_numpy_torch(tmp_path):
+    pytest.importorskip("torch")
+    proc, payload, md = _run_cli(
+        tmp_path,
+        "--backends",
+        "numpy,torch",
+        "--sizes",
+        "2^8,4x64",
+        "--k",
+        "0.1",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+    )
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert "1/4" in proc.stderr  # progress lines
+    rows = payload["results"]
+    for r in rows:
+        if r["backend"] == "numpy" and r["op"] == "official":
+            assert r["status"].startswith("n/a")
+        else:
+            assert r["status"] == "ok", r
+            assert len(r["times_s"]) == 2 and r["median_s"] > 0
+    saved = [
+        r["memory"]["saved_bytes"]
+        for r in rows
+        if r["backend"] == "torch" and r["mode"] == "fwd+bwd" and r["n"] == 256
+    ]
+    assert len(saved) == 4 and all(s >= 256 * 4 for s in saved)  # at least x itself
+    assert payload["machine"]["cores"] >= 1 and "torch" in payload["machine"]
+    assert "## Targets" in md and "| torch | 256 | official / ours |" in md
+    assert {r["baseline"] for r in payload["ratios"] if r["backend"] == "torch"} >= {
+        "official",
+        "lapsum",
+        "sort_dftopk",
+        "hard",
+        "elementwise",
+    }
+
+
+def test_cli_smoke_jax(tmp_path):
+    pytest.importorskip("jax")
+    _, payload, md = _run_cli(
+        tmp_path,
+        "--backends",
+        "jax",
+        "--operators",
+        "ours,lapsum,sort_dftopk,hard",
+        "--modes",
+        "fwd+bwd",
+        "--sizes",
+        "2^7",
+        "--k",
+        "0.5",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--no-plot",
+    )
+    rows = payload["results"]
+    assert [r["status"] for r in rows] == ["ok"] * 4, rows
+    for r in rows:
+        if r["mode"] == "fwd+bwd":
+            assert r["memory"]["saved_bytes"] > 0 and r["memory"]["peak_bytes"] > 0
+    assert not (tmp_path / "plot.png").exists()
+    assert "jax" in md
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    env = dict(os.environ)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--operators", "ours,nope", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--operators" in proc.stderr and "nope" in proc.stderr
