@@ -203,3 +203,19 @@ def test_empty_selection_axis(lib):
     x = np.zeros((3, 0))
     p = tk.dftopk(lib.asarray(x), 0)
     assert lib.to_numpy(p).shape == (3, 0)
+
+
+def test_scalar_k_with_mask_at_the_smallest_row(lib, rng):
+    """k equal to the smallest row's valid count: that row selects all its entries."""
+    x = _data(rng, (3, 6), "float64", ties=True)
+    mask = np.ones((3, 6), dtype=bool)
+    mask[1, :2] = False
+    mask[2, 3:] = False
+    for k in (0, 1, 3):
+        for largest in (True, False):
+            out = tk.dftopk(lib.asarray(x), k, mask=lib.asarray(mask), largest=largest)
+            _check(lib, out, ref_dftopk(x, k, mask=mask, largest=largest), "float64")
+            hard = tk.topk_mask(lib.asarray(x), k, mask=lib.asarray(mask), largest=largest)
+            np.testing.assert_array_equal(
+                lib.to_numpy(hard), ref_topk_mask(x, k, mask=mask, largest=largest)
+            )

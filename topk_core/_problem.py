@@ -37,8 +37,9 @@ class Problem:
     x : array
         Input with the selection axis last, negated when ``largest=False``.
     k : int or array
-        A Python int (same for every row, no mask) or an integer array of shape
-        ``x.shape[:-1] + (1,)`` clipped to ``[0, n_valid]`` per row.
+        A Python int (same for every row, and at most every row's ``n_valid``)
+        or an integer array of shape ``x.shape[:-1] + (1,)`` clipped to
+        ``[0, n_valid]`` per row.
     tau : float or array
         Python float, or an array in the compute dtype broadcasting against
         ``x`` (axis last).
@@ -246,13 +247,18 @@ def prepare(
         else:
             n_valid = n
         if isinstance(k_out, int):
-            k_arr = xp.full(batch + (1,), k_out, dtype=xp.int32, device=device)
+            # with masked entries set to -inf, a scalar k that no row's clipping changes
+            # selects exactly as without a mask: keep it scalar for the backend's fast
+            # path (the check reads values, so only where that is free)
+            keep = backend.eager and bool(xp.all(n_valid >= k_out))
+            k_arr = None if keep else xp.full(batch + (1,), k_out, dtype=xp.int32, device=device)
         else:
             k_arr = k_out
-        k_out = xp.minimum(
-            xp.maximum(k_arr, xp.zeros_like(k_arr)),
-            xp.astype(xp.asarray(n_valid, device=device), k_arr.dtype),
-        )
+        if k_arr is not None:
+            k_out = xp.minimum(
+                xp.maximum(k_arr, xp.zeros_like(k_arr)),
+                xp.astype(xp.asarray(n_valid, device=device), k_arr.dtype),
+            )
 
     pb = Problem(xp, backend, xn, k_out, 1.0, valid, axis, largest, None, device)
     if need_tau:
