@@ -269,9 +269,12 @@ def test_numpy_backend_routes_per_row_k_through_driver(monkeypatch):
     monkeypatch.setattr(numpy_backend, "radix_select_pair", spy)
     x = np.random.default_rng(6).normal(size=(3, 10))
     tk.dftopk(x, np.array([1, 2, 3]))
-    tk.dftopk(x, 2, mask=x > -1.0)
+    short = x > -1.0
+    short[0, 1:] = False  # a row with fewer valid entries than k: k becomes per-row
+    tk.dftopk(x, 2, mask=short)
     assert calls == [8, 8]
     tk.dftopk(x, 2)  # scalar k, no mask: np.partition
+    tk.dftopk(x, 2, mask=np.ones_like(short))  # a mask that clips no row: np.partition too
     assert len(calls) == 2
     assert numpy_backend.digit_bits_for(10**6) == 11
 
