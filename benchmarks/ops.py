@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,28 +139,31 @@ def _select_pair(library: str) -> Callable[..., Any]:
     return fn if fn is not None else generic_select
 
 
-class Driver:
-    """What the harness needs from an array library."""
+class Driver(ABC):
+    """What the harness needs from an array library (one subclass per library)."""
 
     name = "?"
     dtypes: tuple[str, ...] = ()
 
+    @abstractmethod
     def available(self) -> str | None:
         """None if usable, else the reason it is not."""
-        raise NotImplementedError
 
+    @abstractmethod
     def versions(self) -> dict[str, str]:
-        raise NotImplementedError
+        """Versions of the library and its companions, for the JSON."""
 
+    @abstractmethod
     def devices(self, device: str) -> bool:
         """Whether this library can run on ``device`` ("cpu" or "cuda")."""
-        raise NotImplementedError
 
+    @abstractmethod
     def make_input(self, x_np: Any, g_np: Any, dtype: str, device: str) -> tuple[Any, Any]:
-        raise NotImplementedError
+        """Scores and cotangent in the library, dtype and device."""
 
+    @abstractmethod
     def build(self, op: str, mode: str, x: Any, g: Any, k: int, tau: float) -> Case:
-        raise NotImplementedError
+        """The timed callable for one operator and mode."""
 
     def backend_name(self) -> str:
         from topk_core._registry import get_backend
