@@ -79,25 +79,18 @@ def _vjp_from_output(kind, xc, a, b, g, tau, valid, ctx):
 
     ``s = g p (1 - p) / tau`` comes in one pass from the saved output ``p``
     (``aten.sigmoid_backward``) instead of recomputing ``z`` and
-    ``sigmoid_grad(z)`` (about ten passes over x); the tie weights ``w`` come
-    from :func:`topk_core._math.tie_weights`.  Used when ``tau`` needs no
+    ``sigmoid_grad(z)`` (about ten passes over x); the threshold term comes
+    from :func:`topk_core._math.vjp_from_s`.  Used when ``tau`` needs no
     gradient, for float32/float64.  Differentiable to any order: ``w`` is
     locally constant and ``p`` carries its own graph through this Function.
     """
-    zero = torch.zeros((), dtype=xc.dtype, device=xc.device)
     if kind == "probs":
         p = ctx.saved_tensors[5]
         s = torch.ops.aten.sigmoid_backward(g, p.to(xc.dtype))
     else:
         s = g
-    if not (isinstance(tau, float) and tau == 1.0):
-        s = s / tau
-    if valid is not None:
-        s = torch.where(valid, s, zero)
-    total = s.sum(-1, keepdim=True)
-    eq_a, eq_b, wa, wb = _math.tie_weights(_XP, xc, a, b, valid)
-    w_total = _math._apply_w(_XP, eq_a, eq_b, wa.to(s.dtype), wb.to(s.dtype), total)
-    return s - w_total, None
+    _, grad_x = _math.vjp_from_s(_XP, xc, a, b, s, tau, valid)
+    return grad_x, None
 
 
 def _unpack(ctx):

@@ -25,6 +25,7 @@ __all__ = [
     "tie_weights",
     "jvp",
     "vjp",
+    "vjp_from_s",
 ]
 
 
@@ -169,23 +170,32 @@ def vjp(
     for logits).
     """
     zero = xp.asarray(0.0, dtype=z.dtype)
-    if output == "probs":
-        s = g * sigmoid_grad(xp, z)
-    else:
-        s = g
-    if not (isinstance(tau, float) and tau == 1.0):
-        s = s / tau
-    if valid is not None:
-        s = xp.where(valid, s, zero)
-    total = xp.sum(s, axis=-1, keepdims=True)
-    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid)
-    wa = xp.astype(wa, z.dtype)
-    wb = xp.astype(wb, z.dtype)
-    grad_x = s - _apply_w(xp, eq_a, eq_b, wa, wb, total)
+    s = g * sigmoid_grad(xp, z) if output == "probs" else g
+    s, grad_x = vjp_from_s(xp, x, a, b, s, tau, valid)
     # dz/dtau = -z/tau; infinite z (masked, or infinite x) stays infinite whatever tau is,
     # so those entries contribute 0
     t = -s * xp.where(xp.isfinite(z), z, zero)
     return grad_x, t
+
+
+def vjp_from_s(
+    xp: Any, x: Array, a: Array, b: Array, s: Array, tau: float | Array, valid: Array | None
+) -> tuple[Array, Array]:
+    """``grad_x = s - sum(s) * w`` from ``s = g * dout/dz`` (not yet divided by tau).
+
+    Returns ``(s / tau with masked entries 0, grad_x)``.  Split out of :func:`vjp`
+    so that an adapter with a cheaper ``g * p (1 - p)`` (e.g. from a saved output)
+    reuses the threshold term instead of restating it.
+    """
+    if not (isinstance(tau, float) and tau == 1.0):
+        s = s / tau
+    if valid is not None:
+        s = xp.where(valid, s, xp.asarray(0.0, dtype=s.dtype))
+    total = xp.sum(s, axis=-1, keepdims=True)
+    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid)
+    wa = xp.astype(wa, s.dtype)
+    wb = xp.astype(wb, s.dtype)
+    return s, s - _apply_w(xp, eq_a, eq_b, wa, wb, total)
 
 
 def jvp(
