@@ -48,6 +48,12 @@ def forward(pb: Problem, output: Output) -> Array:
     return xp.astype(z, pb.dtype, copy=False)
 
 
+def hard_forward(pb: Problem) -> Array:
+    """Hard top-k mask in the normalised layout, x's dtype (``topk_mask``'s values)."""
+    a, _ = select(pb)
+    return pb.xp.astype(_math.hard_mask(pb.xp, pb.x, a, pb.valid, pb.k), pb.dtype)
+
+
 def _sigmoid(pb: Problem, z: Array) -> Array:
     sig = pb.backend.sigmoid
     return sig(z) if sig is not None else _math.sigmoid(pb.xp, z)
@@ -58,10 +64,24 @@ def _check_output(output: Any) -> None:
         raise ValueError(f"output must be 'probs' or 'logits', got {output!r}")
 
 
-def _run(x, k, tau, axis, mask, largest, output: Output) -> Array:
+def _check_hard(hard: Any, output: Any) -> None:
+    if not isinstance(hard, bool):
+        raise TypeError(f"hard must be a bool, got {type(hard).__name__} {hard!r}")
+    if hard and output == "logits":
+        raise ValueError(
+            "hard=True needs output='probs': the hard forward is the 0/1 top-k mask, "
+            "which replaces p; there are no hard logits"
+        )
+
+
+def _run(x, k, tau, axis, mask, largest, output: Output, hard: bool = False) -> Array:
     pb = prepare(x, k, tau, axis, mask, largest)
     apply = pb.backend.apply
-    out = apply(pb, output) if apply is not None else forward(pb, output)
+    if hard:
+        # straight-through: the mask forward, the soft p's gradient (where autodiff exists)
+        out = apply(pb, output, hard=True) if apply is not None else hard_forward(pb)
+    else:
+        out = apply(pb, output) if apply is not None else forward(pb, output)
     return pb.restore(out)
 
 
@@ -73,6 +93,7 @@ def dftopk(
     axis: int = -1,
     mask: Array | None = None,
     largest: bool = True,
+    hard: bool = False,
 ) -> Array:
     """Differentiable top-k membership probabilities (DFTopK).
 
@@ -100,11 +121,19 @@ def dftopk(
         influence the threshold.
     largest : bool, default True
         Select the k largest (True) or the k smallest (False).
+    hard : bool, default False
+        Straight-through: return the hard top-k mask (:func:`topk_mask`'s
+        values: ``min(k, n_valid)`` ones per row, ties by lower index) while
+        autodiff frameworks (PyTorch, JAX) differentiate it as the soft ``p``
+        at the same ``x``, ``k``, ``tau``.  Forward and backward share one
+        selection.  Without autodiff (NumPy, CuPy) use :func:`dftopk_vjp` or
+        :func:`dftopk_and_vjp` with ``hard=True``.
 
     Returns
     -------
     array
-        ``p`` in ``[0, 1]``, same library, device, shape and dtype as ``x``.
+        ``p`` in ``[0, 1]`` (the 0/1 mask for ``hard=True``), same library,
+        device, shape and dtype as ``x``.
 
     Examples
     --------
@@ -113,8 +142,11 @@ def dftopk(
     >>> p = dftopk(np.array([4.0, 1.0, 3.0, 2.0]), 2, tau=0.5)
     >>> np.round(p, 3)
     array([0.953, 0.047, 0.731, 0.269])
+    >>> dftopk(np.array([4.0, 1.0, 3.0, 3.0]), 2, tau=0.5, hard=True)
+    array([1., 0., 1., 0.])
     """
-    return _run(x, k, tau, axis, mask, largest, "probs")
+    _check_hard(hard, "probs")
+    return _run(x, k, tau, axis, mask, largest, "probs", hard)
 
 
 def dftopk_logits(
@@ -192,7 +224,9 @@ def topk_mask(
     """Hard top-k indicator: exactly ``min(k, n_valid)`` ones per row.
 
     Ties at the k-th value are broken by lower index first, so the result is
-    deterministic on every backend.  Not differentiable; use it for labels.
+    deterministic on every backend.  NaN ranks above ``+inf``.  Not
+    differentiable; use it for labels (or ``dftopk(..., hard=True)`` for a
+    straight-through forward).
 
     Returns
     -------
@@ -207,20 +241,7 @@ def topk_mask(
     array([0., 1., 0., 0.])
     """
     pb = prepare(x, k, None, axis, mask, largest, need_tau=False)
-    xp = pb.xp
-    a, _ = select(pb)
-    xn = pb.x
-    gt = xn > a
-    eq = xn == a
-    if pb.valid is not None:
-        gt = gt & pb.valid
-        eq = eq & pb.valid
-    n_gt = xp.sum(xp.astype(gt, xp.int32), axis=-1, keepdims=True)
-    rank = xp.cumulative_sum(xp.astype(eq, xp.int32), axis=-1)
-    k = pb.k
-    need = (k if isinstance(k, int) else xp.astype(k, xp.int32)) - n_gt
-    sel = gt | (eq & (rank <= need))
-    return pb.restore(xp.astype(sel, pb.dtype))
+    return pb.restore(hard_forward(pb))
 
 
 def _tangent_problem(x, k, tau, axis, mask, largest, output) -> tuple[Problem, Array, Array, Array]:
@@ -246,6 +267,7 @@ def dftopk_vjp(
     mask: Array | None = None,
     largest: bool = True,
     output: Output = "probs",
+    hard: bool = False,
 ) -> tuple[Array, Array]:
     """Closed-form vector-Jacobian product of :func:`dftopk` (O(n), no autodiff).
 
@@ -261,6 +283,9 @@ def dftopk_vjp(
         ``g``, the gradient of a scalar loss with respect to the output; x's shape.
     output : {"probs", "logits"}, default "probs"
         Differentiate :func:`dftopk` or :func:`dftopk_logits`.
+    hard : bool, default False
+        The VJP of ``dftopk(..., hard=True)``: the same gradient, that of the
+        soft ``p`` (straight-through).  Only with ``output="probs"``.
 
     Returns
     -------
@@ -277,6 +302,7 @@ def dftopk_vjp(
     >>> np.round(gx, 4)
     array([ 0.1491,  0.    , -0.0746, -0.0746])
     """
+    _check_hard(hard, output)
     pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output)
     return _vjp(pb, xc, a, b, z, cotangent, output, tau)
 
@@ -301,6 +327,7 @@ def dftopk_and_vjp(
     mask: Array | None = None,
     largest: bool = True,
     output: Output = "probs",
+    hard: bool = False,
 ) -> tuple[Array, Callable[[Array], tuple[Array, Array]]]:
     """Forward and a VJP function sharing one selection (like ``jax.vjp``).
 
@@ -314,11 +341,16 @@ def dftopk_and_vjp(
         As in :func:`dftopk`.
     output : {"probs", "logits"}, default "probs"
         Return (and differentiate) :func:`dftopk` or :func:`dftopk_logits`.
+    hard : bool, default False
+        Straight-through: return the hard top-k mask (as ``dftopk(...,
+        hard=True)``) from the same selection; ``vjp`` stays the soft ``p``'s.
+        Only with ``output="probs"``.
 
     Returns
     -------
     out : array
-        ``p`` (or ``z``), as :func:`dftopk` (or :func:`dftopk_logits`) returns it.
+        ``p`` (or ``z``, or the mask), as :func:`dftopk` (or :func:`dftopk_logits`)
+        returns it.
     vjp : callable
         ``vjp(cotangent) -> (grad_x, grad_tau)``, as :func:`dftopk_vjp` returns them.
 
@@ -330,10 +362,16 @@ def dftopk_and_vjp(
     >>> grad_x, grad_tau = vjp(np.array([1.0, 0, 0, 0]))
     >>> np.round(grad_x, 4)
     array([ 0.1491,  0.    , -0.0746, -0.0746])
+    >>> m, vjp = dftopk_and_vjp(np.array([4.0, 1.0, 3.0, 2.0]), 2, hard=True)
+    >>> m
+    array([1., 0., 1., 0.])
+    >>> np.round(vjp(np.array([1.0, 0, 0, 0]))[0], 4)
+    array([ 0.1491,  0.    , -0.0746, -0.0746])
     """
+    _check_hard(hard, output)
     pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output)
     xp = pb.xp
-    out = z if output == "logits" else _sigmoid(pb, z)
+    out = _primal(pb, xc, a, z, output, hard)
     out = pb.restore(xp.astype(out, pb.dtype))
 
     def vjp(cotangent: Array) -> tuple[Array, Array]:
@@ -353,6 +391,7 @@ def dftopk_jvp(
     mask: Array | None = None,
     largest: bool = True,
     output: Output = "probs",
+    hard: bool = False,
 ) -> tuple[Array, Array]:
     """Closed-form Jacobian-vector product of :func:`dftopk` (O(n), no autodiff).
 
@@ -366,11 +405,14 @@ def dftopk_jvp(
         Perturbation of ``tau`` (tau's shape).  None means 0.
     output : {"probs", "logits"}, default "probs"
         Differentiate :func:`dftopk` or :func:`dftopk_logits`.
+    hard : bool, default False
+        Straight-through: the primal is the hard top-k mask, the tangent the
+        soft ``p``'s.  Only with ``output="probs"``.
 
     Returns
     -------
     out : array
-        The primal output (``p``, or ``z`` for logits).
+        The primal output (``p``, ``z`` for logits, the mask for ``hard=True``).
     d_out : array
         Its directional derivative, x's shape and dtype.
 
@@ -382,6 +424,7 @@ def dftopk_jvp(
     >>> np.round(dp, 4)
     array([0.1491, 0.    , 0.    , 0.    ])
     """
+    _check_hard(hard, output)
     pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output)
     xp = pb.xp
     u = pb.in_layout(tangent, "tangent")
@@ -391,11 +434,18 @@ def dftopk_jvp(
     if tau_tangent is not None:
         dtau = _tau_tangent(pb, tau_tangent)
     d = _math.jvp(xp, xc, a, b, z, u, pb.tau, dtau, pb.valid, output)
-    out = z if output == "logits" else _sigmoid(pb, z)
+    out = _primal(pb, xc, a, z, output, hard)
     return (
         pb.restore(xp.astype(out, pb.dtype)),
         pb.restore(xp.astype(d, pb.dtype)),
     )
+
+
+def _primal(pb: Problem, xc: Array, a: Array, z: Array, output: Output, hard: bool) -> Array:
+    """The forward value next to a tangent: ``z``, ``p``, or the hard mask (same ``a``)."""
+    if hard:
+        return _math.hard_mask(pb.xp, xc, a, pb.valid, pb.k)
+    return z if output == "logits" else _sigmoid(pb, z)
 
 
 def _tau_tangent(pb: Problem, tau_tangent: Any) -> Any:

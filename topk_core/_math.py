@@ -18,6 +18,7 @@ Array = Any
 
 __all__ = [
     "compute_dtype",
+    "hard_mask",
     "logits",
     "sigmoid",
     "sigmoid_grad",
@@ -229,3 +230,32 @@ def jvp(
     if output == "probs":
         return sigmoid_grad(xp, z) * dz
     return dz
+
+
+def hard_mask(xp: Any, x: Array, a: Array, valid: Array | None, k: int | Array) -> Array:
+    """Hard top-k indicator (bool) from the k-th largest valid value ``a``.
+
+    Selects the valid entries above ``a``, then the valid entries equal to
+    ``a`` by lower index first until ``k`` (a Python int or an integer array
+    of shape ``x.shape[:-1] + (1,)``, already clipped to ``[0, n_valid]``)
+    are selected: exactly ``k`` per row.  NaN ranks above ``+inf``, as in the
+    backends' selection: a NaN entry counts as above a non-NaN ``a`` (except
+    for ``k = 0``, whose ``a`` is the ``+inf`` sentinel) and as equal to a
+    NaN ``a``.  The same ``a`` gives DFTopK's threshold, so a hard forward
+    and the soft gradient share one selection.
+    """
+    nan_x = xp.isnan(x)
+    nan_a = xp.isnan(a)
+    above_nan = nan_x & ~nan_a
+    if isinstance(k, int):
+        gt = (x > a) | above_nan if k > 0 else x > a
+    else:
+        gt = (x > a) | (above_nan & (k > 0))
+    eq = (x == a) | (nan_x & nan_a)
+    if valid is not None:
+        gt = gt & valid
+        eq = eq & valid
+    n_gt = xp.sum(xp.astype(gt, xp.int32), axis=-1, keepdims=True)
+    rank = xp.cumulative_sum(xp.astype(eq, xp.int32), axis=-1)
+    need = (k if isinstance(k, int) else xp.astype(k, xp.int32)) - n_gt
+    return gt | (eq & (rank <= need))

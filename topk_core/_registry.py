@@ -46,6 +46,9 @@ class Backend:
         ``apply(problem, output) -> array``: an autodiff-aware implementation
         of the forward (``output`` is ``"probs"`` or ``"logits"``), used by
         frameworks whose gradients must flow through ``topk_core.dftopk``.
+        ``dftopk(..., hard=True)`` calls ``apply(problem, "probs", hard=True)``:
+        the forward returns the hard top-k mask
+        (:func:`topk_core._math.hard_mask`) and its derivative is the soft ``p``'s.
     compute_dtype : callable, optional
         ``compute_dtype(xp, dtype) -> dtype`` for the elementwise math; the
         default computes float16/bfloat16 in float32.
