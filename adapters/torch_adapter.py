@@ -112,6 +112,9 @@ class _DFTopKNoJvp(torch.autograd.Function):
     def forward(x, tau, k, valid, output):
         xm = x if valid is None else torch.where(valid, x, -math.inf)
         a, b = select_pair(_XP, xm, k)
+        if output == "hard":
+            # straight-through: the mask from this a; backward recomputes z from x, a, b
+            return _math.hard_mask(_XP, x, a, valid, k).to(x.dtype), a, b
         cdt = _math.compute_dtype(_XP, x.dtype)
         xc = x.to(cdt)
         z = _math.logits(_XP, xc, a.to(cdt), b.to(cdt), tau, valid, eager=host_ok(x))
@@ -123,12 +126,14 @@ class _DFTopKNoJvp(torch.autograd.Function):
         x, tau, _k, valid, kind = inputs
         out, a, b = output
         ctx.mark_non_differentiable(a, b)
-        ctx.kind = kind
+        # "hard": the mask forward, differentiated as "probs"
+        ctx.hard = kind == "hard"
+        ctx.kind = "probs" if ctx.hard else kind
         tau_t = tau if isinstance(tau, torch.Tensor) else None
         ctx.tau_float = None if tau_t is not None else float(tau)
         # x and the mask are inputs and ``out`` is the output (no new memory);
         # a and b are one value per row
-        ctx.save_for_backward(x, tau_t, valid, a, b, out)
+        ctx.save_for_backward(x, tau_t, valid, a, b, None if ctx.hard else out)
         ctx.save_for_forward(x, tau_t, valid, a, b)
 
     @staticmethod
@@ -136,7 +141,8 @@ class _DFTopKNoJvp(torch.autograd.Function):
         x, xc, tau, valid, a, b = _unpack(ctx)
         g = grad_out.to(xc.dtype)
         tau_grad = isinstance(tau, torch.Tensor) and ctx.needs_input_grad[1]
-        if tau_grad or x.dtype not in (torch.float32, torch.float64):
+        # the hard forward saved no p: recompute z (same selection, still O(n))
+        if tau_grad or ctx.hard or x.dtype not in (torch.float32, torch.float64):
             grad_x, grad_tau = _vjp_from_z(ctx.kind, xc, a, b, g, tau, valid, tau_grad)
         else:
             grad_x, grad_tau = _vjp_from_output(ctx.kind, xc, a, b, g, tau, valid, ctx)
@@ -151,8 +157,10 @@ class DFTopKFunction(_DFTopKNoJvp):
     axis last (negated already for ``largest=False``), ``tau`` is a float or a
     tensor broadcasting against ``x`` in the compute dtype, ``k`` a Python int
     or an integer tensor of shape ``x.shape[:-1] + (1,)`` in ``[0, n_valid]``,
-    ``valid`` a bool tensor like ``x`` or None, ``output`` ``"probs"`` or
-    ``"logits"``.  ``a``/``b`` (k-th and (k+1)-th largest, per row) are
+    ``valid`` a bool tensor like ``x`` or None, ``output`` ``"probs"``,
+    ``"logits"`` or ``"hard"`` (straight-through: the forward is the hard
+    top-k mask from the same selection, the derivatives are those of
+    ``"probs"``).  ``a``/``b`` (k-th and (k+1)-th largest, per row) are
     returned for saving and are not differentiable.  Use
     :func:`topk_core.dftopk` rather than calling this directly.
 
@@ -182,7 +190,7 @@ class DFTopKFunction(_DFTopKNoJvp):
         return d.to(x.dtype), None, None
 
 
-def apply_problem(pb: Any, output: str) -> torch.Tensor:
+def apply_problem(pb: Any, output: str, hard: bool = False) -> torch.Tensor:
     """The torch backend's ``apply`` hook: DFTopK of a normalised problem.
 
     Parameters
@@ -192,6 +200,9 @@ def apply_problem(pb: Any, output: str) -> torch.Tensor:
         ``largest=False``; autograd tracks those moves).
     output : {"probs", "logits"}
         Which output to compute.
+    hard : bool, default False
+        Return the hard top-k mask, differentiated as ``"probs"``
+        (straight-through; needs ``output="probs"``).
 
     Returns
     -------
@@ -209,7 +220,7 @@ def apply_problem(pb: Any, output: str) -> torch.Tensor:
     # Dynamo cannot trace an autograd.Function with a custom jvp; forward AD
     # does not exist inside torch.compile anyway
     fn = _DFTopKNoJvp if torch.compiler.is_compiling() else DFTopKFunction
-    out, _, _ = fn.apply(pb.x, pb.tau, pb.k, pb.valid, output)
+    out, _, _ = fn.apply(pb.x, pb.tau, pb.k, pb.valid, "hard" if hard else output)
     return out
 
 
@@ -246,6 +257,10 @@ class SoftTopK(nn.Module):
     output : {"probs", "logits"}, default "probs"
         Return probabilities, or the logits ``(x - theta) / tau`` for a
         ``BCEWithLogitsLoss``.
+    hard : bool, default False
+        Straight-through: return the hard top-k mask (exactly ``min(k,
+        n_valid)`` ones per row), differentiated as the soft probabilities.
+        Needs ``output="probs"``.
 
     Examples
     --------
@@ -270,6 +285,7 @@ class SoftTopK(nn.Module):
         axis: int = -1,
         largest: bool = True,
         output: str = "probs",
+        hard: bool = False,
     ) -> None:
         super().__init__()
         self.k = _check_k(k)
@@ -285,6 +301,11 @@ class SoftTopK(nn.Module):
             raise TypeError(f"largest must be a bool, got {type(largest).__name__} {largest!r}")
         if output not in ("probs", "logits"):
             raise ValueError(f"output must be 'probs' or 'logits', got {output!r}")
+        if not isinstance(hard, bool):
+            raise TypeError(f"hard must be a bool, got {type(hard).__name__} {hard!r}")
+        if hard and output != "probs":
+            raise ValueError("hard=True needs output='probs' (the mask replaces p)")
+        self.hard = hard
         self.learnable_tau = learnable_tau
         self.axis = int(axis)
         self.largest = largest
@@ -327,9 +348,11 @@ class SoftTopK(nn.Module):
         """
         from topk_core import dftopk, dftopk_logits
 
-        fn = dftopk if self.output == "probs" else dftopk_logits
         k = self.k if k is None else k
-        return fn(x, k, tau=self.tau, axis=self.axis, mask=mask, largest=self.largest)
+        kw = dict(tau=self.tau, axis=self.axis, mask=mask, largest=self.largest)
+        if self.output == "logits":
+            return dftopk_logits(x, k, **kw)
+        return dftopk(x, k, hard=self.hard, **kw)
 
     def hard_mask(
         self,
@@ -354,4 +377,4 @@ class SoftTopK(nn.Module):
         return (
             f"k={self.k}, tau={tau}, learnable_tau={self.learnable_tau}, axis={self.axis}, "
             f"largest={self.largest}, output={self.output!r}"
-        )
+        ) + (", hard=True" if self.hard else "")

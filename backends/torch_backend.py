@@ -385,11 +385,11 @@ def _sigmoid(z: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(z)
 
 
-def _apply(pb: Any, output: str) -> Any:
+def _apply(pb: Any, output: str, hard: bool = False) -> Any:
     # the autograd hook lives in the adapter; imported lazily to keep this module light
     from topk_core.adapters.torch_adapter import apply_problem
 
-    return apply_problem(pb, output)
+    return apply_problem(pb, output, hard=hard)
 
 
 BACKEND = Backend(name="torch", select_pair=select_pair, sigmoid=_sigmoid, apply=_apply)

@@ -173,3 +173,175 @@ def test_hard_argument_errors():
         tk.dftopk(x, 4, hard=True)
     with pytest.raises(ValueError, match="output must be"):
         tk.dftopk_vjp(x, 1, g, output="nope", hard=True)
+
+
+# ---------------------------------------------------------------------------
+# PyTorch: autograd, double backward, torch.func, torch.compile, SoftTopK
+
+TORCH_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _torch_case(torch, rng, case, dtype, tau_tensor):
+    shape, axis, k, use_mask, largest = case
+    x, k, mask = _case(rng, shape, axis, k, use_mask)
+    x = x + 0.25 * rng.integers(0, 2, size=shape)  # keep some ties at the k-th value
+    tdt = getattr(torch, dtype)
+    xt = torch.tensor(x, dtype=torch.float64).to(tdt)
+    kt = k if isinstance(k, int) else torch.as_tensor(k)
+    mt = None if mask is None else torch.as_tensor(mask)
+    if tau_tensor:
+        tau = torch.full(shape[: axis % len(shape)] + (1,), 0.7, dtype=tdt)
+        tau = tau.reshape(tau.shape + (1,) * (len(shape) - tau.ndim))
+    else:
+        tau = 0.7
+    return xt, kt, tau, dict(axis=axis, mask=mt, largest=largest), k, mask
+
+
+@pytest.mark.parametrize("tau_tensor", [False, True], ids=["tau-float", "tau-tensor"])
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_torch_hard_autograd_is_the_soft_gradient(rng, case, tau_tensor):
+    torch = pytest.importorskip("torch")
+    for dtype in TORCH_DTYPES:
+        xt, kt, tau, kw, k, mask = _torch_case(torch, rng, case, dtype, tau_tensor)
+        g = torch.randn(xt.shape, generator=torch.Generator().manual_seed(3), dtype=xt.dtype)
+        grads = []
+        for hard in (True, False):
+            xi = xt.clone().requires_grad_()
+            ti = tau.clone().requires_grad_() if tau_tensor else tau
+            out = tk.dftopk(xi, kt, tau=ti, hard=hard, **kw)
+            assert out.dtype == xt.dtype
+            if hard:
+                torch.testing.assert_close(out, tk.topk_mask(xt, kt, **kw), atol=0, rtol=0)
+            (out * g).sum().backward()
+            grads.append((xi.grad, ti.grad if tau_tensor else None))
+        (hx, ht), (sx, st) = grads
+        atol = tol(dtype)
+        torch.testing.assert_close(hx, sx, atol=atol, rtol=0)
+        if tau_tensor:
+            torch.testing.assert_close(ht, st, atol=atol * max(1.0, st.abs().max()), rtol=0)
+        if dtype == "float64":
+            tau_np = tau.numpy() if tau_tensor else tau
+            gx, _ = tk.dftopk_vjp(
+                xt.numpy(), k, g.numpy(), tau=tau_np, hard=True, **{**kw, "mask": mask}
+            )
+            np.testing.assert_allclose(hx.numpy(), gx, atol=1e-12, rtol=0)
+
+
+def test_torch_hard_double_backward_is_the_soft_one(rng):
+    torch = pytest.importorskip("torch")
+    x = torch.tensor(rng.standard_normal((3, 9)))
+    x[:, :2] = 0.3  # a tie at the threshold in some rows
+    g = torch.tensor(rng.standard_normal((3, 9)))
+    v = torch.tensor(rng.standard_normal((3, 9)))
+    mask = torch.tensor(rng.random((3, 9)) > 0.2)
+    tau = torch.tensor([[0.5], [1.0], [2.0]], dtype=torch.float64)
+    results = []
+    for hard in (True, False):
+        xi = x.clone().requires_grad_()
+        ti = tau.clone().requires_grad_()
+        out = tk.dftopk(xi, 4, tau=ti, mask=mask, hard=hard)
+        gx, gt = torch.autograd.grad((out * g).sum(), (xi, ti), create_graph=True)
+        results.append(torch.autograd.grad((gx * v).sum() + gt.sum(), (xi, ti)))
+    for h, s in zip(*results):
+        torch.testing.assert_close(h, s, atol=1e-12, rtol=0)
+
+
+def test_torch_func_hard_transforms(rng):
+    torch = pytest.importorskip("torch")
+    x_np = rng.standard_normal((3, 7))
+    u_np = rng.standard_normal((3, 7))
+    x, u = torch.tensor(x_np), torch.tensor(u_np)
+
+    def f(hard):
+        return lambda r: tk.dftopk(r, 3, tau=0.6, hard=hard)
+
+    want_mask = tk.topk_mask(x, 3)
+    out, pull = torch.func.vjp(f(True), x)
+    torch.testing.assert_close(out, want_mask, atol=0, rtol=0)
+    gx_spec, _ = tk.dftopk_vjp(x_np, 3, u_np, tau=0.6, hard=True)
+    np.testing.assert_allclose(pull(u)[0].numpy(), gx_spec, atol=1e-12)
+    g = torch.func.grad(lambda r: (f(True)(r) * u).sum())(x)
+    np.testing.assert_allclose(g.numpy(), gx_spec, atol=1e-12)
+    p, dp = torch.func.jvp(f(True), (x,), (u,))
+    m_spec, dp_spec = tk.dftopk_jvp(x_np, 3, u_np, tau=0.6, hard=True)
+    np.testing.assert_array_equal(p.numpy(), m_spec)
+    np.testing.assert_allclose(dp.numpy(), dp_spec, atol=1e-12)
+    jac_soft = torch.func.jacrev(f(False))(x)
+    for jac in (torch.func.jacrev(f(True)), torch.func.jacfwd(f(True))):
+        torch.testing.assert_close(jac(x), jac_soft, atol=1e-12, rtol=0)
+    ks = torch.tensor([1, 0, 7])
+    vk = torch.func.vmap(lambda r, kk: tk.dftopk(r, kk, tau=0.6, hard=True))(x, ks)
+    torch.testing.assert_close(vk, tk.topk_mask(x, ks), atol=0, rtol=0)
+    c = torch.tensor(rng.standard_normal((3, 7)))
+    hess = [torch.func.hessian(lambda r, h=h: (f(h)(r) * c).sum())(x) for h in (True, False)]
+    torch.testing.assert_close(hess[0], hess[1], atol=1e-12, rtol=0)
+
+
+def test_torch_compile_hard_fullgraph_aot_eager():
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(20251011)
+    x = torch.randn(4, 8, generator=gen).round(decimals=1).requires_grad_()
+    mask = torch.arange(8) < 6
+    k = torch.tensor([0, 2, 3, 6])
+    tk.dftopk(x.detach(), 1)  # registry warm-up, as in test_torch
+    f = torch.compile(
+        lambda x: tk.dftopk(x, k, tau=0.5, mask=mask, hard=True),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    g = torch.randn(4, 8, generator=gen)
+    y = f(x)
+    (y * g).sum().backward()
+    gc = x.grad.clone()
+    x.grad = None
+    y0 = tk.dftopk(x, k, tau=0.5, mask=mask, hard=True)
+    (y0 * g).sum().backward()
+    torch.testing.assert_close(y, tk.topk_mask(x.detach(), k, mask=mask), atol=0, rtol=0)
+    torch.testing.assert_close(y, y0, atol=0, rtol=0)
+    torch.testing.assert_close(gc, x.grad)
+
+
+def test_torch_soft_topk_module_hard():
+    torch = pytest.importorskip("torch")
+    from topk_core.adapters.torch_adapter import SoftTopK
+
+    layer = SoftTopK(2, tau=0.5, learnable_tau=True, hard=True)
+    assert repr(layer).endswith("output='probs', hard=True)")
+    assert "hard" not in repr(SoftTopK(2))
+    x = torch.tensor([[4.0, 1.0, 3.0, 3.0], [0.0, 1.0, 2.0, 3.0]], requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, torch.tensor([[1.0, 0, 1, 0], [0, 0, 1, 1]]), atol=0, rtol=0)
+    (y[:, 0] - y[:, 3]).sum().backward()
+    soft = SoftTopK(2, tau=0.5, learnable_tau=True)
+    x2 = x.detach().clone().requires_grad_()
+    p = soft(x2)
+    (p[:, 0] - p[:, 3]).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer.log_tau.grad, soft.log_tau.grad)
+    # a per-call k and a mask reach the hard forward too
+    m = torch.tensor([[True, True, False, True], [True, True, True, True]])
+    torch.testing.assert_close(
+        layer(x, mask=m, k=torch.tensor([3, 1])), torch.tensor([[1.0, 1, 0, 1], [0, 0, 0, 1]])
+    )
+    with pytest.raises(ValueError, match="hard=True needs output='probs'"):
+        SoftTopK(2, output="logits", hard=True)
+    with pytest.raises(TypeError, match="hard must be a bool"):
+        SoftTopK(2, hard=1)
+
+
+@pytest.mark.slow
+def test_torch_compile_hard_fullgraph_inductor_module():
+    torch = pytest.importorskip("torch")
+    from topk_core.adapters.torch_adapter import SoftTopK
+
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(20251011), requires_grad=True)
+    tk.dftopk(x.detach(), 1)
+    layer = SoftTopK(3, tau=0.5, learnable_tau=True, hard=True)
+    y = torch.compile(layer, fullgraph=True)(x)
+    y.sum().backward()
+    ref_layer = SoftTopK(3, tau=0.5, learnable_tau=True, hard=True)
+    x2 = x.detach().requires_grad_()
+    ref_layer(x2).sum().backward()
+    torch.testing.assert_close(y, tk.topk_mask(x.detach(), 3), atol=0, rtol=0)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer.log_tau.grad, ref_layer.log_tau.grad)
