@@ -20,6 +20,10 @@ Two rules:
   differentiate the selection or the infinite-value branches of
   :func:`topk_core._math.logits`, so they are NaN-free for infinite inputs.
 
+Straight-through (``dftopk(..., hard=True)``): ``output = "hard"`` makes the
+primal the hard top-k mask (:func:`topk_core._math.hard_mask`, from the same
+``a``) while the tangent stays that of ``"probs"``.
+
 ``k`` (a Python int) and ``output`` are static; a per-row ``k`` array and the
 mask are ordinary (integer / boolean, hence non-differentiable) arguments, and
 an array ``tau`` is differentiable.
@@ -78,7 +82,11 @@ def _forward(static: tuple, x: Any, tau: Any, k_arr: Any, valid: Any):
     b = b.astype(cdt)
     t = 1.0 if tau is None else tau  # None: tau = 1, the division is skipped
     z = _math.logits(jnp, xc, a, b, t, valid)
-    out = _math.sigmoid(jnp, z) if output == "probs" else z
+    if output == "hard":
+        # z is still needed by the JVP rule; a primal-only jit drops it
+        out = _math.hard_mask(jnp, xc, a, valid, k_static if k_arr is None else k_arr)
+    else:
+        out = _math.sigmoid(jnp, z) if output == "probs" else z
     return out.astype(x.dtype), (xc, a, b, z, t)
 
 
@@ -91,6 +99,10 @@ def _core_jvp(static, primals, tangents):
     x, tau, k_arr, valid = primals
     dx, dtau = tangents[0], tangents[1]
     out, (xc, a, b, z, t) = _forward(static, x, tau, k_arr, valid)
+    kind = static[1]
+    if kind == "hard":
+        kind = "probs"
+        out = out + _straight_through_zero(z).astype(out.dtype)
     cdt = xc.dtype
     u = jnp.zeros_like(xc) if isinstance(dx, SymbolicZero) else dx.astype(cdt)
     dt = None
@@ -98,20 +110,33 @@ def _core_jvp(static, primals, tangents):
         dt = dtau.astype(cdt)
     if isinstance(dx, SymbolicZero) and dt is None:
         return out, jnp.zeros_like(out)
-    d = _math.jvp(jnp, xc, a, b, z, u, t, dt, valid, static[1])
+    d = _math.jvp(jnp, xc, a, b, z, u, t, dt, valid, kind)
     return out, d.astype(x.dtype)
+
+
+def _straight_through_zero(z: Any) -> Any:
+    """Exactly 0 with the derivative of ``p = sigmoid(z)``.
+
+    Added to the hard primal inside the JVP rule, so that a transformation
+    differentiating that primal again (e.g. ``grad`` of an inner ``jvp``'s
+    output) also sees the soft ``p``; 0 where ``p`` is NaN, to keep the mask.
+    """
+    p = _math.sigmoid(jnp, z)
+    delta = p - jax.lax.stop_gradient(p)
+    return jnp.where(jnp.isnan(delta), jnp.zeros_like(delta), delta)
 
 
 _core.defjvp(_core_jvp, symbolic_zeros=True)
 
 
-def apply(pb: Any, output: str) -> Any:
+def apply(pb: Any, output: str, hard: bool = False) -> Any:
     """Differentiable DFTopK forward for a normalised :class:`topk_core._problem.Problem`.
 
     ``pb.x`` has the selection axis last (negated for ``largest=False``, with
     jnp ops, so JAX differentiates that part itself).  Works when ``pb.x``,
     ``pb.tau``, ``pb.k`` or ``pb.valid`` are tracers.  Returns ``p`` (or the
-    logits for ``output="logits"``) in the normalised layout and x's dtype.
+    logits for ``output="logits"``; for ``hard=True`` the hard top-k mask,
+    differentiated as ``p``) in the normalised layout and x's dtype.
 
     Examples
     --------
@@ -129,7 +154,8 @@ def apply(pb: Any, output: str) -> Any:
     if isinstance(tau, float):
         # a traced scalar, not a static one: a tau schedule must not recompile
         tau = None if tau == 1.0 else jnp.asarray(tau, dtype=_compute_dtype(pb.x.dtype))
-    return _core_jit((k_static, output), pb.x, tau, k_arr, pb.valid)
+    kind = "hard" if hard else output
+    return _core_jit((k_static, kind), pb.x, tau, k_arr, pb.valid)
 
 
 # compiled once per static signature and shape: eager calls run one program;

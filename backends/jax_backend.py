@@ -122,11 +122,11 @@ _select_static_k = jax.jit(_radix, static_argnums=1)
 _select_array_k = jax.jit(_radix)
 
 
-def _apply(pb: Any, output: str) -> Any:
+def _apply(pb: Any, output: str, hard: bool = False) -> Any:
     # imported lazily: the adapter imports this module for select_pair
     from topk_core.adapters.jax_adapter import apply
 
-    return apply(pb, output)
+    return apply(pb, output, hard=hard)
 
 
 BACKEND = Backend(

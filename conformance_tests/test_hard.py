@@ -34,6 +34,21 @@ CASES = [
 ]
 
 
+# JAX compiles every shape/dtype/static k anew (about 1-3 s each on 2 shared cores): it runs
+# a covering subset (a mask with a scalar k, per-row k with largest=False, a middle axis)
+# in one half and one full dtype
+JAX_CASES = (CASES[1], CASES[2], CASES[3])
+JAX_DTYPES = ("bfloat16", "float64")
+
+
+def _dtypes(lib, case=None):
+    if lib.name != "jax":
+        return lib.dtypes
+    if case is not None and case not in JAX_CASES:
+        pytest.skip("JAX is compile-bound here: it runs the cases in JAX_CASES")
+    return JAX_DTYPES
+
+
 def _case(rng, shape, axis, k, use_mask):
     x = _tied_scores(rng, shape)
     mask = rng.random(shape) > 0.3 if use_mask else None
@@ -48,7 +63,7 @@ def _case(rng, shape, axis, k, use_mask):
 def test_hard_forward_is_topk_mask(lib, rng, case):
     shape, axis, k, use_mask, largest = case
     x, k, mask = _case(rng, shape, axis, k, use_mask)
-    for dtype in lib.dtypes:
+    for dtype in _dtypes(lib, case):
         xa = lib.asarray(x, dtype)
         ka = k if isinstance(k, int) else lib.asarray(k)
         ma = None if mask is None else lib.asarray(mask)
@@ -65,17 +80,31 @@ def test_hard_forward_is_topk_mask(lib, rng, case):
         assert not np.any(h[~valid])
 
 
+def _check_rows(lib, x, cases):
+    """``cases``: ``{k: expected mask}``; scalar k (not on JAX: a compile per k) and all
+    the k at once as a per-row k over a stacked batch."""
+    ks = list(cases)
+    for dtype in _dtypes(lib)[-1:] if lib.name == "jax" else lib.dtypes:
+        xa = lib.asarray(x, dtype)
+        for fn in (lambda x, k: tk.dftopk(x, k, hard=True), tk.topk_mask):
+            if lib.name != "jax":
+                for k, want in cases.items():
+                    np.testing.assert_array_equal(lib.to_numpy(fn(xa, k)), np.array(want, float))
+            xs = lib.asarray(np.stack([x] * len(ks)), dtype)
+            k_rows = lib.asarray(np.repeat(np.array(ks)[:, None], x.shape[0], axis=1))
+            want = np.array([cases[k] for k in ks], dtype=float)
+            np.testing.assert_array_equal(lib.to_numpy(fn(xs, k_rows)), want)
+
+
 def test_hard_k_edges_and_infinities(lib):
     x = np.array([[np.inf, 1.0, 0.0, -np.inf], [np.inf, np.inf, 0.0, 0.0]])
-    for k, want in [
-        (0, [[0, 0, 0, 0], [0, 0, 0, 0]]),
-        (1, [[1, 0, 0, 0], [1, 0, 0, 0]]),
-        (3, [[1, 1, 1, 0], [1, 1, 1, 0]]),
-        (4, [[1, 1, 1, 1], [1, 1, 1, 1]]),
-    ]:
-        for dtype in lib.dtypes:
-            h = lib.to_numpy(tk.dftopk(lib.asarray(x, dtype), k, hard=True))
-            np.testing.assert_array_equal(h, np.array(want, dtype=float))
+    cases = {
+        0: [[0, 0, 0, 0], [0, 0, 0, 0]],
+        1: [[1, 0, 0, 0], [1, 0, 0, 0]],
+        3: [[1, 1, 1, 0], [1, 1, 1, 0]],
+        4: [[1, 1, 1, 1], [1, 1, 1, 1]],
+    }
+    _check_rows(lib, x, cases)
 
 
 def test_hard_nan_ranks_above_inf(lib):
@@ -89,13 +118,7 @@ def test_hard_nan_ranks_above_inf(lib):
         3: [[0, 1, 1, 1, 0], [1, 0, 1, 1, 0]],
         4: [[0, 1, 1, 1, 1], [1, 0, 1, 1, 1]],
     }
-    if lib.name == "jax":
-        pytest.skip("the JAX radix select does not rank NaN above +inf yet (issue 13)")
-    for k, want in cases.items():
-        want = np.array(want, dtype=float)
-        xa = lib.asarray(x, lib.dtypes[-1])
-        np.testing.assert_array_equal(lib.to_numpy(tk.dftopk(xa, k, hard=True)), want)
-        np.testing.assert_array_equal(lib.to_numpy(tk.topk_mask(xa, k)), want)
+    _check_rows(lib, x, cases)
 
 
 # ---------------------------------------------------------------------------
@@ -113,7 +136,7 @@ def test_hard_vjp_and_jvp_are_the_soft_ones(lib, rng, case):
     tau = np.exp(
         rng.standard_normal(shape[: axis % len(shape)] + (1,) * (len(shape) - axis % len(shape)))
     )
-    for dtype in lib.dtypes:
+    for dtype in _dtypes(lib, case):
         if dtype in ("float16", "bfloat16"):
             continue
         xa = lib.asarray(x, dtype)
@@ -345,3 +368,67 @@ def test_torch_compile_hard_fullgraph_inductor_module():
     torch.testing.assert_close(y, tk.topk_mask(x.detach(), 3), atol=0, rtol=0)
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(layer.log_tau.grad, ref_layer.log_tau.grad)
+
+
+# ---------------------------------------------------------------------------
+# JAX: jit, vmap, grad, jacobians, hessian, nested jvp
+
+
+def test_jax_hard_transforms_are_the_soft_ones(rng):
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    if not jax.config.read("jax_enable_x64"):
+        pytest.skip("jax x64 mode is off (the suite enables it in conftest)")
+    x_np = rng.integers(-3, 4, size=(4, 9)) + 0.25 * rng.integers(0, 2, size=(4, 9))
+    c_np, u_np = rng.standard_normal((2, 4, 9))
+    y_np = rng.standard_normal((4, 9))  # no ties: for the finite-difference Hessian
+    mask_np = rng.random((4, 9)) > 0.2
+    k_np = np.array([0, 2, 4, 9])
+    tau_np = np.array([[0.5], [1.0], [2.0], [0.7]])
+    mask = jnp.asarray(mask_np)
+    c, u = jnp.asarray(c_np), jnp.asarray(u_np)
+
+    def f(x, tau, k):
+        return tk.dftopk(x, k, tau=tau, mask=mask, hard=True)
+
+    def loss(x, tau, k):
+        return jnp.sum(c * f(x, tau, k))
+
+    @jax.jit  # one program: JAX compile time dominates this test
+    def everything(x, tau, k, y):
+        out_j, d = jax.jvp(lambda r: f(r, tau, k), (x,), (u,))
+        return dict(
+            out=f(x, tau, k),
+            grad=jax.grad(loss, argnums=(0, 1))(x, tau, k),
+            jvp=(out_j, d),
+            # differentiating the primal of an inner jvp again still sees p
+            nested=jax.grad(lambda r: jnp.sum(c * jax.jvp(lambda q: f(q, tau, k), (r,), (u,))[0]))(
+                x
+            ),
+            rows=jax.vmap(lambda r, kk: tk.dftopk(r, kk, hard=True))(x, k),
+            rows_grad=jax.vmap(
+                jax.grad(lambda r, kk, cc: jnp.sum(cc * tk.dftopk(r, kk, hard=True)))
+            )(x, k, c),
+            hess=jax.hessian(lambda r: jnp.sum(c * tk.dftopk(r, 3, tau=0.5, hard=True)))(y),
+        )
+
+    r = everything(jnp.asarray(x_np), jnp.asarray(tau_np), jnp.asarray(k_np), jnp.asarray(y_np))
+    want = tk.topk_mask(x_np, k_np, mask=mask_np)
+    kw = dict(tau=tau_np, mask=mask_np, hard=True)
+    gx, gt = tk.dftopk_vjp(x_np, k_np, c_np, **kw)
+    for got in (r["out"], r["jvp"][0]):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(r["grad"][0], gx, atol=1e-12)
+    np.testing.assert_allclose(r["grad"][1], gt, atol=1e-12)
+    np.testing.assert_allclose(r["nested"], gx, atol=1e-12)
+    np.testing.assert_allclose(r["jvp"][1], tk.dftopk_jvp(x_np, k_np, u_np, **kw)[1], atol=1e-12)
+    np.testing.assert_array_equal(r["rows"], tk.topk_mask(x_np, k_np))
+    np.testing.assert_allclose(r["rows_grad"], tk.dftopk_vjp(x_np, k_np, c_np)[0], atol=1e-12)
+    # the Hessian of the soft loss, by central differences of the closed-form gradient
+    eps = 1e-6
+    grad = lambda v: tk.dftopk_vjp(v, 3, c_np, tau=0.5, hard=True)[0]  # noqa: E731
+    eye = np.eye(y_np.size).reshape((-1, *y_np.shape))
+    fd = np.stack([(grad(y_np + eps * e) - grad(y_np - eps * e)) / (2 * eps) for e in eye])
+    np.testing.assert_allclose(
+        np.moveaxis(np.asarray(r["hess"]).reshape(4, 9, -1), -1, 0), fd, atol=1e-7
+    )
