@@ -84,7 +84,8 @@ def _forward(static: tuple, x: Any, tau: Any, k_arr: Any, valid: Any):
     z = _math.logits(jnp, xc, a, b, t, valid)
     if output == "hard":
         # z is still needed by the JVP rule; a primal-only jit drops it
-        out = _math.hard_mask(jnp, xc, a, valid, k_static if k_arr is None else k_arr)
+        k = k_static if k_arr is None else k_arr
+        out = _math.hard_mask(jnp, xc, a, valid, k, cond=jax.lax.cond)
     else:
         out = _math.sigmoid(jnp, z) if output == "probs" else z
     return out.astype(x.dtype), (xc, a, b, z, t)

@@ -93,6 +93,20 @@ def _vjp_from_output(kind, xc, a, b, g, tau, valid, ctx):
     return grad_x, None
 
 
+def _vjp_hard(xc, a, b, g, tau, valid):
+    """VJP of the hard (straight-through) forward when ``tau`` needs no gradient.
+
+    The output is the mask, so no ``p`` was saved: it is recomputed from the
+    saved ``x``, ``a``, ``b`` (no new selection) in the compute dtype, then
+    ``s`` and the threshold term come as in :func:`_vjp_from_output`.
+    Differentiable to any order (see :func:`_logits`).
+    """
+    z = _logits(xc, a, b, tau, valid, differentiable=torch.is_grad_enabled())
+    s = torch.ops.aten.sigmoid_backward(g, torch.sigmoid(z))
+    _, grad_x = _math.vjp_from_s(_XP, xc, a, b, s, tau, valid)
+    return grad_x, None
+
+
 def _unpack(ctx):
     x, tau_t, valid, a, b = ctx.saved_tensors[:5]
     tau = tau_t if tau_t is not None else ctx.tau_float
@@ -114,7 +128,8 @@ class _DFTopKNoJvp(torch.autograd.Function):
         a, b = select_pair(_XP, xm, k)
         if output == "hard":
             # straight-through: the mask from this a; backward recomputes z from x, a, b
-            return _math.hard_mask(_XP, x, a, valid, k).to(x.dtype), a, b
+            cond = _math.eager_cond if host_ok(x) else None
+            return _math.hard_mask(_XP, x, a, valid, k, cond=cond).to(x.dtype), a, b
         cdt = _math.compute_dtype(_XP, x.dtype)
         xc = x.to(cdt)
         z = _math.logits(_XP, xc, a.to(cdt), b.to(cdt), tau, valid, eager=host_ok(x))
@@ -141,8 +156,9 @@ class _DFTopKNoJvp(torch.autograd.Function):
         x, xc, tau, valid, a, b = _unpack(ctx)
         g = grad_out.to(xc.dtype)
         tau_grad = isinstance(tau, torch.Tensor) and ctx.needs_input_grad[1]
-        # the hard forward saved no p: recompute z (same selection, still O(n))
-        if tau_grad or ctx.hard or x.dtype not in (torch.float32, torch.float64):
+        if ctx.hard and not tau_grad:
+            grad_x, grad_tau = _vjp_hard(xc, a, b, g, tau, valid)
+        elif tau_grad or x.dtype not in (torch.float32, torch.float64):
             grad_x, grad_tau = _vjp_from_z(ctx.kind, xc, a, b, g, tau, valid, tau_grad)
         else:
             grad_x, grad_tau = _vjp_from_output(ctx.kind, xc, a, b, g, tau, valid, ctx)

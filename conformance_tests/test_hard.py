@@ -121,6 +121,57 @@ def test_hard_nan_ranks_above_inf(lib):
     _check_rows(lib, x, cases)
 
 
+def _ref_mask_nan_top(x, k, valid):
+    """Rows of ``x`` (2-d): top-k by (NaN first, value descending, index ascending)."""
+    out = np.zeros(x.shape)
+    for r in range(x.shape[0]):
+        idx = [i for i in range(x.shape[1]) if valid[r, i]]
+        idx.sort(key=lambda i: (not np.isnan(x[r, i]), -np.nan_to_num(x[r, i], nan=0.0), i))
+        out[r, idx[: k[r]]] = 1.0
+    return out
+
+
+def test_hard_mask_fast_and_ranked_paths_agree(rng):
+    """``_math.hard_mask`` with an eager ``cond`` (which skips the tie ranking when it
+    can) and without one agree with a NaN-aware reference on mixed rows."""
+    from topk_core import _math
+    from topk_core._api import select
+    from topk_core._problem import prepare
+
+    for trial in range(60):
+        rows, n = 4, int(rng.integers(1, 12))
+        kind = trial % 4
+        if kind == 0:  # continuous: the fast path
+            x = rng.standard_normal((rows, n))
+        elif kind == 1:  # surplus ties
+            x = rng.integers(-2, 3, size=(rows, n)).astype(float)
+        else:  # ties, infinities and NaN
+            x = rng.choice([np.nan, np.inf, -np.inf, 0.0, 1.0, -1.0, 0.5], size=(rows, n))
+        valid = rng.random((rows, n)) > 0.25 if kind >= 2 else np.ones((rows, n), bool)
+        k = rng.integers(0, n + 1, size=rows)
+        want = _ref_mask_nan_top(x, np.minimum(k, valid.sum(1)), valid)
+        mask = None if kind < 2 else valid
+        for kk in (k, int(k.min())):
+            pb = prepare(x, kk, None, -1, mask, True, need_tau=False)
+            a, _ = select(pb)
+            fast = _math.hard_mask(np, pb.x, a, pb.valid, pb.k, cond=_math.eager_cond)
+            ranked = _math.hard_mask(np, pb.x, a, pb.valid, pb.k)
+            np.testing.assert_array_equal(fast, ranked)
+            kr = np.minimum(np.broadcast_to(kk, rows), valid.sum(1))
+            np.testing.assert_array_equal(fast, _ref_mask_nan_top(x, kr, valid))
+        np.testing.assert_array_equal(tk.dftopk(x, k, mask=mask, hard=True), want)
+    # NaN outside the counted entries can balance a surplus of ties: still the NaN rule
+    nan = np.nan
+    for x, k, want in [
+        ([nan, 1.0, 1.0], 2, [1, 1, 0]),
+        ([1.0, nan, 1.0, 0.0], 2, [1, 1, 0, 0]),
+        ([nan, nan, 2.0, 2.0], 3, [1, 1, 1, 0]),
+    ]:
+        x = np.array([x])
+        np.testing.assert_array_equal(tk.dftopk(x, k, hard=True), [want])
+        np.testing.assert_array_equal(tk.topk_mask(x, k), [want])
+
+
 # ---------------------------------------------------------------------------
 # NumPy-style derivatives: dftopk_vjp / dftopk_and_vjp / dftopk_jvp with hard=True
 

@@ -51,7 +51,12 @@ def forward(pb: Problem, output: Output) -> Array:
 def hard_forward(pb: Problem) -> Array:
     """Hard top-k mask in the normalised layout, x's dtype (``topk_mask``'s values)."""
     a, _ = select(pb)
-    return pb.xp.astype(_math.hard_mask(pb.xp, pb.x, a, pb.valid, pb.k), pb.dtype)
+    return pb.xp.astype(_hard_mask(pb, pb.x, a), pb.dtype)
+
+
+def _hard_mask(pb: Problem, x: Array, a: Array) -> Array:
+    cond = _math.eager_cond if pb.backend.eager else None
+    return _math.hard_mask(pb.xp, x, a, pb.valid, pb.k, cond=cond)
 
 
 def _sigmoid(pb: Problem, z: Array) -> Array:
@@ -444,7 +449,7 @@ def dftopk_jvp(
 def _primal(pb: Problem, xc: Array, a: Array, z: Array, output: Output, hard: bool) -> Array:
     """The forward value next to a tangent: ``z``, ``p``, or the hard mask (same ``a``)."""
     if hard:
-        return _math.hard_mask(pb.xp, xc, a, pb.valid, pb.k)
+        return _hard_mask(pb, xc, a)
     return z if output == "logits" else _sigmoid(pb, z)
 
 

@@ -18,6 +18,7 @@ Array = Any
 
 __all__ = [
     "compute_dtype",
+    "eager_cond",
     "hard_mask",
     "logits",
     "sigmoid",
@@ -232,7 +233,15 @@ def jvp(
     return dz
 
 
-def hard_mask(xp: Any, x: Array, a: Array, valid: Array | None, k: int | Array) -> Array:
+def hard_mask(
+    xp: Any,
+    x: Array,
+    a: Array,
+    valid: Array | None,
+    k: int | Array,
+    *,
+    cond: Any = None,
+) -> Array:
     """Hard top-k indicator (bool) from the k-th largest valid value ``a``.
 
     Selects the valid entries above ``a``, then the valid entries equal to
@@ -243,7 +252,43 @@ def hard_mask(xp: Any, x: Array, a: Array, valid: Array | None, k: int | Array) 
     for ``k = 0``, whose ``a`` is the ``+inf`` sentinel) and as equal to a
     NaN ``a``.  The same ``a`` gives DFTopK's threshold, so a hard forward
     and the soft gradient share one selection.
+
+    ``cond(pred, if_true, if_false)``, optional, calls one of two
+    zero-argument functions on a scalar boolean (:func:`eager_cond`,
+    ``jax.lax.cond``).  With it, rows free of NaN whose entries equal to
+    ``a`` are all needed take ``(x > a) | (x == a)`` and skip the NaN rule
+    and the ranking of ties (a cumulative sum, most of the cost).  None
+    always takes the general path (for traced or lazy arrays).
     """
+    if cond is None:
+        return _hard_mask_ranked(xp, x, a, valid, k)
+    gt = x > a
+    eq = x == a
+    le = x <= a
+    if valid is not None:
+        gt = gt & valid
+        eq = eq & valid
+        le = le & valid
+        n_valid = _count(xp, valid)
+    else:
+        n_valid = x.shape[-1]
+    n_gt = _count(xp, gt)
+    # no NaN (every valid entry compares with a) and no surplus ties: gt | eq has k entries
+    simple = xp.all(_count(xp, eq) == _need(xp, k, n_gt)) & xp.all(n_gt + _count(xp, le) == n_valid)
+    return cond(simple, lambda: gt | eq, lambda: _hard_mask_ranked(xp, x, a, valid, k))
+
+
+def _count(xp: Any, m: Array) -> Array:
+    """True entries per row (int32, keepdims); ``dtype=`` avoids an upcast copy."""
+    return xp.sum(xp.astype(m, xp.int32), axis=-1, keepdims=True, dtype=xp.int32)
+
+
+def _need(xp: Any, k: int | Array, n_gt: Array) -> Array:
+    return (k if isinstance(k, int) else xp.astype(k, xp.int32)) - n_gt
+
+
+def _hard_mask_ranked(xp: Any, x: Array, a: Array, valid: Array | None, k: int | Array) -> Array:
+    """:func:`hard_mask` in general: the NaN rule and ties ranked by index."""
     nan_x = xp.isnan(x)
     nan_a = xp.isnan(a)
     above_nan = nan_x & ~nan_a
@@ -255,7 +300,10 @@ def hard_mask(xp: Any, x: Array, a: Array, valid: Array | None, k: int | Array) 
     if valid is not None:
         gt = gt & valid
         eq = eq & valid
-    n_gt = xp.sum(xp.astype(gt, xp.int32), axis=-1, keepdims=True)
     rank = xp.cumulative_sum(xp.astype(eq, xp.int32), axis=-1)
-    need = (k if isinstance(k, int) else xp.astype(k, xp.int32)) - n_gt
-    return gt | (eq & (rank <= need))
+    return gt | (eq & (rank <= _need(xp, k, _count(xp, gt))))
+
+
+def eager_cond(pred: Array, if_true: Any, if_false: Any) -> Array:
+    """``cond`` for :func:`hard_mask` on arrays whose values the host can read."""
+    return if_true() if bool(pred) else if_false()
