@@ -242,3 +242,54 @@ def test_jax_grad_with_concrete_mask_and_k():
     g = jax.grad(lambda v: tk.dftopk(v, k, mask=mask).sum())(x)
     ref, _ = ref_vjp(np.linspace(-1.0, 1.0, 6), 2, np.ones(6), mask=np.asarray(mask))
     np.testing.assert_allclose(np.asarray(g), ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_nan_entries_are_constants_for_gradients(lib, rng, k, output):
+    """NaN rule for gradients: a NaN entry keeps its own term (NaN for probabilities,
+    g / tau for logits) and is a constant for the rest of its row: it never sends NaN
+    to the other entries or to grad_tau.  For probabilities that is what the same row
+    with the NaN replaced by +inf gives (same ranks; p = 1 there, no effect on the
+    others).  In a row whose threshold is NaN (k <= its NaN count) grad_tau is NaN, and
+    so is every gradient of p (logits keep the closed form's finite terms)."""
+    nan = np.nan
+    x = np.array([[0.3, nan, 1.0, -0.5, 2.0, 0.7], [1.0, 2.0, nan, nan, 0.5, -1.0]])
+    x_inf = np.where(np.isnan(x), np.inf, x)
+    tau = np.array([[0.7], [1.3]])
+    g = rng.standard_normal(x.shape)
+    u = rng.standard_normal(x.shape)
+    dtau = rng.standard_normal(tau.shape)
+    is_nan = np.isnan(x)
+    row_nan = is_nan.sum(-1) >= k  # the k-th largest is a NaN: the threshold is NaN
+
+    def run(xx):
+        args = (lib.asarray(xx), k)
+        kw = {"tau": lib.asarray(tau), "output": output}
+        with np.errstate(invalid="ignore"):
+            gx, gt = tk.dftopk_vjp(*args, lib.asarray(g), **kw)
+            _, d = tk.dftopk_jvp(*args, lib.asarray(u), tau_tangent=lib.asarray(dtau), **kw)
+        return lib.to_numpy(gx), lib.to_numpy(gt), lib.to_numpy(d)
+
+    gx, gt, d = run(x)
+    gx_inf, gt_inf, d_inf = run(x_inf)
+    ref_gx, ref_t = ref_vjp(x, k, g, tau=tau, output=output)
+    np.testing.assert_allclose(gx, ref_gx, atol=1e-12)
+    np.testing.assert_allclose(gt[:, 0], np.sum(ref_t, axis=-1), atol=1e-12)
+    ok = ~row_nan
+    keep = ~is_nan & ok[:, None]
+    np.testing.assert_allclose(d[keep], d_inf[keep], atol=1e-12)
+    if output == "probs":
+        np.testing.assert_allclose(gx[keep], gx_inf[keep], atol=1e-12)
+        np.testing.assert_allclose(gt[ok], gt_inf[ok], atol=1e-12)
+    assert np.isfinite(gx[keep]).all() and np.isfinite(gt[ok]).all()
+    assert np.isfinite(d[keep]).all()
+    own = is_nan & ok[:, None]
+    if output == "probs":
+        assert np.isnan(gx[own]).all() and np.isnan(d[own]).all()
+    else:
+        np.testing.assert_allclose(gx[own], (g / tau * np.ones_like(x))[own], atol=1e-12)
+    assert np.isnan(gt[row_nan]).all()
+    assert np.isnan(d[row_nan][~is_nan[row_nan]]).all()  # through the tau tangent
+    if output == "probs":
+        assert np.isnan(gx[row_nan]).all()

@@ -210,8 +210,7 @@ def topk_mask(
     xp = pb.xp
     a, _ = select(pb)
     xn = pb.x
-    gt = xn > a
-    eq = xn == a
+    gt, eq = _rank_vs(xp, xn, a, pb.k)
     if pb.valid is not None:
         gt = gt & pb.valid
         eq = eq & pb.valid
@@ -221,6 +220,22 @@ def topk_mask(
     need = (k if isinstance(k, int) else xp.astype(k, xp.int32)) - n_gt
     sel = gt | (eq & (rank <= need))
     return pb.restore(xp.astype(sel, pb.dtype))
+
+
+def _rank_vs(xp: Any, x: Array, a: Array, k: int | Array) -> tuple[Array, Array]:
+    """Entries ranked above ``a`` and tied with it, NaN ranking above ``+inf``.
+
+    ``a = +inf`` for ``k = 0`` is the sentinel above everything, NaN included.
+    """
+    x_nan = xp.isnan(x)
+    a_nan = xp.isnan(a)
+    above_nan = x_nan & ~a_nan
+    if isinstance(k, int):
+        if k == 0:
+            above_nan = xp.zeros_like(x_nan)
+    else:
+        above_nan = above_nan & (k > 0)
+    return (x > a) | above_nan, (x == a) | (x_nan & a_nan)
 
 
 def _tangent_problem(x, k, tau, axis, mask, largest, output) -> tuple[Problem, Array, Array, Array]:
