@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import topk_core as tk
+from topk_core._problem import host_values
+from topk_core._registry import get_backend, library_name
 
 
 def _x(lib, shape=(2, 5)):
@@ -65,18 +67,57 @@ def test_tau_errors(lib, fn):
             fn(x, 2, tau=bad)
     with pytest.raises(TypeError, match=r"tau must be.*bool"):
         fn(x, 2, tau=True)
-    with pytest.raises(TypeError, match=r"tau must be an array of the same library"):
-        fn(x, 2, tau="1")
+    for bad in ("0.5", None, [0.5]):
+        with pytest.raises(TypeError, match=r"tau must be a finite float > 0 or a positive "):
+            fn(x, 2, tau=bad)
     with pytest.raises(ValueError, match=r"tau of shape .* does not broadcast"):
         fn(x, 2, tau=lib.asarray(np.ones((3, 1))))
     with pytest.raises(TypeError, match=r"tau must have a real floating dtype"):
         fn(x, 2, tau=lib.asarray(np.ones((2, 1), dtype=np.int64)))
 
 
-def test_tau_values_checked_on_eager_backends():
-    x = np.ones((2, 4))
+@pytest.mark.parametrize("bad", [0.0, -1.0, np.inf, np.nan])
+def test_array_tau_values_checked_where_concrete(lib, bad):
+    """Zero, negative or non-finite entries of an array tau are a ValueError wherever
+    its values can be read for free (NumPy, array-api-strict, torch CPU eager, concrete
+    JAX arrays); lazy libraries (Dask), tracing, compilation and GPUs leave it unchecked."""
+    x = _x(lib, (2, 4))
+    tau = lib.asarray(np.array([[1.0], [bad]]))
+    if host_values(get_backend(library_name(x)), tau) is None:
+        pytest.skip(f"{lib.name} arrays are not concrete (lazy): tau values are not read")
+    for fn in (tk.dftopk, tk.dftopk_logits, tk.dftopk_and_vjp):
+        with pytest.raises(ValueError, match=r"tau must be finite and > 0 everywhere"):
+            fn(x, 1, tau=tau)
     with pytest.raises(ValueError, match=r"tau must be finite and > 0 everywhere"):
-        tk.dftopk(x, 1, tau=np.array([[1.0], [0.0]]))
+        tk.dftopk_vjp(x, 1, x, tau=tau)
+
+
+def test_array_tau_checked_on_torch_cpu_and_concrete_jax():
+    """The cases a new user tripped over: torch CPU and concrete JAX arrays."""
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    x = np.ones((2, 4))
+    for mod in (torch.tensor, jax.numpy.asarray, lambda a: torch.nn.Parameter(torch.tensor(a))):
+        with pytest.raises(ValueError, match=r"tau must be finite and > 0"):
+            tk.dftopk(mod(x), 1, tau=mod(np.array([[1.0], [0.0]])))
+    # traced: not read (that would break the trace), no error
+    f = jax.jit(lambda x, t: tk.dftopk(x, 1, tau=t))
+    assert f(jax.numpy.asarray(x), jax.numpy.asarray(np.array([[1.0], [-1.0]]))).shape == (2, 4)
+
+
+def test_cascade_stage_sizes_must_not_increase(lib):
+    from topk_core.losses import cascade_joint_loss
+
+    s = lib.asarray(np.arange(12, dtype=np.float64).reshape(2, 6))
+    with pytest.raises(ValueError, match=r"k must be non-increasing.*k\[1\] = 3 > k\[0\] = 2"):
+        cascade_joint_loss([s, s], s, (2, 3))
+    with pytest.raises(ValueError, match=r"k\[2\] = 4 > k\[1\] = 3"):
+        cascade_joint_loss([s, s, s], s, [4, 3, 4])
+    k_arr = (lib.asarray(np.array([3, 2])), lib.asarray(np.array([2, 3])))
+    if host_values(get_backend(library_name(s)), k_arr[0]) is not None:
+        with pytest.raises(ValueError, match=r"k\[1\] > k\[0\] in some rows"):
+            cascade_joint_loss([s, s], s, k_arr)
+    cascade_joint_loss([s, s], s, (3, 3))  # equal sizes are fine
 
 
 @pytest.mark.parametrize("fn", FUNCS, ids=lambda f: f.__name__)

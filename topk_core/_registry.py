@@ -57,6 +57,13 @@ class Backend:
     compute_dtype : callable, optional
         ``compute_dtype(xp, dtype) -> dtype`` for the elementwise math; the
         default computes float16/bfloat16 in float32.
+    host_values : callable, optional
+        ``host_values(arr) -> array or None``: for a backend that is not
+        ``eager``, ``arr``'s values as an array that can be read on the host at
+        no cost (a CPU tensor in eager mode, a concrete JAX array's NumPy
+        view), or None where reading them would need a device synchronisation
+        or break a trace or compilation.  Enables the value checks of
+        ``eager`` backends wherever values are concrete.
     """
 
     name: str
@@ -65,6 +72,7 @@ class Backend:
     sigmoid: Callable[[Any], Any] | None = None
     apply: Callable[..., Any] | None = None
     compute_dtype: Callable[[Any, Any], Any] | None = None
+    host_values: Callable[[Any], Any] | None = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily
