@@ -16,11 +16,10 @@ from typing import Any
 import array_api_compat
 import numpy as np
 import pytest
+from topk_core.conformance.libs import FLOAT_DTYPES, TOLERANCE
+from topk_core.conformance.reference import ref_dftopk, ref_vjp
 
 import topk_core
-
-from .libs import FLOAT_DTYPES, TOLERANCE
-from .reference import ref_dftopk, ref_vjp
 
 # largest finite value per dtype (bfloat16 is not a NumPy dtype)
 _MAX = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38, "float64": 1.79e308}

@@ -54,11 +54,6 @@ def test_x_errors(lib, fn):
         fn(_x(lib), 1, largest=1)
 
 
-def test_complex_x_rejected():
-    with pytest.raises(TypeError, match=r"x must have a real floating dtype.*complex"):
-        tk.dftopk(np.ones(3, dtype=np.complex128), 1)
-
-
 @pytest.mark.parametrize("fn", [tk.dftopk, tk.dftopk_logits], ids=lambda f: f.__name__)
 def test_tau_errors(lib, fn):
     x = _x(lib)
@@ -90,19 +85,6 @@ def test_array_tau_values_checked_where_concrete(lib, bad):
             fn(x, 1, tau=tau)
     with pytest.raises(ValueError, match=r"tau must be finite and > 0 everywhere"):
         tk.dftopk_vjp(x, 1, x, tau=tau)
-
-
-def test_array_tau_checked_on_torch_cpu_and_concrete_jax():
-    """The cases a new user tripped over: torch CPU and concrete JAX arrays."""
-    torch = pytest.importorskip("torch")
-    jax = pytest.importorskip("jax")
-    x = np.ones((2, 4))
-    for mod in (torch.tensor, jax.numpy.asarray, lambda a: torch.nn.Parameter(torch.tensor(a))):
-        with pytest.raises(ValueError, match=r"tau must be finite and > 0"):
-            tk.dftopk(mod(x), 1, tau=mod(np.array([[1.0], [0.0]])))
-    # traced: not read (that would break the trace), no error
-    f = jax.jit(lambda x, t: tk.dftopk(x, 1, tau=t))
-    assert f(jax.numpy.asarray(x), jax.numpy.asarray(np.array([[1.0], [-1.0]]))).shape == (2, 4)
 
 
 def test_cascade_stage_sizes_must_not_increase(lib):
@@ -139,7 +121,7 @@ def test_mixed_libraries_name_both(lib):
     else:
         x = _x(lib)
         other = np.ones((2, 5), dtype=bool)
-        expected = f"x is a {lib.name.split('.')[0]} array but mask is a numpy array"
+        expected = f"x is a {library_name(x)} array but mask is a numpy array"
     with pytest.raises(TypeError, match=expected):
         tk.dftopk(x, 1, mask=other)
 
@@ -147,15 +129,6 @@ def test_mixed_libraries_name_both(lib):
 def _strict_x():
     s = pytest.importorskip("array_api_strict")
     return s.asarray(np.ones((2, 5)))
-
-
-def test_mixed_libraries_for_k_and_tau():
-    s = pytest.importorskip("array_api_strict")
-    x = np.ones((2, 5))
-    with pytest.raises(TypeError, match=r"x is a numpy array but k is a array_api_strict array"):
-        tk.dftopk(x, s.asarray([1, 2]))
-    with pytest.raises(TypeError, match=r"x is a numpy array but tau is a array_api_strict array"):
-        tk.dftopk(x, 1, tau=s.asarray([[1.0], [1.0]]))
 
 
 def test_vjp_jvp_argument_errors(lib):
@@ -172,10 +145,3 @@ def test_vjp_jvp_argument_errors(lib):
         tk.dftopk_jvp(x, 2, x, tau_tangent=lib.asarray(np.ones(2)))
     with pytest.raises(TypeError, match=r"tau_tangent must be a float"):
         tk.dftopk_jvp(x, 2, x, tau_tangent=True)
-
-
-def test_register_backend_errors():
-    with pytest.raises(TypeError, match=r"library must be a non-empty str"):
-        tk.register_backend("", "m:a")
-    with pytest.raises(TypeError, match=r"backend must be a topk_core.Backend"):
-        tk.register_backend("mylib", 3)

@@ -6,11 +6,10 @@ import warnings
 
 import numpy as np
 import pytest
+from topk_core.conformance.libs import TOLERANCE
+from topk_core.conformance.reference import ref_dftopk, ref_threshold, ref_topk_mask
 
 import topk_core as tk
-
-from .libs import TOLERANCE
-from .reference import ref_dftopk, ref_threshold, ref_topk_mask
 
 
 def _check(lib, out, expected, dtype, *, scale=1.0):

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from topk_core.conformance.libs import TOLERANCE
+from topk_core.conformance.reference import finite_difference, ref_dftopk, ref_topk_mask
 
 from topk_core.losses import cascade_joint_loss, topk_bce_loss
-
-from .libs import TOLERANCE
-from .reference import finite_difference, ref_dftopk, ref_topk_mask
 
 SHAPE = (3, 8)  # one shape for most cases: JAX compiles per shape and dtype
 HAS_TORCH = importlib.util.find_spec("torch") is not None
