@@ -170,6 +170,12 @@ def test_doctor_runs_and_reports(tmp_path):
     lines = [ln for ln in out.splitlines() if ln.startswith("| numpy") or ln.startswith("| array")]
     assert len(lines) == 2
     assert all("| ok " in ln for ln in lines)
+    assert "warm-up calls" in out
+    # the footer names the settings the run used
+    assert "n = 20000 float32, k = n/10 = 2000, tau = 0.1" in out
+    assert "check: x of shape (4, 257) float64, k = 25, tau = 0.3" in out
+    assert "best of 1 calls after warm-up" in out
+    assert "numpy: dftopk_and_vjp" in out
 
 
 def test_doctor_rejects_bad_arguments(tmp_path):
