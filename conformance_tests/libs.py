@@ -116,6 +116,12 @@ class ArrayLib:
             return self._from_numpy(self.mod, a, str(a.dtype))
         return self._from_numpy(self.mod, a, dtype)
 
+    def no_dtype(self, dtype: str) -> str:
+        """Skip reason for a floating dtype the library does not offer."""
+        if self.third_party:
+            return f"{self.name}'s Array API namespace has no {dtype}"
+        return f"{self.name} has no {dtype}"
+
     def to_numpy(self, a: Any) -> np.ndarray:
         """This library's array -> NumPy (bfloat16 comes back as float32)."""
         return self._to_numpy(a)

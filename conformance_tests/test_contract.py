@@ -135,7 +135,7 @@ def _close(got: np.ndarray, ref: np.ndarray, tol: float, what: str, relative: bo
 
 def _skip_missing(lib, dtype: str) -> None:
     if dtype not in lib.dtypes:
-        pytest.skip(f"{lib.name} has no {dtype}")
+        pytest.skip(lib.no_dtype(dtype))
 
 
 @pytest.mark.parametrize("name", list(CASES))
