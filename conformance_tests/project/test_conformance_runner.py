@@ -113,3 +113,16 @@ def test_results_of_the_wrong_shape_are_rejected():
 
     with pytest.raises(TypeError, match=r"gave a 1-d float64 array of shape \(2,\)"):
         _from_lib(np, Wrong(), "wronglib")
+
+
+def test_backend_option_works_for_a_library_reached_through_array_api_compat(tmp_path):
+    """--backend registers a Backend for dask's arrays (found by array-api-compat)."""
+    pytest.importorskip("dask")
+    report = tmp_path / "dask.md"
+    args = ["--array-module", "dask.array", "--no-mutation", "--report", str(report)]
+    args += ["--backend", "topk_core.backends.generic:GENERIC_BACKEND", "-k", "random or ties"]
+    proc = _run(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = report.read_text()
+    assert "arrays of `dask`" in text
+    assert "backend: `generic` from `--backend topk_core.backends.generic:GENERIC_BACKEND`" in text
