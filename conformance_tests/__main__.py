@@ -40,7 +40,7 @@ def _library_facts(name: str, backend_spec: str | None) -> list[str]:
     lib = third_party_lib(name)
     probe = lib.asarray(np.zeros(2), lib.dtypes[-1])
     library = library_name(probe)
-    root = importlib.import_module(name.split(".")[0])
+    root = importlib.import_module(library)  # the library that owns the arrays
     ns = array_api_compat.array_namespace(probe)
     return [
         f"Library: `{name}` (arrays of `{library}`, version "
