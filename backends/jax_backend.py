@@ -129,10 +129,29 @@ def _apply(pb: Any, output: str, hard: bool = False) -> Any:
     return apply(pb, output, hard=hard)
 
 
+def host_values(a: Any) -> Any:
+    """NumPy view of a concrete JAX array on the CPU; None for tracers and accelerators.
+
+    Through NumPy, not ``jnp``: inside ``jit`` a ``jnp`` op on a concrete array
+    would be staged, and its result could not be read.
+    """
+    if isinstance(a, jax.core.Tracer) or not isinstance(a, jax.Array):
+        return None
+    try:
+        if any(d.platform != "cpu" for d in a.devices()):
+            return None
+    except Exception:  # e.g. a deleted or not yet materialised array
+        return None
+    import numpy as np
+
+    return np.asarray(a)
+
+
 BACKEND = Backend(
     name="jax",
     select_pair=select_pair,
     eager=False,
     sigmoid=jax.nn.sigmoid,
     apply=_apply,
+    host_values=host_values,
 )

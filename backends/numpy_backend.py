@@ -133,7 +133,9 @@ def select_pair(xp: Any, x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]
         b = np.max(x, axis=-1, keepdims=True, initial=-np.inf)
         return np.full(shape, np.inf, dtype=x.dtype), b
     if k == n:
-        return np.min(x, axis=-1, keepdims=True), np.full(shape, -np.inf, dtype=x.dtype)
+        # the smallest; NaN ranks above +inf, so it is NaN only for an all-NaN row
+        a = np.fmin.reduce(x, axis=-1, keepdims=True)
+        return a, np.full(shape, -np.inf, dtype=x.dtype)
     part = np.partition(x, n - k, axis=-1)
     a = part[..., n - k : n - k + 1].copy()
     b = np.max(part[..., : n - k], axis=-1, keepdims=True)

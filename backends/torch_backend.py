@@ -392,4 +392,14 @@ def _apply(pb: Any, output: str, hard: bool = False) -> Any:
     return apply_problem(pb, output, hard=hard)
 
 
-BACKEND = Backend(name="torch", select_pair=select_pair, sigmoid=_sigmoid, apply=_apply)
+def host_values(t: Any) -> torch.Tensor | None:
+    """``t`` detached if its values are free to read (:func:`host_ok`), else None."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    v = t.detach()  # a Parameter or a tensor that requires grad reads the same
+    return v if host_ok(v) else None
+
+
+BACKEND = Backend(
+    name="torch", select_pair=select_pair, sigmoid=_sigmoid, apply=_apply, host_values=host_values
+)

@@ -116,6 +116,12 @@ class ArrayLib:
             return self._from_numpy(self.mod, a, str(a.dtype))
         return self._from_numpy(self.mod, a, dtype)
 
+    def no_dtype(self, dtype: str) -> str:
+        """Skip reason for a floating dtype the library does not offer."""
+        if self.third_party:
+            return f"{self.name}'s Array API namespace has no {dtype}"
+        return f"{self.name} has no {dtype}"
+
     def to_numpy(self, a: Any) -> np.ndarray:
         """This library's array -> NumPy (bfloat16 comes back as float32)."""
         return self._to_numpy(a)
@@ -265,24 +271,58 @@ def _probe_dtypes(xp: Any) -> tuple[str, ...]:
 
 def _to_lib(xp: Any, a: np.ndarray, dtype: str) -> Any:
     if dtype == "bfloat16":  # NumPy has no bfloat16: go through float32
-        return xp.astype(xp.asarray(np.asarray(a, dtype=np.float32)), xp.bfloat16)
-    return xp.asarray(np.asarray(a, dtype=dtype))
+        return xp.astype(_to_lib(xp, a, "float32"), xp.bfloat16)
+    a = np.asarray(a, dtype=dtype)
+    import array_api_compat
+
+    if array_api_compat.is_dask_namespace(xp) and a.ndim:
+        # several chunks along every axis, the selection axis included: the suite
+        # must not only see single-chunk arrays
+        import dask.array as da
+
+        return da.from_array(a, chunks=tuple(max(1, -(-s // 3)) for s in a.shape))
+    return xp.asarray(a)
 
 
-def _from_lib(xp: Any, a: Any) -> np.ndarray:
+def _exporters() -> list[tuple[str, Callable[[Any], Any]]]:
+    """Ways to read an array back into NumPy, tried in order."""
+    return [
+        ("np.from_dlpack", np.from_dlpack),
+        # arrays on an accelerator
+        ("np.from_dlpack(device='cpu')", lambda v: np.from_dlpack(v, device="cpu", copy=True)),
+        ("np.asarray", np.asarray),
+        # libraries without DLPack export or __array__: ndonnx, pydata sparse
+        ("unwrap_numpy()", lambda v: v.unwrap_numpy()),
+        ("todense()", lambda v: v.todense()),
+    ]
+
+
+def _from_lib(xp: Any, a: Any, library: str = "the library") -> np.ndarray:
+    """``a`` as a NumPy array, validated: numeric, of ``a``'s shape.
+
+    A conversion that "succeeds" with something else (``np.asarray`` wraps an
+    object it cannot read in a 0-d object array) is not a result: it is skipped,
+    and if nothing works the error names the library and what each attempt gave.
+    """
     if getattr(xp, "bfloat16", None) is not None and a.dtype == xp.bfloat16:
         a = xp.astype(a, xp.float32)
-    for convert in (
-        np.from_dlpack,
-        lambda v: np.from_dlpack(v, device="cpu", copy=True),  # arrays on an accelerator
-        np.asarray,
-    ):
+    shape = tuple(a.shape)
+    tried = []
+    for name, convert in _exporters():
         try:
             # copy: the result must not alias the library's buffer
-            return np.array(convert(a), copy=True)
-        except Exception:
+            out = np.array(convert(a), copy=True)
+        except Exception as exc:
+            tried.append(f"{name}: {type(exc).__name__}")
             continue
-    raise TypeError(f"cannot convert a {type(a).__name__} to NumPy (tried dlpack and asarray)")
+        if out.dtype.kind not in "biuf" or out.shape != shape:
+            tried.append(f"{name}: gave a {out.ndim}-d {out.dtype} array of shape {out.shape}")
+            continue
+        return out
+    raise TypeError(
+        f"cannot read a {library} array ({type(a).__module__}.{type(a).__name__}, shape "
+        f"{shape}) back into NumPy: {'; '.join(tried)}"
+    )
 
 
 def third_party_lib(module_name: str) -> ArrayLib:
@@ -321,6 +361,6 @@ def third_party_lib(module_name: str) -> ArrayLib:
         module=module_name,
         dtypes=dtypes,
         _from_numpy=lambda _mod, a, dtype: _to_lib(xp, a, dtype),
-        _to_numpy=lambda a: _from_lib(xp, a),
+        _to_numpy=lambda a: _from_lib(xp, a, module_name),
         third_party=True,
     )

@@ -4,10 +4,10 @@ Each mutant is a realistic bug in a *copy* of a backend: the patched
 functions wrap the real ones and misbehave only for arrays of one target
 library (the ``--array-module`` library), so NumPy, the suite's anchor, stays
 correct.  Nothing here runs on import.  A mutant is active only in a pytest
-process started with ``-p conformance_tests.mutants`` and the environment
+process started with ``-p topk_core.conformance.mutants`` and the environment
 variable ``TOPK_CONFORMANCE_MUTANT=NAME`` (the mutation proof does that in
-subprocesses), or, for ``off_by_one_k``, with
-``--backend=conformance_tests.mutants:OFF_BY_ONE_K``.
+subprocesses).  ``OFF_BY_ONE_K`` is the off-by-one selection as a ready-made
+backend for ``--backend=topk_core.conformance.mutants:OFF_BY_ONE_K``.
 
 =====================  =======================================================
 mutant                 planted bug
@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+
 ENV = "TOPK_CONFORMANCE_MUTANT"
 
 __all__ = ["ENV", "MUTANTS", "OFF_BY_ONE_K", "Mutant", "install"]
@@ -35,11 +37,10 @@ __all__ = ["ENV", "MUTANTS", "OFF_BY_ONE_K", "Mutant", "install"]
 
 @dataclass(frozen=True)
 class Mutant:
-    """A planted bug: ``install(target) -> undo`` or a ``--backend`` path."""
+    """A planted bug: ``install(target) -> undo``."""
 
     description: str
-    install: Callable[[str], Callable[[], None]] | None = None
-    backend: str | None = None
+    install: Callable[[str], Callable[[], None]]
 
 
 def _is_target(arr: Any, target: str) -> bool:
@@ -187,11 +188,7 @@ MUTANTS: dict[str, Mutant] = {
     "grad_no_threshold": Mutant("gradient without the threshold term", install=_grad_no_threshold),
     "ties_uneven": Mutant("ties at a/b not split evenly", install=_ties_uneven),
     "overflow_threshold": Mutant("theta = (a + b) / 2", install=_overflow_threshold),
-    "off_by_one_k": Mutant(
-        "selection off by one in k",
-        install=_off_by_one_install,
-        backend="conformance_tests.mutants:OFF_BY_ONE_K",
-    ),
+    "off_by_one_k": Mutant("selection off by one in k", install=_off_by_one_install),
     "mask_leak": Mutant("masked entries leak into the selection", install=_mask_leak),
     "dtype_upcast": Mutant("forward output upcast to float64", install=_dtype_upcast),
 }
@@ -218,19 +215,21 @@ def install(name: str, target: str) -> Callable[[], None]:
 # ------------------------------------------------------------------ pytest plugin hooks
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_configure(config: Any) -> None:
-    """Install ``$TOPK_CONFORMANCE_MUTANT`` for the ``--array-module`` library."""
-    import pytest
+    """Install ``$TOPK_CONFORMANCE_MUTANT`` for the ``--array-module`` library.
 
+    Runs after the suite's plugin registered a ``--backend``: the mutant wraps it.
+    """
     name = os.environ.get(ENV)
     if not name:
         return
     target = config.getoption("array_module", None)
     if not target:
         raise pytest.UsageError(f"{ENV}={name} needs --array-module (the library to mutate)")
-    from topk_core._registry import library_name
+    from topk_core.conformance.libs import third_party_lib
 
-    from .libs import third_party_lib
+    from topk_core._registry import library_name
 
     lib = third_party_lib(target)
     library = library_name(lib.asarray([0.0], lib.dtypes[-1]))

@@ -2,6 +2,11 @@
 
 Row by row with a full sort and plain Python: slow and obviously correct.  It
 shares no code with topk_core so that agreement with it means something.
+
+NaN rule: a NaN entry ranks first (above ``+inf``; for ``largest=False``,
+which is ``-x``, below ``-inf``), its own ``p`` is NaN, a NaN k-th or
+(k+1)-th value makes the row's threshold NaN, and for gradients a NaN entry
+is a constant: it keeps its own term and stays out of the row sums.
 """
 
 from __future__ import annotations
@@ -16,8 +21,13 @@ def _rows(x, axis):
     return x, x.reshape(-1, x.shape[-1])
 
 
+def _rank_key(v):
+    """Descending rank order of the spec: NaN first (above +inf), then by value."""
+    return (0, 0.0) if math.isnan(v) else (1, -v)
+
+
 def _pair(row, valid, k):
-    vals = sorted((v for v, m in zip(row, valid) if m), reverse=True)
+    vals = sorted((v for v, m in zip(row, valid) if m), key=_rank_key)
     ext = [math.inf, *vals, -math.inf]
     k = min(max(int(k), 0), len(vals))
     return ext[k], ext[k + 1]
@@ -112,8 +122,8 @@ def ref_topk_mask(x, k, axis=-1, mask=None, largest=True):
     out = np.zeros_like(rows)
     for r in range(rows.shape[0]):
         idx = [i for i in range(rows.shape[1]) if valid[r, i]]
-        # stable sort by value descending: lower index first among ties
-        idx.sort(key=lambda i: -rows[r, i])
+        # stable sort in rank order (NaN first): lower index first among ties
+        idx.sort(key=lambda i: _rank_key(rows[r, i]))
         for i in idx[: max(0, min(int(ks[r]), len(idx)))]:
             out[r, i] = 1.0
     return _restore(out, x.shape, axis)
@@ -128,8 +138,10 @@ def ref_vjp(x, k, g, tau=1.0, axis=-1, mask=None, largest=True, output="probs"):
     p = np.vectorize(_sig)(z)
     dp = p * (1 - p) if output == "probs" else np.ones_like(p)
     s = np.where(valid, g * dp / taus, 0.0)
-    gx = s - s.sum(-1, keepdims=True) * w
-    t = -s * np.where(np.isfinite(z), z, 0.0)  # infinite z does not move with tau
+    # NaN rule: a NaN entry keeps its own term but is a constant for the rest of the row
+    nan = np.isnan(rows)
+    gx = s - np.where(nan, 0.0, s).sum(-1, keepdims=True) * w
+    t = np.where(nan, 0.0, -s * np.where(np.isinf(z), 0.0, z))  # infinite z: no tau effect
     if not largest:
         gx = -gx
     return _restore(gx, x.shape, axis), _restore(t, x.shape, axis)

@@ -61,6 +61,13 @@ class ConformanceReport:
         # (backend, metric) -> {dtype or "": value}
         self.metrics: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
         self.notes: dict[str, list[str]] = defaultdict(list)
+        # backend -> {skip reason: count}; failures as (backend, test id, message)
+        self.skip_reasons: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.failures: list[tuple[str, str, str]] = []
+        #: lines under the title (set by the runner: library, versions, command)
+        self.meta: list[str] = []
+        #: extra ``(title, lines)`` sections after the table (e.g. the mutation proof)
+        self.sections: list[tuple[str, list[str]]] = []
 
     # ----------------------------------------------------------- recording
     def record(self, kind: str, value: float, lib: str, dtype: str = "") -> None:
@@ -84,8 +91,14 @@ class ConformanceReport:
         lib = self.backend.get(report.nodeid, SHARED)
         if report.failed:
             self.counts[lib]["failed"] += 1
+            crash = getattr(report.longrepr, "reprcrash", None)
+            message = crash.message if crash is not None else str(report.longrepr)
+            self.failures.append((lib, report.nodeid, message.strip().splitlines()[0][:200]))
         elif report.skipped and report.when in ("setup", "call"):
             self.counts[lib]["skipped"] += 1
+            longrepr = report.longrepr
+            reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+            self.skip_reasons[lib][reason.removeprefix("Skipped: ")] += 1
         elif report.passed and report.when == "call":
             self.counts[lib]["passed"] += 1
 
@@ -111,11 +124,13 @@ class ConformanceReport:
             {lib for lib in self.counts} | {lib for lib, _ in self.metrics},
             key=lambda s: (s == SHARED, s),
         )
-        lines = [
-            "# topk-core conformance report",
-            "",
+        lines = ["# topk-core conformance report", ""]
+        if self.meta:
+            lines += [*self.meta, ""]
+        args = f"; pytest args: `{' '.join(self.args)}`" if self.args else ""
+        lines += [
             f"Python {platform.python_version()} on {platform.machine()} "
-            f"({platform.system()}); pytest args: `{' '.join(self.args) or '(none)'}`",
+            f"({platform.system()}){args}",
             "",
             "| backend | forward max abs err | gradient max abs err | scaling exponent fwd "
             "| scaling exponent fwd+bwd | passed | failed | skipped |",
@@ -137,4 +152,22 @@ class ConformanceReport:
         notes = [(lib, t) for lib in libs for t in self.notes.get(lib, [])]
         if notes:
             lines += ["", "Notes:", ""] + [f"- {lib}: {t}" for lib, t in notes]
+        skips = [(lib, r, n) for lib in libs for r, n in sorted(self.skip_reasons[lib].items())]
+        if skips:
+            lines += [
+                "",
+                "## Skipped, and why",
+                "",
+                "| backend | reason | tests |",
+                "|---|---|---|",
+            ]
+            lines += [f"| {lib} | {r} | {n} |" for lib, r, n in skips]
+        if self.failures:
+            lines += ["", "## Failures", "", "| backend | test | message |", "|---|---|---|"]
+            lines += [
+                f"| {lib} | `{nodeid}` | {msg.replace('|', '/')} |"
+                for lib, nodeid, msg in self.failures
+            ]
+        for title, body in self.sections:
+            lines += ["", f"## {title}", "", *body]
         return "\n".join(lines) + "\n"

@@ -6,11 +6,10 @@ import warnings
 
 import numpy as np
 import pytest
+from topk_core.conformance.libs import TOLERANCE
+from topk_core.conformance.reference import ref_dftopk, ref_threshold, ref_topk_mask
 
 import topk_core as tk
-
-from .libs import TOLERANCE
-from .reference import ref_dftopk, ref_threshold, ref_topk_mask
 
 
 def _check(lib, out, expected, dtype, *, scale=1.0):
@@ -34,7 +33,7 @@ def _data(rng, shape, dtype, *, ties=False):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_forward_matches_reference(lib, rng, dtype, output):
     if dtype not in lib.dtypes:
-        pytest.skip(f"{lib.name} has no {dtype}")
+        pytest.skip(lib.no_dtype(dtype))
     x = _data(rng, (3, 17), dtype)
     for k in (0, 1, 5, 16, 17):
         fn = tk.dftopk if output == "probs" else tk.dftopk_logits
@@ -144,11 +143,66 @@ def test_k_zero_and_n_finite_never_nan(lib, rng, dtype):
     assert np.all(th == np.inf)
 
 
-def test_nan_propagates(lib):
-    x = np.array([[1.0, np.nan, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
-    p = lib.to_numpy(tk.dftopk(lib.asarray(x), 2))
-    assert np.isnan(p[0, 1])
-    np.testing.assert_allclose(p[1], ref_dftopk(x[1], 2), atol=1e-12)  # other rows unaffected
+NAN = np.nan
+#: rows with NaN: below, at and above the boundary, beside +inf, and a row without
+NAN_ROWS = np.array(
+    [
+        [0.3, NAN, 1.0, -0.5, 2.0],
+        [NAN, 1.0, NAN, np.inf, 0.0],
+        [NAN, NAN, NAN, NAN, NAN],
+        [1.0, 4.0, 3.0, 2.0, 5.0],
+    ]
+)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 5])
+@pytest.mark.parametrize("largest", [True, False])
+def test_nan_ranks_first(lib, k, largest):
+    """NaN ranks above +inf (below -inf for largest=False); topk_mask has exactly k ones."""
+    x = NAN_ROWS
+    xl = lib.asarray(x)
+    kw = {"largest": largest}
+    with np.errstate(invalid="ignore"):
+        p = lib.to_numpy(tk.dftopk(xl, k, tau=0.5, **kw))
+        z = lib.to_numpy(tk.dftopk_logits(xl, k, tau=0.5, **kw))
+        th = lib.to_numpy(tk.topk_threshold(xl, k, **kw))
+        m = lib.to_numpy(tk.topk_mask(xl, k, **kw))
+    np.testing.assert_allclose(p, ref_dftopk(x, k, tau=0.5, **kw), atol=1e-12)
+    np.testing.assert_allclose(z, ref_dftopk(x, k, tau=0.5, output="logits", **kw), atol=1e-12)
+    np.testing.assert_allclose(th, ref_threshold(x, k, **kw), atol=1e-12)
+    np.testing.assert_array_equal(m, ref_topk_mask(x, k, **kw))
+    np.testing.assert_array_equal(m.sum(-1), np.full(4, k))
+    assert np.isnan(p[np.isnan(x)]).all()  # a NaN score never turns into a number
+    np.testing.assert_allclose(p[3], ref_dftopk(x[3], k, tau=0.5, **kw), atol=1e-12)
+
+
+def test_nan_example_from_the_readme(lib):
+    """x = [0.3, nan, 1.0, -0.5, 2.0], k = 2: the NaN and 2.0 are the top 2."""
+    x = lib.asarray(NAN_ROWS[:1])
+    with np.errstate(invalid="ignore"):
+        m = lib.to_numpy(tk.topk_mask(x, 2))
+        th = lib.to_numpy(tk.topk_threshold(x, 2))
+        p = lib.to_numpy(tk.dftopk(x, 2))
+    np.testing.assert_array_equal(m, [[0, 1, 0, 0, 1]])
+    np.testing.assert_array_equal(th, [[1.5]])  # a = 2.0, b = 1.0
+    expected = 1 / (1 + np.exp(-(NAN_ROWS[0] - 1.5)))
+    np.testing.assert_allclose(p, expected[None], atol=1e-12)
+
+
+def test_nan_with_mask_and_per_row_k(lib):
+    """Masked NaN entries are ignored; per-row k follows the same rule."""
+    x = NAN_ROWS
+    mask = np.ones(x.shape, dtype=bool)
+    mask[0, 1] = False  # the NaN of row 0 is masked out
+    mask[1, 0] = False
+    k = np.array([2, 1, 3, 4])
+    with np.errstate(invalid="ignore"):
+        p = lib.to_numpy(tk.dftopk(lib.asarray(x), lib.asarray(k), mask=lib.asarray(mask)))
+        m = lib.to_numpy(tk.topk_mask(lib.asarray(x), lib.asarray(k), mask=lib.asarray(mask)))
+    np.testing.assert_allclose(p, ref_dftopk(x, k, mask=mask), atol=1e-12)
+    np.testing.assert_array_equal(m, ref_topk_mask(x, k, mask=mask))
+    np.testing.assert_array_equal(m.sum(-1), np.minimum(k, mask.sum(-1)))
+    assert not np.isnan(p[0]).any()  # row 0's only NaN is masked
 
 
 def test_huge_float32_values_do_not_overflow(lib):

@@ -2,7 +2,10 @@
 
 For each array library that is installed: its version and device, a forward and
 a gradient check against the NumPy float64 result on the same data, and the
-time of one forward and one forward + backward at n = 1e6 (float32).
+time of one forward and one forward + backward at n = 1e6 (float32), each the
+best of ``--repeats`` calls after warming up until the call time is stable
+(the table says how many warm-up calls that took).  The footer lists the
+settings used.
 """
 
 from __future__ import annotations
@@ -71,14 +74,58 @@ def _sync(name: str, out: Any) -> None:
         cupy.cuda.Device().synchronize()
 
 
-def _timed(fn: Callable[[], Any], name: str, repeats: int) -> float:
-    _sync(name, fn())  # warm-up (and compilation)
-    best = float("inf")
-    for _ in range(repeats):
+#: warm-up stops once this many consecutive calls agree within STABLE_TOL of their fastest
+STABLE_CALLS = 3
+STABLE_TOL = 0.15
+#: ... or after this many calls / seconds, whichever comes first (then it says so)
+MAX_WARMUP_CALLS = 50
+MAX_WARMUP_S = 20.0
+#: the correctness check's settings
+CHECK_SHAPE = (4, 257)
+CHECK_K = 25
+CHECK_TAU = 0.3
+#: the timing's settings (k = n // TIME_K_DIV)
+TIME_TAU = 0.1
+TIME_K_DIV = 10
+
+
+def warm_up(call: Callable[[], float]) -> tuple[int, bool]:
+    """Call until STABLE_CALLS consecutive times agree within STABLE_TOL.
+
+    ``call()`` runs once and returns its time.  Returns ``(calls, stable)``:
+    first calls of a process are often several times slower (lazy
+    initialisation, JIT compilation, allocator and thread-pool warm-up), so one
+    warm-up call is not enough, and how many are needed differs per library.
+
+    Examples
+    --------
+    >>> times = iter([9.0, 5.0, 1.1, 1.0, 1.05, 1.0])
+    >>> warm_up(lambda: next(times))
+    (5, True)
+    """
+    recent: list[float] = []
+    t_end = time.perf_counter() + MAX_WARMUP_S
+    calls = 0
+    while True:
+        recent = (recent + [call()])[-STABLE_CALLS:]
+        calls += 1
+        if len(recent) == STABLE_CALLS and max(recent) <= min(recent) * (1 + STABLE_TOL):
+            return calls, True
+        if calls >= MAX_WARMUP_CALLS or time.perf_counter() > t_end:
+            return calls, False
+
+
+def _timed(fn: Callable[[], Any], name: str, repeats: int) -> tuple[float, str]:
+    """Best of ``repeats`` timed calls after :func:`warm_up`; ``(ms, warm-up note)``."""
+
+    def once() -> float:
         t0 = time.perf_counter()
         _sync(name, fn())
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+        return time.perf_counter() - t0
+
+    calls, stable = warm_up(once)
+    best = min(once() for _ in range(repeats))
+    return best * 1e3, f"{calls}" if stable else f"{calls} (not stable)"
 
 
 def _fwd_bwd(name: str, mod: Any, x: Any, k: int) -> Callable[[], Any]:
@@ -87,44 +134,52 @@ def _fwd_bwd(name: str, mod: Any, x: Any, k: int) -> Callable[[], Any]:
 
         def run():
             xx = x.detach().requires_grad_(True)
-            tk.dftopk(xx, k, tau=0.1).sum().backward()
+            tk.dftopk(xx, k, tau=TIME_TAU).sum().backward()
             return xx.grad
 
         return run
     if name == "jax":
-        grad = mod.jit(mod.grad(lambda v: tk.dftopk(v, k, tau=0.1).sum()))
+        grad = mod.jit(mod.grad(lambda v: tk.dftopk(v, k, tau=TIME_TAU).sum()))
         return lambda: grad(x)
     g = x * 0 + 1
 
     def run():
-        _, vjp = tk.dftopk_and_vjp(x, k, tau=0.1)  # one selection for both
+        _, vjp = tk.dftopk_and_vjp(x, k, tau=TIME_TAU)  # one selection for both
         return vjp(g)[0]
 
     return run
 
 
+#: how each library's forward + backward is timed (named in the footer)
+BACKWARD = {
+    "torch": "autograd .backward()",
+    "jax": "jax.jit(jax.grad)",
+}
+BACKWARD_DEFAULT = "dftopk_and_vjp (one selection for forward and VJP)"
+
+
 def check(name: str, n: int, repeats: int) -> dict[str, Any]:
     mod, to_lib, to_np = _prepare(name)
     rng = np.random.default_rng(0)
-    x64 = rng.standard_normal((4, 257))
+    x64 = rng.standard_normal(CHECK_SHAPE)
     g64 = rng.standard_normal(x64.shape)
-    ref = tk.dftopk(x64, 25, tau=0.3)
-    ref_grad, _ = tk.dftopk_vjp(x64, 25, g64, tau=0.3)
+    ref = tk.dftopk(x64, CHECK_K, tau=CHECK_TAU)
+    ref_grad, _ = tk.dftopk_vjp(x64, CHECK_K, g64, tau=CHECK_TAU)
     x = to_lib(x64)
-    fwd_err = float(np.max(np.abs(to_np(tk.dftopk(x, 25, tau=0.3)) - ref)))
-    grad, _ = tk.dftopk_vjp(x, 25, to_lib(g64), tau=0.3)
+    fwd_err = float(np.max(np.abs(to_np(tk.dftopk(x, CHECK_K, tau=CHECK_TAU)) - ref)))
+    grad, _ = tk.dftopk_vjp(x, CHECK_K, to_lib(g64), tau=CHECK_TAU)
     grad_err = float(np.max(np.abs(to_np(grad) - ref_grad)))
     if name == "torch":
         xx = x.clone().requires_grad_(True)
-        (tk.dftopk(xx, 25, tau=0.3) * to_lib(g64)).sum().backward()
+        (tk.dftopk(xx, CHECK_K, tau=CHECK_TAU) * to_lib(g64)).sum().backward()
         grad_err = max(grad_err, float(np.max(np.abs(to_np(xx.grad) - ref_grad))))
     elif name == "jax":
-        gj = mod.grad(lambda v: (tk.dftopk(v, 25, tau=0.3) * g64).sum())(x)
+        gj = mod.grad(lambda v: (tk.dftopk(v, CHECK_K, tau=CHECK_TAU) * g64).sum())(x)
         grad_err = max(grad_err, float(np.max(np.abs(to_np(gj) - ref_grad))))
     xt = to_lib(rng.standard_normal(n).astype(np.float32))
-    k = n // 10
-    fwd_ms = _timed(lambda: tk.dftopk(xt, k, tau=0.1), name, repeats)
-    bwd_ms = _timed(_fwd_bwd(name, mod, xt, k), name, repeats)
+    k = n // TIME_K_DIV
+    fwd_ms, fwd_warm = _timed(lambda: tk.dftopk(xt, k, tau=TIME_TAU), name, repeats)
+    bwd_ms, bwd_warm = _timed(_fwd_bwd(name, mod, xt, k), name, repeats)
     ok = fwd_err < 1e-9 and grad_err < 1e-9
     return {
         "library": name,
@@ -135,7 +190,25 @@ def check(name: str, n: int, repeats: int) -> dict[str, Any]:
         "check": "ok" if ok else "FAIL",
         f"fwd ms (n={n:.0e})": f"{fwd_ms:.2f}",
         "fwd+bwd ms": f"{bwd_ms:.2f}",
+        "warm-up calls fwd / fwd+bwd": f"{fwd_warm} / {bwd_warm}",
     }
+
+
+def footer(n: int, repeats: int, names: list[str]) -> list[str]:
+    """The settings the table was made with (the same constants the code used)."""
+    k = n // TIME_K_DIV
+    bwd = "; ".join(
+        f"{lib}: {BACKWARD.get(lib, BACKWARD_DEFAULT)}" for lib in names if lib != "cupy"
+    )
+    return [
+        f"check: x of shape {CHECK_SHAPE} float64, k = {CHECK_K}, tau = {CHECK_TAU}, "
+        f"random cotangent; errors = max |difference| from NumPy float64 (ok below 1e-9)",
+        f"timing: 1-d x of n = {n} float32, k = n/{TIME_K_DIV} = {k}, tau = {TIME_TAU}; "
+        f"forward = dftopk; forward + backward = {bwd}",
+        f"each time: best of {repeats} calls after warm-up calls until {STABLE_CALLS} in a row "
+        f"agree within {STABLE_TOL:.0%} (at most {MAX_WARMUP_CALLS} calls / "
+        f"{MAX_WARMUP_S:.0f} s; 'not stable' when that limit ended it)",
+    ]
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -153,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Check and time DFTopK on every installed array library.",
     )
     parser.add_argument("--n", type=int, default=1_000_000, help="size of the timed 1-d input")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (best is shown)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed calls after warm-up (best is shown)"
+    )
     parser.add_argument(
         "--libraries", default=",".join(LIBRARIES), help="comma-separated subset of: %(default)s"
     )
@@ -187,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if full:  # align rows of absent libraries to the full header
         rows = [{k: r.get(k, "") for k in full[0]} for r in rows]
     print(_table(rows))
-    print("k = n/10, tau = 0.1, float32; best of repeats; errors vs NumPy float64 (n=4x257)")
+    print("\n".join(footer(args.n, args.repeats, names)))
     return 1 if failed else 0
 
 

@@ -175,8 +175,8 @@ def vjp(
     s = g * sigmoid_grad(xp, z) if output == "probs" else g
     s, grad_x = vjp_from_s(xp, x, a, b, s, tau, valid)
     # dz/dtau = -z/tau; infinite z (masked, or infinite x) stays infinite whatever tau is,
-    # so those entries contribute 0
-    t = -s * xp.where(xp.isfinite(z), z, zero)
+    # so those entries contribute 0; NaN entries of x are constants (NaN rule)
+    t = xp.where(xp.isnan(x), zero, -s * xp.where(xp.isinf(z), zero, z))
     return grad_x, t
 
 
@@ -188,12 +188,16 @@ def vjp_from_s(
     Returns ``(s / tau with masked entries 0, grad_x)``.  Split out of :func:`vjp`
     so that an adapter with a cheaper ``g * p (1 - p)`` (e.g. from a saved output)
     reuses the threshold term instead of restating it.
+
+    NaN rule: a NaN entry of ``x`` keeps its own ``s`` (NaN for probabilities)
+    but is left out of ``sum(s)``, so NaN never flows into the other entries.
     """
     if not (isinstance(tau, float) and tau == 1.0):
         s = s / tau
+    zero = xp.asarray(0.0, dtype=s.dtype)
     if valid is not None:
-        s = xp.where(valid, s, xp.asarray(0.0, dtype=s.dtype))
-    total = xp.sum(s, axis=-1, keepdims=True)
+        s = xp.where(valid, s, zero)
+    total = xp.sum(xp.where(xp.isnan(x), zero, s), axis=-1, keepdims=True)
     eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid)
     wa = xp.astype(wa, s.dtype)
     wb = xp.astype(wb, s.dtype)
@@ -212,7 +216,12 @@ def jvp(
     valid: Array | None,
     output: str = "probs",
 ) -> Array:
-    """Closed-form JVP: ``dz = (u - w.u) / tau - z dtau / tau``; ``dp = p(1-p) dz``."""
+    """Closed-form JVP: ``dz = (u - w.u) / tau - z dtau / tau``; ``dp = p(1-p) dz``.
+
+    NaN rule: at a NaN entry of ``x`` only its own term ``u / tau`` is kept (so
+    ``dp`` is NaN there); it does not move with the threshold or ``tau``.  The
+    transpose (reverse mode in JAX) then never sends NaN to the other entries.
+    """
     zero = xp.asarray(0.0, dtype=z.dtype)
     if valid is not None:
         u = xp.where(valid, u, zero)
@@ -221,11 +230,13 @@ def jvp(
     dtheta = dtheta + xp.astype(wb, z.dtype) * xp.sum(
         xp.where(eq_b, u, zero), axis=-1, keepdims=True
     )
-    dz = u - dtheta
+    x_nan = xp.isnan(x)
+    if tau_tangent is not None:
+        # zeroed coefficient (not only a zeroed product): its transpose multiplies by it
+        dtheta = dtheta + xp.where(xp.isinf(z) | x_nan, zero, z) * tau_tangent
+    dz = u - xp.where(x_nan, zero, dtheta)
     if not (isinstance(tau, float) and tau == 1.0):
         dz = dz / tau
-    if tau_tangent is not None:
-        dz = dz - xp.where(xp.isfinite(z), z, zero) * (tau_tangent / tau)
     if valid is not None:
         dz = xp.where(valid, dz, zero)
     if output == "probs":

@@ -21,7 +21,7 @@ from ._registry import Backend, get_backend, library_name
 
 Array = Any
 
-__all__ = ["Problem", "prepare", "normalise_like_tau", "reduce_to_tau"]
+__all__ = ["Problem", "host_values", "prepare", "normalise_like_tau", "reduce_to_tau"]
 
 
 @dataclass
@@ -266,6 +266,26 @@ def prepare(
     return pb
 
 
+def host_values(backend: Backend, arr: Any) -> Any | None:
+    """``arr`` (or a host copy of it) when its values can be read at no cost, else None.
+
+    Eager backends (NumPy, array-api-strict): always.  Others through their
+    ``host_values`` hook: torch CPU tensors in eager mode, concrete JAX arrays on
+    the CPU; never under tracing or compilation, on a GPU, or for lazy libraries
+    (Dask), where reading would compute, synchronise or break the trace.
+    """
+    if backend.eager:
+        return arr
+    if backend.host_values is None:
+        return None
+    return backend.host_values(arr)
+
+
+def _all_positive_finite(values: Any) -> bool:
+    vxp = array_api_compat.array_namespace(values)
+    return bool(vxp.all(values > 0) & vxp.all(vxp.isfinite(values)))
+
+
 def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
     xp = pb.xp
     if _is_bool(tau):
@@ -275,9 +295,10 @@ def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
         if not (math.isfinite(tau) and tau > 0):
             raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
         return tau, None
-    if isinstance(tau, numbers.Number):
+    if isinstance(tau, numbers.Number) or library_name(tau) is None:
         raise TypeError(
-            f"tau must be a positive float or a positive array, got {type(tau).__name__}"
+            f"tau must be a finite float > 0 or a positive floating array of x's library "
+            f"({lib}), got {type(tau).__name__} {tau!r:.40}"
         )
     _check_same_library(tau, "tau", lib)
     if not xp.isdtype(tau.dtype, "real floating"):
@@ -289,8 +310,12 @@ def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
             f"(keep the axis, with size 1, for a per-row temperature)"
         )
     _check_device(xp, tau, "tau", pb.device)
-    if pb.backend.eager and not bool(xp.all(tau > 0) & xp.all(xp.isfinite(tau))):
-        raise ValueError("tau must be finite and > 0 everywhere")
+    values = host_values(pb.backend, tau)
+    if values is not None and not _all_positive_finite(values):
+        raise ValueError(
+            "tau must be finite and > 0 everywhere (an array tau is checked wherever its "
+            "values are concrete: NumPy, torch CPU tensors in eager mode, concrete JAX arrays)"
+        )
     return normalise_like_tau(pb, tau, tau_shape, pb.compute_dtype), tau_shape
 
 

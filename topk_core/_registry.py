@@ -3,7 +3,10 @@
 A backend is looked up from the *type* of the input array (the top-level module
 that defines it), so finding one never imports a framework the caller has not
 already imported.  Built-in backends are registered as import paths and loaded
-on first use.
+on first use.  Any other array that array-api-compat recognises (one with
+``__array_namespace__``, or one of the libraries array-api-compat wraps, such
+as Dask, ndonnx or pydata sparse) runs on the generic Array API backend unless
+a backend was registered for its library.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import array_api_compat
 
 __all__ = ["Backend", "get_backend", "library_name", "register_backend"]
 
@@ -33,8 +38,11 @@ class Backend:
         Python int in ``[0, n]`` or an integer array of shape ``x.shape[:-1] +
         (1,)`` with values in ``[0, n]``.  Returns the k-th and (k+1)-th largest
         values along the last axis, each of shape ``x.shape[:-1] + (1,)``, with
-        the sentinels ``x_(0) = +inf`` and ``x_(n+1) = -inf``.  ``None`` uses
-        the generic sort-based selection.
+        the sentinels ``x_(0) = +inf`` and ``x_(n+1) = -inf``.  NaN ranks
+        above ``+inf`` (as ``np.sort``/``torch.sort`` order it): with ``m``
+        NaN entries in a row, ``a`` is NaN for ``1 <= k <= m`` and ``b`` is NaN
+        for ``k + 1 <= m``.  ``None`` uses the generic Array API selection
+        (:mod:`topk_core.backends.generic`).
     eager : bool
         True when array values may be inspected on the host without a device
         synchronisation or tracing (NumPy, array-api-strict).  Enables value
@@ -52,6 +60,13 @@ class Backend:
     compute_dtype : callable, optional
         ``compute_dtype(xp, dtype) -> dtype`` for the elementwise math; the
         default computes float16/bfloat16 in float32.
+    host_values : callable, optional
+        ``host_values(arr) -> array or None``: for a backend that is not
+        ``eager``, ``arr``'s values as an array that can be read on the host at
+        no cost (a CPU tensor in eager mode, a concrete JAX array's NumPy
+        view), or None where reading them would need a device synchronisation
+        or break a trace or compilation.  Enables the value checks of
+        ``eager`` backends wherever values are concrete.
     """
 
     name: str
@@ -60,6 +75,7 @@ class Backend:
     sigmoid: Callable[[Any], Any] | None = None
     apply: Callable[..., Any] | None = None
     compute_dtype: Callable[[Any, Any], Any] | None = None
+    host_values: Callable[[Any], Any] | None = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily
@@ -78,6 +94,12 @@ def library_name(obj: Any) -> str | None:
     """Name of the array library that owns ``obj``, or None if not an array.
 
     Uses the type's defining module only, so no framework is imported.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> library_name(np.ones(2)), library_name([1.0, 2.0])
+    ('numpy', None)
     """
     module = type(obj).__module__ or ""
     root = module.split(".", 1)[0]
@@ -86,8 +108,10 @@ def library_name(obj: Any) -> str | None:
         return "jax"
     if root in _REGISTRY:
         return root
-    if hasattr(obj, "__array_namespace__"):
-        return root
+    # array-api-compat knows the arrays it wraps (dask.array, ndonnx, sparse, ...) by
+    # type name, from modules already imported: it imports no framework either
+    if hasattr(obj, "__array_namespace__") or array_api_compat.is_array_api_obj(obj):
+        return root or None
     return None
 
 

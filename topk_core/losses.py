@@ -27,9 +27,12 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import array_api_compat
+
 from . import _math
 from ._api import dftopk_logits, topk_mask
-from ._problem import _check_same_library, _is_bool, check_x
+from ._problem import _check_same_library, _is_bool, check_x, host_values
+from ._registry import get_backend
 
 Array = Any
 
@@ -257,6 +260,33 @@ def _check_weights(weights: Any, n_terms: int) -> list[float]:
     return out
 
 
+def _check_stage_sizes(lib: str, prev: Any, cur: Any, j: int) -> None:
+    """A cascade stage keeps at most what the stage before it kept.
+
+    Array ``k`` values are compared wherever they are concrete (see
+    :func:`topk_core._problem.host_values`); under tracing or on lazy or GPU
+    arrays they are not read.
+    """
+    if isinstance(prev, numbers.Integral) and isinstance(cur, numbers.Integral):
+        if cur > prev:
+            raise ValueError(
+                f"k must be non-increasing along the cascade (a stage keeps at most what "
+                f"the stage before it kept), got k[{j}] = {cur} > k[{j - 1}] = {prev}"
+            )
+        return
+    backend = get_backend(lib)
+    hv = [v if isinstance(v, numbers.Integral) else host_values(backend, v) for v in (prev, cur)]
+    if any(v is None for v in hv):
+        return
+    arrays = [v for v in hv if not isinstance(v, numbers.Integral)]
+    vxp = array_api_compat.array_namespace(*arrays)
+    if bool(vxp.any(hv[1] > hv[0])):
+        raise ValueError(
+            f"k must be non-increasing along the cascade (a stage keeps at most what the "
+            f"stage before it kept), but k[{j}] > k[{j - 1}] in some rows"
+        )
+
+
 def _check_log_vars(xp: Any, log_vars: Any, lib: str, n_terms: int) -> None:
     _check_same_library(log_vars, "log_vars", lib)
     if not xp.isdtype(log_vars.dtype, "real floating"):
@@ -317,7 +347,9 @@ def cascade_joint_loss(
     k : int, integer array, or a list/tuple of them (one per stage)
         How many candidates each stage keeps; a single value is used for
         every stage.  The last stage's ``k`` defines the true top-k set of
-        the end-to-end term.  Usually non-increasing (e.g. ``(100, 10)``).
+        the end-to-end term.  Non-increasing (e.g. ``(100, 10)``): a later
+        stage keeping more than an earlier one is a ``ValueError`` (array
+        values are compared wherever they are concrete).
     tau : float, array, or a list/tuple of them (one per stage), default 1.0
         DFTopK temperature(s).
     mask : bool array, optional
@@ -349,7 +381,8 @@ def cascade_joint_loss(
         arrays, mixed stage dtypes, bad ``weights``/``log_vars`` types.
     ValueError
         Fewer than two stages, shape mismatches, bad ``k``/``tau``/``axis``,
-        wrong number of weights, both ``weights`` and ``log_vars``,
+        stage sizes ``k`` that increase along the cascade, wrong number of
+        weights, both ``weights`` and ``log_vars``,
         ``reduction="none"``.
 
     Examples
@@ -414,6 +447,8 @@ def cascade_joint_loss(
     stage_terms = []
     for j in range(n_stages):
         z = dftopk_logits(stage_scores[j], ks[j], tau=taus[j], axis=axis, mask=mask)
+        if j:  # k[j] is valid now (dftopk_logits checked it)
+            _check_stage_sizes(lib, ks[j - 1], ks[j], j)
         z = xp.astype(z, cdt, copy=False)
         y = topk_mask(relevance, ks[j], axis=axis, mask=mask) > 0.5
         zs.append(z)

@@ -6,10 +6,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from topk_core.conformance.reference import ref_dftopk, ref_topk_mask, ref_vjp
 
 import topk_core as tk
-
-from .reference import ref_dftopk, ref_topk_mask, ref_vjp
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 

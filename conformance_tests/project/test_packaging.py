@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 import topk_core
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run(cmd, cwd, env=None, timeout=600):
@@ -49,7 +50,7 @@ def test_subpackages_installed_under_topk_core():
     assert importlib.import_module("topk_core.adapters").__name__ == "topk_core.adapters"
 
 
-MODULES = ["topk_core._api", "topk_core._registry"]
+MODULES = ["topk_core._api", "topk_core._registry", "topk_core.backends.generic"]
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -62,7 +63,15 @@ def test_docstring_examples_run(module):
 
 @pytest.mark.slow
 def test_wheel_installs_and_runs_outside_checkout(tmp_path):
-    """Build the wheel, install it into a fresh venv, use it from elsewhere."""
+    """Build the wheel, install it into a fresh venv, use it from elsewhere, including
+    the conformance suite's entry point (with its mutation proof)."""
+    import setuptools
+
+    if _version(setuptools.__version__) < (70, 1) and importlib.util.find_spec("wheel") is None:
+        pytest.skip(
+            f"setuptools {setuptools.__version__} has no bdist_wheel without the 'wheel' "
+            f"package; pip install -e '.[test]' installs setuptools>=70.1"
+        )
     dist = tmp_path / "dist"
     _run(
         [
@@ -86,6 +95,11 @@ def test_wheel_installs_and_runs_outside_checkout(tmp_path):
     assert "topk_core/backends/numpy_backend.py" in names
     assert "topk_core/py.typed" in names
     assert not any(n.startswith(("backends/", "adapters/", "conformance_tests/")) for n in names)
+    # the third-party suite ships, the project's own tests do not
+    assert "topk_core/conformance/test_contract.py" in names
+    assert "topk_core/conformance/conformance.ini" in names
+    assert "topk_core/conformance/__main__.py" in names
+    assert not any(n.startswith("topk_core/conformance/project/") for n in names)
     venv = tmp_path / "venv"
     # reuse this interpreter's site-packages for numpy/array-api-compat: no network needed
     _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path)
@@ -117,6 +131,21 @@ def test_wheel_installs_and_runs_outside_checkout(tmp_path):
     )
     out = _run([str(py), "-c", code], cwd=tmp_path, env=env)
     assert out.strip() == "[0.7311, 0.0474, 0.2689]"
+    # the installable conformance suite, from outside the checkout
+    report = tmp_path / "strict.md"
+    args = ["--array-module", "array_api_strict", "--no-scaling", "--report", str(report)]
+    env = {k: v for k, v in env.items() if not k.startswith("TOPK_CONFORMANCE_")}
+    out = _run([str(py), "-m", "topk_core.conformance", *args], cwd=tmp_path, env=env)
+    assert " 0 failed" in out and "6/6 planted bugs caught" in out, out
+    text = report.read_text()
+    assert str(tmp_path / "target") in _run(
+        [str(py), "-c", "import topk_core.conformance as c; print(c.__file__)"], tmp_path, env
+    )
+    assert "| array_api_strict |" in text and "6/6 planted bugs caught" in text
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
 
 
 def test_version():
@@ -141,6 +170,12 @@ def test_doctor_runs_and_reports(tmp_path):
     lines = [ln for ln in out.splitlines() if ln.startswith("| numpy") or ln.startswith("| array")]
     assert len(lines) == 2
     assert all("| ok " in ln for ln in lines)
+    assert "warm-up calls" in out
+    # the footer names the settings the run used
+    assert "n = 20000 float32, k = n/10 = 2000, tau = 0.1" in out
+    assert "check: x of shape (4, 257) float64, k = 25, tau = 0.3" in out
+    assert "best of 1 calls after warm-up" in out
+    assert "numpy: dftopk_and_vjp" in out
 
 
 def test_doctor_rejects_bad_arguments(tmp_path):

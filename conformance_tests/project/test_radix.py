@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from topk_core.backends import numpy_backend
 from topk_core.backends.numpy_backend import SHIMS, NumpyShims
+from topk_core.conformance.reference import ref_dftopk
 
 import topk_core as tk
 from topk_core._radix import (
@@ -26,8 +27,6 @@ from topk_core._radix import (
     keys_to_float,
     radix_select_pair,
 )
-
-from .reference import ref_dftopk
 
 DTYPES = (np.float16, np.float32, np.float64)
 DIGIT_BITS = (1, 2, 3, 4, 5, 8, 11, 16)

@@ -17,11 +17,10 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
 from jax.test_util import check_grads  # noqa: E402
+from topk_core.conformance.libs import TOLERANCE  # noqa: E402
+from topk_core.conformance.reference import ref_dftopk, ref_vjp  # noqa: E402
 
 import topk_core as tk  # noqa: E402
-
-from .libs import TOLERANCE  # noqa: E402
-from .reference import ref_dftopk, ref_vjp  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not jax.config.read("jax_enable_x64"), reason="float64 cases need jax x64 (set in conftest)"

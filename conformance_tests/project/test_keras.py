@@ -1,7 +1,7 @@
 """Keras 3 ``SoftTopK`` layer (``topk_core.adapters.keras``) on the JAX and PyTorch backends.
 
 Keras fixes its backend at import, so each backend runs in its own process
-(:mod:`conformance_tests.keras_worker`, bounded by a timeout and ended by
+(:mod:`conformance_tests.project.keras_worker`, bounded by a timeout and ended by
 ``subprocess.run``): it trains a small model in ``model.fit``, compares it with
 ``topk_core`` on the same weights, and saves / reloads it.  About 10 s (torch)
 and 20 s (JAX) on 2 shared cores.
@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("keras") is None,
@@ -30,7 +30,7 @@ def _worker(backend: str, out_dir: pathlib.Path, timeout: float = 300) -> dict:
     env = {**os.environ, "KERAS_BACKEND": backend}
     env.pop("JAX_ENABLE_X64", None)  # Keras' default float32 world, not the suite's x64
     proc = subprocess.run(
-        [sys.executable, "-m", "conformance_tests.keras_worker", str(out_dir)],
+        [sys.executable, "-m", "conformance_tests.project.keras_worker", str(out_dir)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -1,4 +1,9 @@
-"""Fixtures and options of the conformance suite.
+"""The conformance suite's pytest plugin: options and fixtures.
+
+Loaded explicitly, never through an entry point (so it never enters another
+project's pytest run): ``python -m topk_core.conformance`` passes ``-p
+topk_core.conformance.plugin``, and topk-core's own ``pyproject.toml`` adds the
+same to the project's test runs.
 
 ``lib`` runs a test once per array library (skipping absent ones).  Options
 (each also settable by an environment variable; the option wins):
@@ -22,9 +27,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-
-from .libs import BUILTIN_LIBS, TOLERANCE, ArrayLib, third_party_lib
-from .report import METRICS, ConformanceReport
+from topk_core.conformance.libs import BUILTIN_LIBS, TOLERANCE, ArrayLib, third_party_lib
+from topk_core.conformance.report import METRICS, ConformanceReport
 
 os.environ.setdefault("JAX_ENABLE_X64", "1")  # float64 cases need it; set before jax loads
 
@@ -98,6 +102,10 @@ def pytest_configure(config: pytest.Config) -> None:
             library = library_name(lib.asarray(np.zeros(1), lib.dtypes[-1]))
             topk_core.register_backend(library, _load_backend(spec))
 
+    # a report object handed in by the runner (pytest.main(..., plugins=[report]))
+    for plugin in config.pluginmanager.get_plugins():
+        if isinstance(plugin, ConformanceReport):
+            config.stash[_REPORT] = plugin
     path = config.getoption("conformance_report")
     if path:
         report = ConformanceReport(path, list(config.invocation_params.args))

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from topk_core.conformance.plugin import tol
+from topk_core.conformance.reference import ref_topk_mask, ref_vjp
 
 import topk_core as tk
-
-from .conftest import tol
-from .reference import ref_topk_mask, ref_vjp
 
 
 def _tied_scores(rng, shape):

@@ -1,8 +1,8 @@
 """The suite's plumbing: --array-module, --backend, the report, and the mutants.
 
 The full mutation proof (every mutant caught by the forward, gradient and
-contract files) is ``python -m conformance_tests.mutation_proof``; it also
-runs here under ``-m slow``.
+contract files) is ``python -m topk_core.conformance.mutation_proof``; it also
+runs here under ``-m slow`` (and after every ``python -m topk_core.conformance``).
 """
 
 from __future__ import annotations
@@ -14,20 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from topk_core.conformance import mutants
+from topk_core.conformance.mutation_proof import main as proof_main
 
 import topk_core
 from topk_core import _api, _math
 from topk_core._registry import get_backend
 
-from . import mutants
-from .mutation_proof import main as proof_main
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
+OFF_BY_ONE = "--backend=topk_core.conformance.mutants:OFF_BY_ONE_K"
 
 
 def _pytest(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TOPK_CONFORMANCE_")}
-    clean["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), clean.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
     return subprocess.run(
         cmd, cwd=ROOT, env=clean | (env or {}), capture_output=True, text=True, timeout=300
@@ -112,7 +111,9 @@ def test_backend_option_registers_the_backend():
     args = ("conformance_tests/test_contract.py", "-k", "agrees and float32 and random")
     ok = _pytest(*args, "--array-module=array_api_strict")
     bad = _pytest(
-        *args, "--array-module=array_api_strict", "--backend=conformance_tests.mutants:OFF_BY_ONE_K"
+        *args,
+        "--array-module=array_api_strict",
+        "--backend=topk_core.conformance.mutants:OFF_BY_ONE_K",
     )
     assert ok.returncode == 0, ok.stdout[-2000:]
     assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
@@ -123,13 +124,19 @@ def test_backend_option_registers_the_backend():
     ("args", "message"),
     [
         (["--array-module=no_such_array_lib_xyz"], "cannot import 'no_such_array_lib_xyz'"),
-        (["--backend=conformance_tests.mutants:OFF_BY_ONE_K"], "--backend needs --array-module"),
+        (
+            ["--backend=topk_core.conformance.mutants:OFF_BY_ONE_K"],
+            "--backend needs --array-module",
+        ),
         (["--array-module=numpy", "--backend=nocolon"], "must look like 'package.module:ATTR'"),
-        (["--array-module=numpy", "--backend=conformance_tests.mutants:ENV"], "not a topk_core"),
+        (
+            ["--array-module=numpy", "--backend=topk_core.conformance.mutants:ENV"],
+            "not a topk_core",
+        ),
     ],
 )
 def test_bad_options_are_usage_errors(args, message):
-    proc = _pytest("conformance_tests/test_mutation.py", "--co", *args)
+    proc = _pytest("conformance_tests/project/test_mutation.py", "--co", *args)
     assert proc.returncode == 4, proc.stdout[-1000:] + proc.stderr[-1000:]
     assert message in proc.stderr
 

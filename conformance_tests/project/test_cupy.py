@@ -18,13 +18,12 @@ import numpy as np
 import pytest
 from topk_core.backends import cupy_backend
 from topk_core.backends.numpy_backend import NumpyShims
+from topk_core.conformance.libs import BUILTIN_LIBS
+from topk_core.conformance.reference import ref_dftopk, ref_vjp
 
 import topk_core as tk
 from topk_core import _math
 from topk_core._radix import radix_select_pair
-
-from .libs import BUILTIN_LIBS
-from .reference import ref_dftopk, ref_vjp
 
 CUPY = BUILTIN_LIBS["cupy"]
 _REASON = CUPY.unavailable()

@@ -12,10 +12,9 @@ torch = pytest.importorskip("torch")
 
 from topk_core.adapters.torch_adapter import DFTopKFunction, SoftTopK  # noqa: E402
 from topk_core.backends import torch_backend  # noqa: E402
+from topk_core.conformance.reference import ref_dftopk, ref_vjp  # noqa: E402
 
 import topk_core  # noqa: E402
-
-from .reference import ref_dftopk, ref_vjp  # noqa: E402
 
 F64 = torch.float64
 SEED = 20251011

@@ -1,7 +1,7 @@
 """Subprocess body of ``test_keras.py``: one Keras backend per process.
 
 Keras fixes its backend at import (``KERAS_BACKEND``), so the test runs this
-module once per backend: ``python -m conformance_tests.keras_worker OUT_DIR``.
+module once per backend: ``python -m conformance_tests.project.keras_worker OUT_DIR``.
 It trains a small model with three ``SoftTopK`` heads (learnable-tau
 probabilities, logits, straight-through hard) in ``model.fit``, compares every
 head with ``topk_core`` on the same weights, checks the hard head's gradient

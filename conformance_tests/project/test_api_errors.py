@@ -1,0 +1,61 @@
+"""Project checks of the public API's errors and registry that are not about one
+third-party library (NumPy/torch/JAX specifics, mixing libraries, the registry)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from topk_core.conformance.reference import ref_vjp
+
+import topk_core as tk
+
+
+def _strict_x():
+    s = pytest.importorskip("array_api_strict")
+    return s.asarray(np.ones((2, 5)))
+
+
+def test_complex_x_rejected():
+    with pytest.raises(TypeError, match=r"x must have a real floating dtype.*complex"):
+        tk.dftopk(np.ones(3, dtype=np.complex128), 1)
+
+
+def test_mixed_libraries_for_k_and_tau():
+    s = pytest.importorskip("array_api_strict")
+    x = np.ones((2, 5))
+    with pytest.raises(TypeError, match=r"x is a numpy array but k is a array_api_strict array"):
+        tk.dftopk(x, s.asarray([1, 2]))
+    with pytest.raises(TypeError, match=r"x is a numpy array but tau is a array_api_strict array"):
+        tk.dftopk(x, 1, tau=s.asarray([[1.0], [1.0]]))
+
+
+def test_array_tau_checked_on_torch_cpu_and_concrete_jax():
+    """The cases a new user tripped over: torch CPU and concrete JAX arrays."""
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    x = np.ones((2, 4))
+    for mod in (torch.tensor, jax.numpy.asarray, lambda a: torch.nn.Parameter(torch.tensor(a))):
+        with pytest.raises(ValueError, match=r"tau must be finite and > 0"):
+            tk.dftopk(mod(x), 1, tau=mod(np.array([[1.0], [0.0]])))
+    # traced: not read (that would break the trace), no error
+    f = jax.jit(lambda x, t: tk.dftopk(x, 1, tau=t))
+    assert f(jax.numpy.asarray(x), jax.numpy.asarray(np.array([[1.0], [-1.0]]))).shape == (2, 4)
+
+
+def test_register_backend_errors():
+    with pytest.raises(TypeError, match=r"library must be a non-empty str"):
+        tk.register_backend("", "m:a")
+    with pytest.raises(TypeError, match=r"backend must be a topk_core.Backend"):
+        tk.register_backend("mylib", 3)
+
+
+def test_jax_grad_with_concrete_mask_and_k():
+    """Traced x (no device) beside concrete mask/k arrays (a device) is fine."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    x = jnp.asarray(np.linspace(-1.0, 1.0, 6))
+    mask = jnp.asarray(np.array([True, True, False, True, True, True]))
+    k = jnp.asarray(np.array(2))
+    g = jax.grad(lambda v: tk.dftopk(v, k, mask=mask).sum())(x)
+    ref, _ = ref_vjp(np.linspace(-1.0, 1.0, 6), 2, np.ones(6), mask=np.asarray(mask))
+    np.testing.assert_allclose(np.asarray(g), ref, atol=1e-9)

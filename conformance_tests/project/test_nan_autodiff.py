@@ -1,0 +1,60 @@
+"""The NaN rule through each framework's own autodiff (torch autograd, jax.grad).
+
+A loss that drops the NaN outputs (``where(isnan(p), 0, p)``) gets finite
+gradients everywhere but at the NaN scores themselves, equal to the closed-form
+VJP; grad_tau stays finite.  The closed forms are checked on every library in
+``test_gradients.py::test_nan_entries_are_constants_for_gradients``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import topk_core as tk
+
+X = np.array([[0.3, np.nan, 1.0, -0.5, 2.0, 0.7], [1.0, 2.0, np.nan, 4.0, 0.5, -1.0]])
+G = np.array([[0.5, 1.0, -1.0, 2.0, 0.25, -0.3], [1.5, -0.5, 2.0, 0.1, -1.2, 0.8]])
+TAU = np.array([[0.6], [1.4]])
+
+
+def _expected(output: str):
+    g = np.where(np.isnan(X), 0.0, G)  # the cotangent a NaN-dropping loss sends back
+    with np.errstate(invalid="ignore"):
+        return tk.dftopk_vjp(X, 2, g, tau=TAU, output=output)
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_torch_autograd_follows_the_nan_rule(output):
+    torch = pytest.importorskip("torch")
+    x = torch.tensor(X, requires_grad=True)
+    tau = torch.tensor(TAU, requires_grad=True)
+    fn = tk.dftopk if output == "probs" else tk.dftopk_logits
+    out = fn(x, 2, tau=tau)
+    loss = (torch.where(out.isnan(), 0.0, out) * torch.tensor(G)).sum()
+    loss.backward()
+    gx, gtau = _expected(output)
+    ok = ~np.isnan(X)
+    np.testing.assert_allclose(x.grad.numpy()[ok], gx[ok], atol=1e-12)
+    assert np.isfinite(x.grad.numpy()[ok]).all()
+    np.testing.assert_allclose(tau.grad.numpy(), gtau, atol=1e-12)
+    assert np.isfinite(tau.grad.numpy()).all()
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_jax_grad_follows_the_nan_rule(output):
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    fn = tk.dftopk if output == "probs" else tk.dftopk_logits
+
+    def loss(x, tau):
+        out = fn(x, 2, tau=tau)
+        return jnp.sum(jnp.where(jnp.isnan(out), 0.0, out) * jnp.asarray(G))
+
+    gx_j, gtau_j = jax.grad(loss, argnums=(0, 1))(jnp.asarray(X), jnp.asarray(TAU))
+    gx, gtau = _expected(output)
+    ok = ~np.isnan(X)
+    np.testing.assert_allclose(np.asarray(gx_j)[ok], gx[ok], atol=1e-12)
+    assert np.isfinite(np.asarray(gx_j)[ok]).all()
+    np.testing.assert_allclose(np.asarray(gtau_j), gtau, atol=1e-12)
+    assert np.isfinite(np.asarray(gtau_j)).all()
