@@ -28,7 +28,7 @@ def select(pb: Problem) -> tuple[Array, Array]:
     x = pb.x
     if pb.valid is not None:
         x = xp.where(pb.valid, x, xp.asarray(-xp.inf, dtype=x.dtype))
-    select_pair = pb.backend.select_pair
+    select_pair = pb.backend.select_pair if pb.group is None else pb.group.select_pair
     if select_pair is None:
         from .backends.generic import select_pair
     return select_pair(xp, x, pb.k)
@@ -58,9 +58,9 @@ def _check_output(output: Any) -> None:
         raise ValueError(f"output must be 'probs' or 'logits', got {output!r}")
 
 
-def _run(x, k, tau, axis, mask, largest, output: Output) -> Array:
-    pb = prepare(x, k, tau, axis, mask, largest)
-    apply = pb.backend.apply
+def _run(x, k, tau, axis, mask, largest, output: Output, group) -> Array:
+    pb = prepare(x, k, tau, axis, mask, largest, group=group)
+    apply = pb.backend.apply if pb.group is None else pb.group.apply
     out = apply(pb, output) if apply is not None else forward(pb, output)
     return pb.restore(out)
 
@@ -73,6 +73,7 @@ def dftopk(
     axis: int = -1,
     mask: Array | None = None,
     largest: bool = True,
+    group: Any = None,
 ) -> Array:
     """Differentiable top-k membership probabilities (DFTopK).
 
@@ -100,6 +101,15 @@ def dftopk(
         influence the threshold.
     largest : bool, default True
         Select the k largest (True) or the k smallest (False).
+    group : optional
+        Scale-out: ``x`` is one shard of a longer selection axis split across
+        ``group``, in member order; ``k`` counts over the whole axis and the
+        result is this shard's slice of the global one.  A JAX mesh axis name
+        (str or tuple of str, as in ``jax.lax.psum``) inside ``shard_map``, or
+        a ``torch.distributed`` ProcessGroup (``torch.distributed.group.WORLD``)
+        for torch tensors.  Communication per call: a few per-row histograms,
+        independent of the axis length.  (Dask arrays need none: their chunks
+        are the shards.)
 
     Returns
     -------
@@ -114,7 +124,7 @@ def dftopk(
     >>> np.round(p, 3)
     array([0.953, 0.047, 0.731, 0.269])
     """
-    return _run(x, k, tau, axis, mask, largest, "probs")
+    return _run(x, k, tau, axis, mask, largest, "probs", group)
 
 
 def dftopk_logits(
@@ -125,11 +135,12 @@ def dftopk_logits(
     axis: int = -1,
     mask: Array | None = None,
     largest: bool = True,
+    group: Any = None,
 ) -> Array:
     """DFTopK logits ``z = (x - theta) / tau`` (``dftopk`` is ``sigmoid(z)``).
 
     Feed these to a BCE-with-logits loss instead of ``log(dftopk(...))``.
-    Masked-out entries are ``-inf``.  Parameters as in :func:`dftopk`.
+    Masked-out entries are ``-inf``.  Parameters (``group`` too) as in :func:`dftopk`.
 
     Returns
     -------
@@ -143,7 +154,7 @@ def dftopk_logits(
     >>> dftopk_logits(np.array([4.0, 1.0, 3.0, 2.0]), 2, tau=0.5)
     array([ 3., -3.,  1., -1.])
     """
-    return _run(x, k, tau, axis, mask, largest, "logits")
+    return _run(x, k, tau, axis, mask, largest, "logits", group)
 
 
 def topk_threshold(
@@ -153,12 +164,15 @@ def topk_threshold(
     axis: int = -1,
     mask: Array | None = None,
     largest: bool = True,
+    group: Any = None,
 ) -> Array:
     """Threshold ``theta = a/2 + b/2`` between the k-th and (k+1)-th largest.
 
     For ``largest=False``, the threshold between the k-th and (k+1)-th
     smallest.  ``k = 0`` gives ``+inf`` (``-inf`` for ``largest=False``),
     ``k = n_valid`` gives ``-inf`` (``+inf``); a row with no valid entry gives 0.
+    Parameters (``group`` too) as in :func:`dftopk`; with a group every shard
+    gets the same (global) threshold.
 
     Returns
     -------
@@ -172,7 +186,7 @@ def topk_threshold(
     >>> topk_threshold(np.array([[4.0, 1.0, 3.0, 2.0]]), 2)
     array([[2.5]])
     """
-    pb = prepare(x, k, None, axis, mask, largest, need_tau=False)
+    pb = prepare(x, k, None, axis, mask, largest, need_tau=False, group=group)
     xp = pb.xp
     a, b = select(pb)
     theta = _math.threshold(xp, a, b)
@@ -188,11 +202,14 @@ def topk_mask(
     axis: int = -1,
     mask: Array | None = None,
     largest: bool = True,
+    group: Any = None,
 ) -> Array:
     """Hard top-k indicator: exactly ``min(k, n_valid)`` ones per row.
 
     Ties at the k-th value are broken by lower index first, so the result is
     deterministic on every backend.  Not differentiable; use it for labels.
+    Parameters (``group`` too) as in :func:`dftopk`; with a group, "lower
+    index" is the global one: earlier members' shards come first.
 
     Returns
     -------
@@ -206,7 +223,7 @@ def topk_mask(
     >>> topk_mask(np.array([1.0, 3.0, 3.0, 2.0]), 1)
     array([0., 1., 0., 0.])
     """
-    pb = prepare(x, k, None, axis, mask, largest, need_tau=False)
+    pb = prepare(x, k, None, axis, mask, largest, need_tau=False, group=group)
     xp = pb.xp
     a, _ = select(pb)
     xn = pb.x
@@ -217,15 +234,22 @@ def topk_mask(
         eq = eq & pb.valid
     n_gt = xp.sum(xp.astype(gt, xp.int32), axis=-1, keepdims=True)
     rank = xp.cumulative_sum(xp.astype(eq, xp.int32), axis=-1)
+    if pb.group is not None:
+        n_gt = pb.group.sum(n_gt)
+        # ties on earlier shards rank first: lower global index first
+        n_eq = xp.sum(xp.astype(eq, xp.int32), axis=-1, keepdims=True)
+        rank = rank + pb.group.exclusive_sum(n_eq)
     k = pb.k
     need = (k if isinstance(k, int) else xp.astype(k, xp.int32)) - n_gt
     sel = gt | (eq & (rank <= need))
     return pb.restore(xp.astype(sel, pb.dtype))
 
 
-def _tangent_problem(x, k, tau, axis, mask, largest, output) -> tuple[Problem, Array, Array, Array]:
+def _tangent_problem(
+    x, k, tau, axis, mask, largest, output, group
+) -> tuple[Problem, Array, Array, Array, Array]:
     _check_output(output)
-    pb = prepare(x, k, tau, axis, mask, largest)
+    pb = prepare(x, k, tau, axis, mask, largest, group=group)
     xp = pb.xp
     cdt = pb.compute_dtype
     a, b = select(pb)
@@ -246,6 +270,7 @@ def dftopk_vjp(
     mask: Array | None = None,
     largest: bool = True,
     output: Output = "probs",
+    group: Any = None,
 ) -> tuple[Array, Array]:
     """Closed-form vector-Jacobian product of :func:`dftopk` (O(n), no autodiff).
 
@@ -255,7 +280,7 @@ def dftopk_vjp(
 
     Parameters
     ----------
-    x, k, tau, axis, mask, largest
+    x, k, tau, axis, mask, largest, group
         As in :func:`dftopk`.
     cotangent : array
         ``g``, the gradient of a scalar loss with respect to the output; x's shape.
@@ -268,6 +293,8 @@ def dftopk_vjp(
         x's shape and dtype; exactly 0 at masked-out entries.
     grad_tau : array
         Gradient with respect to ``tau``, reduced to tau's shape (0-d for a float).
+        With a group, a ``tau`` shared along the axis gets the whole axis's
+        gradient (the same on every shard).
 
     Examples
     --------
@@ -277,14 +304,14 @@ def dftopk_vjp(
     >>> np.round(gx, 4)
     array([ 0.1491,  0.    , -0.0746, -0.0746])
     """
-    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output)
+    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output, group)
     return _vjp(pb, xc, a, b, z, cotangent, output, tau)
 
 
 def _vjp(pb: Problem, xc, a, b, z, cotangent, output: Output, tau) -> tuple[Array, Array]:
     xp = pb.xp
     g = pb.in_layout(cotangent, "cotangent")
-    grad_x, t = _math.vjp(xp, xc, a, b, z, g, pb.tau, pb.valid, output)
+    grad_x, t = _math.vjp(xp, xc, a, b, z, g, pb.tau, pb.valid, output, row_sum=pb.row_sum)
     if not pb.largest:
         grad_x = -grad_x
     grad_x = pb.restore(xp.astype(grad_x, pb.dtype))
@@ -301,6 +328,7 @@ def dftopk_and_vjp(
     mask: Array | None = None,
     largest: bool = True,
     output: Output = "probs",
+    group: Any = None,
 ) -> tuple[Array, Callable[[Array], tuple[Array, Array]]]:
     """Forward and a VJP function sharing one selection (like ``jax.vjp``).
 
@@ -310,7 +338,7 @@ def dftopk_and_vjp(
 
     Parameters
     ----------
-    x, k, tau, axis, mask, largest
+    x, k, tau, axis, mask, largest, group
         As in :func:`dftopk`.
     output : {"probs", "logits"}, default "probs"
         Return (and differentiate) :func:`dftopk` or :func:`dftopk_logits`.
@@ -331,7 +359,7 @@ def dftopk_and_vjp(
     >>> np.round(grad_x, 4)
     array([ 0.1491,  0.    , -0.0746, -0.0746])
     """
-    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output)
+    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output, group)
     xp = pb.xp
     out = z if output == "logits" else _sigmoid(pb, z)
     out = pb.restore(xp.astype(out, pb.dtype))
@@ -353,12 +381,13 @@ def dftopk_jvp(
     mask: Array | None = None,
     largest: bool = True,
     output: Output = "probs",
+    group: Any = None,
 ) -> tuple[Array, Array]:
     """Closed-form Jacobian-vector product of :func:`dftopk` (O(n), no autodiff).
 
     Parameters
     ----------
-    x, k, tau, axis, mask, largest
+    x, k, tau, axis, mask, largest, group
         As in :func:`dftopk`.
     tangent : array
         ``u``, the perturbation of ``x``; x's shape.
@@ -382,7 +411,7 @@ def dftopk_jvp(
     >>> np.round(dp, 4)
     array([0.1491, 0.    , 0.    , 0.    ])
     """
-    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output)
+    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output, group)
     xp = pb.xp
     u = pb.in_layout(tangent, "tangent")
     if not largest:
@@ -390,7 +419,7 @@ def dftopk_jvp(
     dtau = None
     if tau_tangent is not None:
         dtau = _tau_tangent(pb, tau_tangent)
-    d = _math.jvp(xp, xc, a, b, z, u, pb.tau, dtau, pb.valid, output)
+    d = _math.jvp(xp, xc, a, b, z, u, pb.tau, dtau, pb.valid, output, row_sum=pb.row_sum)
     out = z if output == "logits" else _sigmoid(pb, z)
     return (
         pb.restore(xp.astype(out, pb.dtype)),

@@ -8,13 +8,19 @@ formulas exist in exactly one place.
 
 Notation (per row): ``a`` = k-th largest valid value, ``b`` = (k+1)-th,
 ``theta = a/2 + b/2``, ``z = (x - theta) / tau``, ``p = sigmoid(z)``.
+
+Every per-row sum over the selection axis goes through an optional
+``row_sum(v) -> (..., 1)`` hook (default: ``xp.sum(v, axis=-1, keepdims=True)``),
+so that an axis split into shards (:mod:`topk_core._group`) sums across them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 Array = Any
+RowSum = Callable[[Array], Array] | None
 
 __all__ = [
     "compute_dtype",
@@ -27,6 +33,10 @@ __all__ = [
     "vjp",
     "vjp_from_s",
 ]
+
+
+def _row_sum(xp: Any, v: Array, row_sum: RowSum) -> Array:
+    return xp.sum(v, axis=-1, keepdims=True) if row_sum is None else row_sum(v)
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:
@@ -121,7 +131,7 @@ def sigmoid_grad(xp: Any, z: Array) -> Array:
 
 
 def tie_weights(
-    xp: Any, x: Array, a: Array, b: Array, valid: Array | None
+    xp: Any, x: Array, a: Array, b: Array, valid: Array | None, *, row_sum: RowSum = None
 ) -> tuple[Array, Array, Array, Array]:
     """Entries tied with ``a`` / ``b`` and their per-row weights.
 
@@ -136,8 +146,8 @@ def tie_weights(
         eq_a = eq_a & valid
         eq_b = eq_b & valid
     dtype = a.dtype if xp.isdtype(a.dtype, "real floating") else xp.float32
-    ca = xp.sum(xp.astype(eq_a, dtype), axis=-1, keepdims=True)
-    cb = xp.sum(xp.astype(eq_b, dtype), axis=-1, keepdims=True)
+    ca = _row_sum(xp, xp.astype(eq_a, dtype), row_sum)
+    cb = _row_sum(xp, xp.astype(eq_b, dtype), row_sum)
     zero = xp.asarray(0.0, dtype=dtype)
     one = xp.asarray(1.0, dtype=dtype)
     wa = xp.where(xp.isfinite(a) & (ca > 0), 0.5 / xp.maximum(ca, one), zero)
@@ -161,6 +171,8 @@ def vjp(
     tau: float | Array,
     valid: Array | None,
     output: str = "probs",
+    *,
+    row_sum: RowSum = None,
 ) -> tuple[Array, Array]:
     """Closed-form VJP of ``p = sigmoid(z)`` (or of ``z`` itself).
 
@@ -171,7 +183,7 @@ def vjp(
     """
     zero = xp.asarray(0.0, dtype=z.dtype)
     s = g * sigmoid_grad(xp, z) if output == "probs" else g
-    s, grad_x = vjp_from_s(xp, x, a, b, s, tau, valid)
+    s, grad_x = vjp_from_s(xp, x, a, b, s, tau, valid, row_sum=row_sum)
     # dz/dtau = -z/tau; infinite z (masked, or infinite x) stays infinite whatever tau is,
     # so those entries contribute 0
     t = -s * xp.where(xp.isfinite(z), z, zero)
@@ -179,7 +191,15 @@ def vjp(
 
 
 def vjp_from_s(
-    xp: Any, x: Array, a: Array, b: Array, s: Array, tau: float | Array, valid: Array | None
+    xp: Any,
+    x: Array,
+    a: Array,
+    b: Array,
+    s: Array,
+    tau: float | Array,
+    valid: Array | None,
+    *,
+    row_sum: RowSum = None,
 ) -> tuple[Array, Array]:
     """``grad_x = s - sum(s) * w`` from ``s = g * dout/dz`` (not yet divided by tau).
 
@@ -191,8 +211,8 @@ def vjp_from_s(
         s = s / tau
     if valid is not None:
         s = xp.where(valid, s, xp.asarray(0.0, dtype=s.dtype))
-    total = xp.sum(s, axis=-1, keepdims=True)
-    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid)
+    total = _row_sum(xp, s, row_sum)
+    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid, row_sum=row_sum)
     wa = xp.astype(wa, s.dtype)
     wb = xp.astype(wb, s.dtype)
     return s, s - _apply_w(xp, eq_a, eq_b, wa, wb, total)
@@ -209,16 +229,16 @@ def jvp(
     tau_tangent: Array | None,
     valid: Array | None,
     output: str = "probs",
+    *,
+    row_sum: RowSum = None,
 ) -> Array:
     """Closed-form JVP: ``dz = (u - w.u) / tau - z dtau / tau``; ``dp = p(1-p) dz``."""
     zero = xp.asarray(0.0, dtype=z.dtype)
     if valid is not None:
         u = xp.where(valid, u, zero)
-    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid)
-    dtheta = xp.astype(wa, z.dtype) * xp.sum(xp.where(eq_a, u, zero), axis=-1, keepdims=True)
-    dtheta = dtheta + xp.astype(wb, z.dtype) * xp.sum(
-        xp.where(eq_b, u, zero), axis=-1, keepdims=True
-    )
+    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid, row_sum=row_sum)
+    dtheta = xp.astype(wa, z.dtype) * _row_sum(xp, xp.where(eq_a, u, zero), row_sum)
+    dtheta = dtheta + xp.astype(wb, z.dtype) * _row_sum(xp, xp.where(eq_b, u, zero), row_sum)
     dz = u - dtheta
     if not (isinstance(tau, float) and tau == 1.0):
         dz = dz / tau

@@ -1,0 +1,57 @@
+"""``group=`` on JAX: a selection axis sharded over 8 simulated CPU devices.
+
+The checks run in one subprocess (``XLA_FLAGS`` must be set before JAX starts)
+from :mod:`conformance_tests.scaleout_jax_worker`; each compares the
+``shard_map`` + ``group=`` result with the single-device one on the same data
+(forward, threshold, hard mask, gradients, ties across shard boundaries,
+masks, per-row k, infinities, dtypes), checks batch-sharded inputs without a
+group, the errors, and that the compiled HLO's collectives do not grow with n.
+About 1-2 minutes on 2 shared cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from . import scaleout_jax_worker as worker
+
+TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed")
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={worker.DEVICES}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_ENABLE_X64"] = "1"
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(Path(worker.__file__))],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the JAX scale-out worker ran past {TIMEOUT_S} s: {exc.stderr!r:.2000}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(worker.MARKER)]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(
+            f"worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1][len(worker.MARKER) :])
+
+
+@pytest.mark.parametrize("case", worker.CASES)
+def test_jax_group(results: dict, case: str) -> None:
+    assert case in results, f"the worker did not run {case}"
+    assert results[case]["ok"], results[case]["detail"]
