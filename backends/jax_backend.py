@@ -212,8 +212,9 @@ def resolve_group(group: Any, x: Any) -> JaxGroup:
     >>> import jax
     >>> import jax.numpy as jnp
     >>> from topk_core.backends.jax_backend import resolve_group
-    >>> jax.vmap(lambda r: resolve_group("i", r).size * r, axis_name="i")(jnp.ones(3))
-    Array([3., 3., 3.], dtype=float32)
+    >>> sizes = jax.vmap(lambda r: resolve_group("i", r).size * r, axis_name="i")(jnp.ones(3))
+    >>> [float(s) for s in sizes]
+    [3.0, 3.0, 3.0]
     >>> resolve_group("d", jnp.ones(3))
     Traceback (most recent call last):
     ...

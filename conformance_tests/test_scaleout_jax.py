@@ -55,3 +55,15 @@ def results() -> dict:
 def test_jax_group(results: dict, case: str) -> None:
     assert case in results, f"the worker did not run {case}"
     assert results[case]["ok"], results[case]["detail"]
+
+
+def test_docstring_examples():
+    pytest.importorskip("jax")
+    import doctest
+
+    from topk_core.backends import jax_backend
+
+    result = doctest.testmod(
+        jax_backend, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
+    )
+    assert result.attempted > 0 and result.failed == 0

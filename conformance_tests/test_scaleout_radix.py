@@ -181,3 +181,13 @@ def test_signed_keys_round_trip_and_order():
         back = signed_keys_to_float(np, keys, dtype, view)
         np.testing.assert_array_equal(back, np.where(x == 0, 0, x))
         assert keys.min() > np.iinfo(keys.dtype).min
+
+
+def test_docstring_examples():
+    import doctest
+
+    from topk_core import _group, _radix
+
+    for mod in (_group, _radix):
+        result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.attempted > 0 and result.failed == 0

@@ -185,6 +185,11 @@ def check_x(x: Any) -> tuple[Any, str]:
         )
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension, got a 0-d array")
+    if any(s is None or (isinstance(s, float) and math.isnan(s)) for s in x.shape):
+        raise ValueError(
+            f"x must have a known shape, got {tuple(x.shape)} (a dask array after boolean "
+            f"indexing: call x.compute_chunk_sizes() first)"
+        )
     return xp, lib
 
 

@@ -71,6 +71,7 @@ _REGISTRY: dict[str, Backend | str] = {
     "torch": "topk_core.backends.torch_backend:BACKEND",
     "jax": "topk_core.backends.jax_backend:BACKEND",
     "cupy": "topk_core.backends.cupy_backend:BACKEND",
+    "dask": "topk_core.backends.dask_backend:BACKEND",
     "array_api_strict": "topk_core.backends.generic:STRICT_BACKEND",
 }
 _GENERIC = "topk_core.backends.generic:GENERIC_BACKEND"
