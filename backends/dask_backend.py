@@ -107,7 +107,7 @@ def select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
     return radix_select_pair(xp, x, k, SHIMS, digit_bits=digit_bits_for(widest))
 
 
-def _no_group(group: Any, x: Any) -> Any:
+def _no_group(group: Any, x: Any, axis: int) -> Any:
     raise TypeError(
         f"group={group!r} is not used with dask arrays: their chunks along the axis are "
         f"already the shards (the selection tree-reduces per-chunk histograms); "

@@ -204,7 +204,7 @@ class JaxGroup:
         return _apply(pb, output)
 
 
-def resolve_group(group: Any, x: Any) -> JaxGroup:
+def resolve_group(group: Any, x: Any, axis: int = -1) -> JaxGroup:
     """The ``group=`` of the public API for JAX arrays: a bound mesh axis name.
 
     Examples
@@ -220,7 +220,7 @@ def resolve_group(group: Any, x: Any) -> JaxGroup:
     ...
     ValueError: group='d' is not a bound axis name here: ...
     """
-    del x
+    del x, axis  # shard_map shards are alike: same dtype, same length
     ok = isinstance(group, str) or (
         isinstance(group, tuple) and group and all(isinstance(g, str) for g in group)
     )

@@ -392,4 +392,13 @@ def _apply(pb: Any, output: str) -> Any:
     return apply_problem(pb, output)
 
 
-BACKEND = Backend(name="torch", select_pair=select_pair, sigmoid=_sigmoid, apply=_apply)
+def _group(group: Any, x: torch.Tensor, axis: int) -> Any:
+    # scale-out (group=): its own module, imported on first use
+    from topk_core.backends.torch_distributed import resolve_group
+
+    return resolve_group(group, x, axis)
+
+
+BACKEND = Backend(
+    name="torch", select_pair=select_pair, sigmoid=_sigmoid, apply=_apply, group=_group
+)

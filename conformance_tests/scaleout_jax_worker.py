@@ -339,6 +339,7 @@ def check_grad_inside_shard_map():
 
 
 def check_closed_form_vjp_jvp():
+    import jax
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import PartitionSpec as P
@@ -363,10 +364,14 @@ def check_closed_form_vjp_jvp():
             (tau_full, tau_full * 0 - 0.5, "probs", 96),
         ):
             kw = dict(tau=t, mask=mk, output=output, group=g)
-            out += tk.dftopk_vjp(x, k, w, **kw)
+            # grad_tau is this shard's share: psum it for a tau shared by the shards
+            share = jax.lax.psum if g is not None and t is not tau_full else lambda v, _: v
+            gx, gt = tk.dftopk_vjp(x, k, w, **kw)
+            out += [gx, share(gt, g)]
             out += tk.dftopk_jvp(x, k, u, tau_tangent=tt, **kw)
             p, vjp = tk.dftopk_and_vjp(x, k, **kw)
-            out += [p, *vjp(w)]
+            gx, gt = vjp(w)
+            out += [p, gx, share(gt, g)]
         return tuple(out)
 
     specs = [[SX, gs, SX, SX, SX, SX, gs] for gs in (P(), P(), SX)]

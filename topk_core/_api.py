@@ -293,8 +293,8 @@ def dftopk_vjp(
         x's shape and dtype; exactly 0 at masked-out entries.
     grad_tau : array
         Gradient with respect to ``tau``, reduced to tau's shape (0-d for a float).
-        With a group, a ``tau`` shared along the axis gets the whole axis's
-        gradient (the same on every shard).
+        With a group: this shard's contribution (sum it over the group, e.g.
+        with ``psum``/``all_reduce``, for a ``tau`` shared by the shards).
 
     Examples
     --------

@@ -311,7 +311,7 @@ def _resolve_group(backend: Backend, group: Any, x: Any, lib: str, axis: int) ->
             f"to split NumPy data across chunks or machines, pass a dask.array instead "
             f"(its chunks are the shards, no group needed)"
         )
-    return backend.group(group, x)
+    return backend.group(group, x, axis)
 
 
 def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
@@ -353,22 +353,11 @@ def normalise_like_tau(pb: Problem, t: Array, tau_shape: tuple[int, ...], dtype:
 
 
 def reduce_to_tau(pb: Problem, t: Array, out_dtype: Any) -> Array:
-    """Sum the elementwise tau-gradient ``t`` (x's layout) down to tau's shape.
-
-    With a group, a tau shared along the selection axis (a float, or size 1
-    there) gets the gradient of the whole axis, summed over the shards; a tau
-    with the full axis is sharded like x and gets its own slice.
-    """
+    """Sum the elementwise tau-gradient ``t`` (x's layout) down to tau's shape."""
     xp = pb.xp
     if pb.tau_shape is None:
-        total = xp.sum(t)
-        if pb.group is not None:
-            total = pb.group.sum(xp.reshape(total, (1,)))[0]
-        return xp.astype(total, out_dtype)
+        return xp.astype(xp.sum(t), out_dtype)
     ts = tuple(pb.tau.shape)  # laid out like x
-    shared = pb.group is not None and ts[-1] == 1
-    if shared:
-        t = pb.group.sum(xp.sum(t, axis=-1, keepdims=True))
     axes = tuple(d for d in range(t.ndim) if ts[d] == 1 and t.shape[d] != 1)
     if axes:
         t = xp.sum(t, axis=axes, keepdims=True)

@@ -50,8 +50,8 @@ class Backend:
         ``compute_dtype(xp, dtype) -> dtype`` for the elementwise math; the
         default computes float16/bfloat16 in float32.
     group : callable, optional
-        ``group(g, x) -> topk_core._group.Group``: resolve the public API's
-        ``group=g`` (the selection axis of ``x`` is one shard of a longer axis)
+        ``group(g, x, axis) -> topk_core._group.Group``: resolve the public
+        API's ``group=g`` (``x``'s ``axis`` is one shard of a longer axis)
         into the library's collectives, raising a ``TypeError``/``ValueError``
         for a ``g`` it cannot use.  ``None``: the library has no ``group``.
     """
@@ -62,7 +62,7 @@ class Backend:
     sigmoid: Callable[[Any], Any] | None = None
     apply: Callable[..., Any] | None = None
     compute_dtype: Callable[[Any, Any], Any] | None = None
-    group: Callable[[Any, Any], Any] | None = None
+    group: Callable[[Any, Any, int], Any] | None = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily
