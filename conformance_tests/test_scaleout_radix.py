@@ -191,3 +191,29 @@ def test_docstring_examples():
     for mod in (_group, _radix):
         result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("group", ["d", ("a", "b"), 0, object()])
+def test_group_rejected_where_there_are_no_collectives(group):
+    import topk_core as tk
+
+    x = np.ones((2, 8))
+    for fn in (tk.dftopk, tk.dftopk_logits, tk.topk_threshold, tk.topk_mask):
+        with pytest.raises(TypeError, match=r"group=.*numpy array.*dask"):
+            fn(x, 3, group=group)
+    with pytest.raises(TypeError, match="group="):
+        tk.dftopk_vjp(x, 3, x, group=group)
+    with pytest.raises(TypeError, match="group="):
+        tk.dftopk_jvp(x, 3, x, group=group)
+    with pytest.raises(TypeError, match="group="):
+        tk.dftopk_and_vjp(x, 3, group=group)
+    xps = pytest.importorskip("array_api_strict")
+    with pytest.raises(TypeError, match="array_api_strict"):
+        tk.dftopk(xps.ones((2, 8)), 3, group=group)
+
+
+def test_group_none_is_the_default():
+    import topk_core as tk
+
+    x = np.random.default_rng(3).standard_normal((2, 9))
+    np.testing.assert_array_equal(tk.dftopk(x, 4, group=None), tk.dftopk(x, 4))
