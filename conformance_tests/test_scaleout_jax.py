@@ -67,3 +67,25 @@ def test_docstring_examples():
         jax_backend, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
     )
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_scaleout_benchmark_smoke(tmp_path):
+    """``python -m benchmarks scaleout``: every method runs and agrees with ours; our
+    communication stays constant in n while GSPMD's (on a batch) and the all-gather's grow."""
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "benchmarks", "scaleout", "--n", "2^12,2^14", "--p", "4"]
+    cmd += ["--batch", "2", "--repeats", "1", "--no-plot", "--out", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    by = {(r["method"], r["n"]): r for r in rows}
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert all(r["max_abs_diff_vs_ours"] < 1e-6 for r in rows)
+    small, large = 2**12, 2**14
+    assert by["ours", small]["bytes_per_device"] == by["ours", large]["bytes_per_device"] > 0
+    for method in ("gspmd", "allgather"):
+        assert by[method, large]["bytes_per_device"] > 2 * by[method, small]["bytes_per_device"]
+    assert (tmp_path / "results.md").read_text().count("| 2 | 2^1") == 2
