@@ -155,6 +155,15 @@ def tie_weights(
     return eq_a, eq_b, wa, wb
 
 
+def _tie_weights_for(
+    xp: Any, x: Array, a: Array, b: Array, valid: Array | None, row_sum: RowSum
+) -> tuple[Array, Array, Array, Array]:
+    # the 5-argument call when there is no group: code that wraps tie_weights keeps working
+    if row_sum is None:
+        return tie_weights(xp, x, a, b, valid)
+    return tie_weights(xp, x, a, b, valid, row_sum=row_sum)
+
+
 def _apply_w(xp: Any, eq_a: Array, eq_b: Array, wa: Array, wb: Array, scale: Array) -> Array:
     """``scale * w`` elementwise (``scale`` per row)."""
     zero = xp.asarray(0.0, dtype=scale.dtype)
@@ -212,7 +221,7 @@ def vjp_from_s(
     if valid is not None:
         s = xp.where(valid, s, xp.asarray(0.0, dtype=s.dtype))
     total = _row_sum(xp, s, row_sum)
-    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid, row_sum=row_sum)
+    eq_a, eq_b, wa, wb = _tie_weights_for(xp, x, a, b, valid, row_sum)
     wa = xp.astype(wa, s.dtype)
     wb = xp.astype(wb, s.dtype)
     return s, s - _apply_w(xp, eq_a, eq_b, wa, wb, total)
@@ -236,7 +245,7 @@ def jvp(
     zero = xp.asarray(0.0, dtype=z.dtype)
     if valid is not None:
         u = xp.where(valid, u, zero)
-    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid, row_sum=row_sum)
+    eq_a, eq_b, wa, wb = _tie_weights_for(xp, x, a, b, valid, row_sum)
     dtheta = xp.astype(wa, z.dtype) * _row_sum(xp, xp.where(eq_a, u, zero), row_sum)
     dtheta = dtheta + xp.astype(wb, z.dtype) * _row_sum(xp, xp.where(eq_b, u, zero), row_sum)
     dz = u - dtheta
