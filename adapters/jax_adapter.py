@@ -27,6 +27,12 @@ primal the hard top-k mask (:func:`topk_core._math.hard_mask`, from the same
 ``k`` (a Python int) and ``output`` are static; a per-row ``k`` array and the
 mask are ordinary (integer / boolean, hence non-differentiable) arguments, and
 an array ``tau`` is differentiable.
+
+Scale-out (``group=`` a mesh axis name inside ``shard_map``): the group
+(:class:`topk_core.backends.jax_backend.JaxGroup`, hashable) is static too;
+the selection is the group's, and every per-row sum in both rules
+(``_tie_mean``, :func:`topk_core._math.jvp`'s ``row_sum``) is a ``psum``, so
+JAX transposes them into the cross-shard terms of the gradient.
 """
 
 from __future__ import annotations
@@ -40,29 +46,38 @@ from jax.custom_derivatives import SymbolicZero
 from topk_core.backends.jax_backend import select_pair
 
 from topk_core import _math
+from topk_core._group import row_sum_of
 
 __all__ = ["apply"]
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _pair(k_static: int | None, xs: Any, k_arr: Any) -> tuple[Any, Any]:
-    """``(a, b)`` of ``xs`` (masked entries already ``-inf``)."""
-    return select_pair(jnp, xs, k_static if k_arr is None else k_arr)
+def _pair(sel: tuple, xs: Any, k_arr: Any) -> tuple[Any, Any]:
+    """``(a, b)`` of ``xs`` (masked entries already ``-inf``); ``sel = (k_static, group)``."""
+    k_static, group = sel
+    k = k_static if k_arr is None else k_arr
+    if group is not None:
+        return group.select_pair(jnp, xs, k)
+    return select_pair(jnp, xs, k)
 
 
 @_pair.defjvp
-def _pair_jvp(k_static, primals, tangents):
+def _pair_jvp(sel, primals, tangents):
     xs, k_arr = primals
     dxs = tangents[0]
-    a, b = _pair(k_static, xs, k_arr)
-    return (a, b), (_tie_mean(xs, a, dxs), _tie_mean(xs, b, dxs))
+    a, b = _pair(sel, xs, k_arr)
+    group = sel[1]
+    return (a, b), (_tie_mean(xs, a, dxs, group), _tie_mean(xs, b, dxs, group))
 
 
-def _tie_mean(xs: Any, v: Any, dxs: Any) -> Any:
+def _tie_mean(xs: Any, v: Any, dxs: Any, group: Any = None) -> Any:
     """Mean of ``dxs`` over the entries equal to ``v`` (per row); 0 for infinite ``v``."""
     eq = xs == v
     count = jnp.sum(eq, axis=-1, keepdims=True, dtype=dxs.dtype)
     total = jnp.sum(jnp.where(eq, dxs, jnp.zeros_like(dxs)), axis=-1, keepdims=True)
+    if group is not None:
+        count = group.sum(count)
+        total = group.sum(total)
     ok = jnp.isfinite(v) & (count > 0)
     return jnp.where(ok, total / jnp.where(ok, count, jnp.ones_like(count)), jnp.zeros_like(total))
 
@@ -73,10 +88,10 @@ def _compute_dtype(dtype: Any) -> Any:
 
 def _forward(static: tuple, x: Any, tau: Any, k_arr: Any, valid: Any):
     """Primal output in x's dtype plus ``(xc, a, b, z, tau)`` in the compute dtype."""
-    k_static, output = static
+    k_static, output, group = static
     cdt = _compute_dtype(x.dtype)
     xs = x if valid is None else jnp.where(valid, x, jnp.asarray(-jnp.inf, dtype=x.dtype))
-    a, b = _pair(k_static, xs, k_arr)
+    a, b = _pair((k_static, group), xs, k_arr)
     xc = x.astype(cdt)
     a = a.astype(cdt)
     b = b.astype(cdt)
@@ -85,7 +100,7 @@ def _forward(static: tuple, x: Any, tau: Any, k_arr: Any, valid: Any):
     if output == "hard":
         # z is still needed by the JVP rule; a primal-only jit drops it
         k = k_static if k_arr is None else k_arr
-        out = _math.hard_mask(jnp, xc, a, valid, k, cond=jax.lax.cond)
+        out = _math.hard_mask(jnp, xc, a, valid, k, cond=jax.lax.cond, group=group)
     else:
         out = _math.sigmoid(jnp, z) if output == "probs" else z
     return out.astype(x.dtype), (xc, a, b, z, t)
@@ -111,7 +126,7 @@ def _core_jvp(static, primals, tangents):
         dt = dtau.astype(cdt)
     if isinstance(dx, SymbolicZero) and dt is None:
         return out, jnp.zeros_like(out)
-    d = _math.jvp(jnp, xc, a, b, z, u, t, dt, valid, kind)
+    d = _math.jvp(jnp, xc, a, b, z, u, t, dt, valid, kind, row_sum=row_sum_of(jnp, static[2]))
     return out, d.astype(x.dtype)
 
 
@@ -156,7 +171,7 @@ def apply(pb: Any, output: str, hard: bool = False) -> Any:
         # a traced scalar, not a static one: a tau schedule must not recompile
         tau = None if tau == 1.0 else jnp.asarray(tau, dtype=_compute_dtype(pb.x.dtype))
     kind = "hard" if hard else output
-    return _core_jit((k_static, kind), pb.x, tau, k_arr, pb.valid)
+    return _core_jit((k_static, kind, pb.group), pb.x, tau, k_arr, pb.valid)
 
 
 # compiled once per static signature and shape: eager calls run one program;

@@ -38,6 +38,7 @@ interleaved copies (to break same-bin add chains) measured no better.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -47,7 +48,7 @@ from jax import lax
 from topk_core._radix import float_to_keys, keys_to_float, radix_select_pair
 from topk_core._registry import Backend
 
-__all__ = ["BACKEND", "DIGIT_BITS", "SHIMS", "JaxShims", "select_pair"]
+__all__ = ["BACKEND", "DIGIT_BITS", "SHIMS", "JaxGroup", "JaxShims", "resolve_group", "select_pair"]
 
 DIGIT_BITS = 8
 
@@ -73,6 +74,8 @@ class JaxShims:
         """
         lead = tuple(digits.shape[:-1])
         n = digits.shape[-1]
+        if _explicitly_sharded(digits):
+            return _vmapped_histogram(digits, active, nbins)
         rows = math.prod(lead)
         wide = rows * nbins >= 2**31 - 1 or n >= 2**31 - 1
         idx_t = jnp.int64 if wide and jax.config.read("jax_enable_x64") else jnp.int32
@@ -86,6 +89,31 @@ class JaxShims:
             unique_indices=False,
         )
         return jnp.reshape(counts, lead + (nbins,))
+
+
+def _explicitly_sharded(a: Any) -> bool:
+    """True when ``a``'s type carries a sharding (JAX's explicit mesh axes)."""
+    try:
+        spec = jax.typeof(a).sharding.spec
+    except Exception:  # no typed sharding in this context or JAX version: the flat path
+        return False
+    return any(s is not None for s in spec)
+
+
+def _vmapped_histogram(digits: Any, active: Any, nbins: int) -> Any:
+    """One scatter per row, batched by vmap: slower than the flat scatter (1e6: 24 vs
+    8 ms, 1024 x 4096: 119 vs 86 ms here), but its row axis keeps an explicit
+    sharding, which the flat counter array cannot (``P("d", None)`` under
+    ``jax.make_mesh``'s default explicit axes)."""
+    lead = tuple(digits.shape[:-1])
+    n = digits.shape[-1]
+    d2 = jnp.reshape(digits, (-1, n)).astype(jnp.int32)
+    a2 = jnp.reshape(active, (-1, n)).astype(jnp.int32)
+
+    def one(d: Any, a: Any) -> Any:
+        return jnp.zeros(nbins, dtype=jnp.int32).at[d].add(a)
+
+    return jnp.reshape(jax.vmap(one)(d2, a2), lead + (nbins,))
 
 
 SHIMS = JaxShims()
@@ -147,6 +175,89 @@ def host_values(a: Any) -> Any:
     return np.asarray(a)
 
 
+@dataclass(frozen=True)
+class JaxGroup:
+    """Collectives over a named mesh axis (:class:`topk_core._group.Group`).
+
+    Hashable, so the JAX adapter keeps it static.  Shard order is the axis
+    index (``lax.axis_index``), which is the order ``shard_map`` lays the
+    shards out along the global array (for a tuple of names, the first
+    varies slowest).
+
+    Parameters
+    ----------
+    axis_name : str or tuple of str
+        As in ``jax.lax.psum``.
+    size : int
+        Number of shards along it.
+    """
+
+    axis_name: str | tuple[str, ...]
+    size: int
+
+    @property
+    def label(self) -> str:
+        return f"JAX mesh axis {self.axis_name!r} ({self.size} shards)"
+
+    def sum(self, v: Any) -> Any:
+        return lax.psum(v, self.axis_name)
+
+    def max(self, v: Any) -> Any:
+        return lax.pmax(v, self.axis_name)
+
+    def exclusive_sum(self, v: Any) -> Any:
+        every = lax.all_gather(v, self.axis_name)  # (size, *v.shape): small, per row
+        before = jnp.arange(self.size) < lax.axis_index(self.axis_name)
+        before = jnp.reshape(before, (self.size,) + (1,) * v.ndim)
+        return jnp.sum(jnp.where(before, every, jnp.zeros_like(every)), axis=0)
+
+    def total(self, n_local: int) -> int:
+        return n_local * self.size
+
+    def select_pair(self, xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
+        del xp
+        return radix_select_pair(jnp, x, k, SHIMS, digit_bits=DIGIT_BITS, group=self)
+
+    def apply(self, pb: Any, output: str, hard: bool = False) -> Any:
+        return _apply(pb, output, hard=hard)
+
+
+def resolve_group(group: Any, x: Any, axis: int = -1) -> JaxGroup:
+    """The ``group=`` of the public API for JAX arrays: a bound mesh axis name.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from topk_core.backends.jax_backend import resolve_group
+    >>> sizes = jax.vmap(lambda r: resolve_group("i", r).size * r, axis_name="i")(jnp.ones(3))
+    >>> [float(s) for s in sizes]
+    [3.0, 3.0, 3.0]
+    >>> resolve_group("d", jnp.ones(3))
+    Traceback (most recent call last):
+    ...
+    ValueError: group='d' is not a bound axis name here: ...
+    """
+    del x, axis  # shard_map shards are alike: same dtype, same length
+    ok = isinstance(group, str) or (
+        isinstance(group, tuple) and group and all(isinstance(g, str) for g in group)
+    )
+    if not ok:
+        raise TypeError(
+            f"group for JAX arrays must be a mesh axis name (str) or a tuple of them, as in "
+            f"jax.lax.psum; got {type(group).__name__} {group!r}"
+        )
+    try:
+        size = lax.axis_size(group)
+    except NameError:
+        raise ValueError(
+            f"group={group!r} is not a bound axis name here: call the function inside "
+            f"jax.shard_map over a mesh with that axis (or under jax.vmap/pmap with "
+            f"axis_name={group!r})"
+        ) from None
+    return JaxGroup(group, int(size))
+
+
 BACKEND = Backend(
     name="jax",
     select_pair=select_pair,
@@ -154,4 +265,5 @@ BACKEND = Backend(
     sigmoid=jax.nn.sigmoid,
     apply=_apply,
     host_values=host_values,
+    group=resolve_group,
 )

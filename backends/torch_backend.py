@@ -400,6 +400,18 @@ def host_values(t: Any) -> torch.Tensor | None:
     return v if host_ok(v) else None
 
 
+def _group(group: Any, x: torch.Tensor, axis: int) -> Any:
+    # scale-out (group=): its own module, imported on first use
+    from topk_core.backends.torch_distributed import resolve_group
+
+    return resolve_group(group, x, axis)
+
+
 BACKEND = Backend(
-    name="torch", select_pair=select_pair, sigmoid=_sigmoid, apply=_apply, host_values=host_values
+    name="torch",
+    select_pair=select_pair,
+    sigmoid=_sigmoid,
+    apply=_apply,
+    host_values=host_values,
+    group=_group,
 )

@@ -4,6 +4,7 @@ Run from a checkout (``benchmarks/`` is never installed)::
 
     python -m benchmarks --quick
     python -m benchmarks --backends torch,jax --sizes 2^16,1e6,1024x4096 --k 0.1
+    python -m benchmarks scaleout --quick    # sharded axis: see benchmarks/scaleout.py
 
 Every shape is one group: all requested operators are built on the same input,
 warmed up (this includes JIT compilation), then timed in interleaved rounds
@@ -395,6 +396,10 @@ def progress_elapsed(p: Progress) -> float:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["scaleout"]:
+        from . import scaleout  # its own section: sharded axis, simulated JAX devices
+
+        return scaleout.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv

@@ -28,7 +28,7 @@ def select(pb: Problem) -> tuple[Array, Array]:
     x = pb.x
     if pb.valid is not None:
         x = xp.where(pb.valid, x, xp.asarray(-xp.inf, dtype=x.dtype))
-    select_pair = pb.backend.select_pair
+    select_pair = pb.backend.select_pair if pb.group is None else pb.group.select_pair
     if select_pair is None:
         from .backends.generic import select_pair
     return select_pair(xp, x, pb.k)
@@ -55,8 +55,9 @@ def hard_forward(pb: Problem) -> Array:
 
 
 def _hard_mask(pb: Problem, x: Array, a: Array) -> Array:
-    cond = _math.eager_cond if pb.backend.eager else None
-    return _math.hard_mask(pb.xp, x, a, pb.valid, pb.k, cond=cond)
+    # a fast-path branch needs values on the host; a group's counts are collectives
+    cond = _math.eager_cond if pb.backend.eager and pb.group is None else None
+    return _math.hard_mask(pb.xp, x, a, pb.valid, pb.k, cond=cond, group=pb.group)
 
 
 def _sigmoid(pb: Problem, z: Array) -> Array:
@@ -79,9 +80,9 @@ def _check_hard(hard: Any, output: Any) -> None:
         )
 
 
-def _run(x, k, tau, axis, mask, largest, output: Output, hard: bool = False) -> Array:
-    pb = prepare(x, k, tau, axis, mask, largest)
-    apply = pb.backend.apply
+def _run(x, k, tau, axis, mask, largest, output: Output, group, hard: bool = False) -> Array:
+    pb = prepare(x, k, tau, axis, mask, largest, group=group)
+    apply = pb.backend.apply if pb.group is None else pb.group.apply
     if hard:
         # straight-through: the mask forward, the soft p's gradient (where autodiff exists)
         out = apply(pb, output, hard=True) if apply is not None else hard_forward(pb)
@@ -98,6 +99,7 @@ def dftopk(
     axis: int = -1,
     mask: Array | None = None,
     largest: bool = True,
+    group: Any = None,
     hard: bool = False,
 ) -> Array:
     """Differentiable top-k membership probabilities (DFTopK).
@@ -133,6 +135,15 @@ def dftopk(
         at the same ``x``, ``k``, ``tau``.  Forward and backward share one
         selection.  Without autodiff (NumPy, CuPy) use :func:`dftopk_vjp` or
         :func:`dftopk_and_vjp` with ``hard=True``.
+    group : optional
+        Scale-out: ``x`` is one shard of a longer selection axis split across
+        ``group``, in member order; ``k`` counts over the whole axis and the
+        result is this shard's slice of the global one.  A JAX mesh axis name
+        (str or tuple of str, as in ``jax.lax.psum``) inside ``shard_map``, or
+        a ``torch.distributed`` ProcessGroup (``torch.distributed.group.WORLD``)
+        for torch tensors.  Communication per call: a few per-row histograms,
+        independent of the axis length.  (Dask arrays need none: their chunks
+        are the shards.)
 
     Returns
     -------
@@ -151,7 +162,7 @@ def dftopk(
     array([1., 0., 1., 0.])
     """
     _check_hard(hard, "probs")
-    return _run(x, k, tau, axis, mask, largest, "probs", hard)
+    return _run(x, k, tau, axis, mask, largest, "probs", group, hard)
 
 
 def dftopk_logits(
@@ -162,11 +173,12 @@ def dftopk_logits(
     axis: int = -1,
     mask: Array | None = None,
     largest: bool = True,
+    group: Any = None,
 ) -> Array:
     """DFTopK logits ``z = (x - theta) / tau`` (``dftopk`` is ``sigmoid(z)``).
 
     Feed these to a BCE-with-logits loss instead of ``log(dftopk(...))``.
-    Masked-out entries are ``-inf``.  Parameters as in :func:`dftopk`.
+    Masked-out entries are ``-inf``.  Parameters (``group`` too) as in :func:`dftopk`.
 
     Returns
     -------
@@ -180,7 +192,7 @@ def dftopk_logits(
     >>> dftopk_logits(np.array([4.0, 1.0, 3.0, 2.0]), 2, tau=0.5)
     array([ 3., -3.,  1., -1.])
     """
-    return _run(x, k, tau, axis, mask, largest, "logits")
+    return _run(x, k, tau, axis, mask, largest, "logits", group)
 
 
 def topk_threshold(
@@ -190,12 +202,15 @@ def topk_threshold(
     axis: int = -1,
     mask: Array | None = None,
     largest: bool = True,
+    group: Any = None,
 ) -> Array:
     """Threshold ``theta = a/2 + b/2`` between the k-th and (k+1)-th largest.
 
     For ``largest=False``, the threshold between the k-th and (k+1)-th
     smallest.  ``k = 0`` gives ``+inf`` (``-inf`` for ``largest=False``),
     ``k = n_valid`` gives ``-inf`` (``+inf``); a row with no valid entry gives 0.
+    Parameters (``group`` too) as in :func:`dftopk`; with a group every shard
+    gets the same (global) threshold.
 
     Returns
     -------
@@ -209,7 +224,7 @@ def topk_threshold(
     >>> topk_threshold(np.array([[4.0, 1.0, 3.0, 2.0]]), 2)
     array([[2.5]])
     """
-    pb = prepare(x, k, None, axis, mask, largest, need_tau=False)
+    pb = prepare(x, k, None, axis, mask, largest, need_tau=False, group=group)
     xp = pb.xp
     a, b = select(pb)
     theta = _math.threshold(xp, a, b)
@@ -225,6 +240,7 @@ def topk_mask(
     axis: int = -1,
     mask: Array | None = None,
     largest: bool = True,
+    group: Any = None,
 ) -> Array:
     """Hard top-k indicator: exactly ``min(k, n_valid)`` ones per row.
 
@@ -232,6 +248,8 @@ def topk_mask(
     deterministic on every backend.  NaN ranks above ``+inf``.  Not
     differentiable; use it for labels (or ``dftopk(..., hard=True)`` for a
     straight-through forward).
+    Parameters (``group`` too) as in :func:`dftopk`; with a group, "lower
+    index" is the global one: earlier members' shards come first.
 
     Returns
     -------
@@ -245,13 +263,15 @@ def topk_mask(
     >>> topk_mask(np.array([1.0, 3.0, 3.0, 2.0]), 1)
     array([0., 1., 0., 0.])
     """
-    pb = prepare(x, k, None, axis, mask, largest, need_tau=False)
+    pb = prepare(x, k, None, axis, mask, largest, need_tau=False, group=group)
     return pb.restore(hard_forward(pb))
 
 
-def _tangent_problem(x, k, tau, axis, mask, largest, output) -> tuple[Problem, Array, Array, Array]:
+def _tangent_problem(
+    x, k, tau, axis, mask, largest, output, group
+) -> tuple[Problem, Array, Array, Array, Array]:
     _check_output(output)
-    pb = prepare(x, k, tau, axis, mask, largest)
+    pb = prepare(x, k, tau, axis, mask, largest, group=group)
     xp = pb.xp
     cdt = pb.compute_dtype
     a, b = select(pb)
@@ -272,6 +292,7 @@ def dftopk_vjp(
     mask: Array | None = None,
     largest: bool = True,
     output: Output = "probs",
+    group: Any = None,
     hard: bool = False,
 ) -> tuple[Array, Array]:
     """Closed-form vector-Jacobian product of :func:`dftopk` (O(n), no autodiff).
@@ -282,7 +303,7 @@ def dftopk_vjp(
 
     Parameters
     ----------
-    x, k, tau, axis, mask, largest
+    x, k, tau, axis, mask, largest, group
         As in :func:`dftopk`.
     cotangent : array
         ``g``, the gradient of a scalar loss with respect to the output; x's shape.
@@ -298,6 +319,8 @@ def dftopk_vjp(
         x's shape and dtype; exactly 0 at masked-out entries.
     grad_tau : array
         Gradient with respect to ``tau``, reduced to tau's shape (0-d for a float).
+        With a group: this shard's contribution (sum it over the group, e.g.
+        with ``psum``/``all_reduce``, for a ``tau`` shared by the shards).
 
     Examples
     --------
@@ -308,14 +331,14 @@ def dftopk_vjp(
     array([ 0.1491,  0.    , -0.0746, -0.0746])
     """
     _check_hard(hard, output)
-    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output)
+    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output, group)
     return _vjp(pb, xc, a, b, z, cotangent, output, tau)
 
 
 def _vjp(pb: Problem, xc, a, b, z, cotangent, output: Output, tau) -> tuple[Array, Array]:
     xp = pb.xp
     g = pb.in_layout(cotangent, "cotangent")
-    grad_x, t = _math.vjp(xp, xc, a, b, z, g, pb.tau, pb.valid, output)
+    grad_x, t = _math.vjp(xp, xc, a, b, z, g, pb.tau, pb.valid, output, row_sum=pb.row_sum)
     if not pb.largest:
         grad_x = -grad_x
     grad_x = pb.restore(xp.astype(grad_x, pb.dtype))
@@ -332,6 +355,7 @@ def dftopk_and_vjp(
     mask: Array | None = None,
     largest: bool = True,
     output: Output = "probs",
+    group: Any = None,
     hard: bool = False,
 ) -> tuple[Array, Callable[[Array], tuple[Array, Array]]]:
     """Forward and a VJP function sharing one selection (like ``jax.vjp``).
@@ -342,7 +366,7 @@ def dftopk_and_vjp(
 
     Parameters
     ----------
-    x, k, tau, axis, mask, largest
+    x, k, tau, axis, mask, largest, group
         As in :func:`dftopk`.
     output : {"probs", "logits"}, default "probs"
         Return (and differentiate) :func:`dftopk` or :func:`dftopk_logits`.
@@ -374,7 +398,7 @@ def dftopk_and_vjp(
     array([ 0.1491,  0.    , -0.0746, -0.0746])
     """
     _check_hard(hard, output)
-    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output)
+    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output, group)
     xp = pb.xp
     out = _primal(pb, xc, a, z, output, hard)
     out = pb.restore(xp.astype(out, pb.dtype))
@@ -396,13 +420,14 @@ def dftopk_jvp(
     mask: Array | None = None,
     largest: bool = True,
     output: Output = "probs",
+    group: Any = None,
     hard: bool = False,
 ) -> tuple[Array, Array]:
     """Closed-form Jacobian-vector product of :func:`dftopk` (O(n), no autodiff).
 
     Parameters
     ----------
-    x, k, tau, axis, mask, largest
+    x, k, tau, axis, mask, largest, group
         As in :func:`dftopk`.
     tangent : array
         ``u``, the perturbation of ``x``; x's shape.
@@ -430,7 +455,7 @@ def dftopk_jvp(
     array([0.1491, 0.    , 0.    , 0.    ])
     """
     _check_hard(hard, output)
-    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output)
+    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output, group)
     xp = pb.xp
     u = pb.in_layout(tangent, "tangent")
     if not largest:
@@ -438,7 +463,7 @@ def dftopk_jvp(
     dtau = None
     if tau_tangent is not None:
         dtau = _tau_tangent(pb, tau_tangent)
-    d = _math.jvp(xp, xc, a, b, z, u, pb.tau, dtau, pb.valid, output)
+    d = _math.jvp(xp, xc, a, b, z, u, pb.tau, dtau, pb.valid, output, row_sum=pb.row_sum)
     out = _primal(pb, xc, a, z, output, hard)
     return (
         pb.restore(xp.astype(out, pb.dtype)),

@@ -8,13 +8,19 @@ formulas exist in exactly one place.
 
 Notation (per row): ``a`` = k-th largest valid value, ``b`` = (k+1)-th,
 ``theta = a/2 + b/2``, ``z = (x - theta) / tau``, ``p = sigmoid(z)``.
+
+Every per-row sum over the selection axis goes through an optional
+``row_sum(v) -> (..., 1)`` hook (default: ``xp.sum(v, axis=-1, keepdims=True)``),
+so that an axis split into shards (:mod:`topk_core._group`) sums across them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 Array = Any
+RowSum = Callable[[Array], Array] | None
 
 __all__ = [
     "compute_dtype",
@@ -29,6 +35,10 @@ __all__ = [
     "vjp",
     "vjp_from_s",
 ]
+
+
+def _row_sum(xp: Any, v: Array, row_sum: RowSum) -> Array:
+    return xp.sum(v, axis=-1, keepdims=True) if row_sum is None else row_sum(v)
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:
@@ -123,7 +133,7 @@ def sigmoid_grad(xp: Any, z: Array) -> Array:
 
 
 def tie_weights(
-    xp: Any, x: Array, a: Array, b: Array, valid: Array | None
+    xp: Any, x: Array, a: Array, b: Array, valid: Array | None, *, row_sum: RowSum = None
 ) -> tuple[Array, Array, Array, Array]:
     """Entries tied with ``a`` / ``b`` and their per-row weights.
 
@@ -138,13 +148,22 @@ def tie_weights(
         eq_a = eq_a & valid
         eq_b = eq_b & valid
     dtype = a.dtype if xp.isdtype(a.dtype, "real floating") else xp.float32
-    ca = xp.sum(xp.astype(eq_a, dtype), axis=-1, keepdims=True)
-    cb = xp.sum(xp.astype(eq_b, dtype), axis=-1, keepdims=True)
+    ca = _row_sum(xp, xp.astype(eq_a, dtype), row_sum)
+    cb = _row_sum(xp, xp.astype(eq_b, dtype), row_sum)
     zero = xp.asarray(0.0, dtype=dtype)
     one = xp.asarray(1.0, dtype=dtype)
     wa = xp.where(xp.isfinite(a) & (ca > 0), 0.5 / xp.maximum(ca, one), zero)
     wb = xp.where(xp.isfinite(b) & (cb > 0), 0.5 / xp.maximum(cb, one), zero)
     return eq_a, eq_b, wa, wb
+
+
+def _tie_weights_for(
+    xp: Any, x: Array, a: Array, b: Array, valid: Array | None, row_sum: RowSum
+) -> tuple[Array, Array, Array, Array]:
+    # the 5-argument call when there is no group: code that wraps tie_weights keeps working
+    if row_sum is None:
+        return tie_weights(xp, x, a, b, valid)
+    return tie_weights(xp, x, a, b, valid, row_sum=row_sum)
 
 
 def _apply_w(xp: Any, eq_a: Array, eq_b: Array, wa: Array, wb: Array, scale: Array) -> Array:
@@ -163,6 +182,8 @@ def vjp(
     tau: float | Array,
     valid: Array | None,
     output: str = "probs",
+    *,
+    row_sum: RowSum = None,
 ) -> tuple[Array, Array]:
     """Closed-form VJP of ``p = sigmoid(z)`` (or of ``z`` itself).
 
@@ -173,7 +194,7 @@ def vjp(
     """
     zero = xp.asarray(0.0, dtype=z.dtype)
     s = g * sigmoid_grad(xp, z) if output == "probs" else g
-    s, grad_x = vjp_from_s(xp, x, a, b, s, tau, valid)
+    s, grad_x = vjp_from_s(xp, x, a, b, s, tau, valid, row_sum=row_sum)
     # dz/dtau = -z/tau; infinite z (masked, or infinite x) stays infinite whatever tau is,
     # so those entries contribute 0; NaN entries of x are constants (NaN rule)
     t = xp.where(xp.isnan(x), zero, -s * xp.where(xp.isinf(z), zero, z))
@@ -181,7 +202,15 @@ def vjp(
 
 
 def vjp_from_s(
-    xp: Any, x: Array, a: Array, b: Array, s: Array, tau: float | Array, valid: Array | None
+    xp: Any,
+    x: Array,
+    a: Array,
+    b: Array,
+    s: Array,
+    tau: float | Array,
+    valid: Array | None,
+    *,
+    row_sum: RowSum = None,
 ) -> tuple[Array, Array]:
     """``grad_x = s - sum(s) * w`` from ``s = g * dout/dz`` (not yet divided by tau).
 
@@ -197,8 +226,8 @@ def vjp_from_s(
     zero = xp.asarray(0.0, dtype=s.dtype)
     if valid is not None:
         s = xp.where(valid, s, zero)
-    total = xp.sum(xp.where(xp.isnan(x), zero, s), axis=-1, keepdims=True)
-    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid)
+    total = _row_sum(xp, xp.where(xp.isnan(x), zero, s), row_sum)
+    eq_a, eq_b, wa, wb = _tie_weights_for(xp, x, a, b, valid, row_sum)
     wa = xp.astype(wa, s.dtype)
     wb = xp.astype(wb, s.dtype)
     return s, s - _apply_w(xp, eq_a, eq_b, wa, wb, total)
@@ -215,6 +244,8 @@ def jvp(
     tau_tangent: Array | None,
     valid: Array | None,
     output: str = "probs",
+    *,
+    row_sum: RowSum = None,
 ) -> Array:
     """Closed-form JVP: ``dz = (u - w.u) / tau - z dtau / tau``; ``dp = p(1-p) dz``.
 
@@ -225,16 +256,16 @@ def jvp(
     zero = xp.asarray(0.0, dtype=z.dtype)
     if valid is not None:
         u = xp.where(valid, u, zero)
-    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid)
-    dtheta = xp.astype(wa, z.dtype) * xp.sum(xp.where(eq_a, u, zero), axis=-1, keepdims=True)
-    dtheta = dtheta + xp.astype(wb, z.dtype) * xp.sum(
-        xp.where(eq_b, u, zero), axis=-1, keepdims=True
-    )
+    eq_a, eq_b, wa, wb = _tie_weights_for(xp, x, a, b, valid, row_sum)
+    dtheta = xp.astype(wa, z.dtype) * _row_sum(xp, xp.where(eq_a, u, zero), row_sum)
+    dtheta = dtheta + xp.astype(wb, z.dtype) * _row_sum(xp, xp.where(eq_b, u, zero), row_sum)
     x_nan = xp.isnan(x)
     if tau_tangent is not None:
         # zeroed coefficient (not only a zeroed product): its transpose multiplies by it
         dtheta = dtheta + xp.where(xp.isinf(z) | x_nan, zero, z) * tau_tangent
-    dz = u - xp.where(x_nan, zero, dtheta)
+    # select between x-sized operands: a where() that broadcast the per-row dtheta itself
+    # would, in a JAX shard_map, make the transpose psum an x-sized array
+    dz = xp.where(x_nan, u, u - dtheta)
     if not (isinstance(tau, float) and tau == 1.0):
         dz = dz / tau
     if valid is not None:
@@ -252,6 +283,7 @@ def hard_mask(
     k: int | Array,
     *,
     cond: Any = None,
+    group: Any = None,
 ) -> Array:
     """Hard top-k indicator (bool) from the k-th largest valid value ``a``.
 
@@ -270,9 +302,13 @@ def hard_mask(
     ``a`` are all needed take ``(x > a) | (x == a)`` and skip the NaN rule
     and the ranking of ties (a cumulative sum, most of the cost).  None
     always takes the general path (for traced or lazy arrays).
+
+    ``group`` (a :class:`topk_core._group.Group`, with ``cond=None``): ``x`` is
+    one shard of the row; the count above ``a`` is summed over the shards and
+    ties on earlier shards rank first (lower *global* index first).
     """
-    if cond is None:
-        return _hard_mask_ranked(xp, x, a, valid, k)
+    if cond is None or group is not None:
+        return _hard_mask_ranked(xp, x, a, valid, k, group)
     gt = x > a
     eq = x == a
     le = x <= a
@@ -298,7 +334,9 @@ def _need(xp: Any, k: int | Array, n_gt: Array) -> Array:
     return (k if isinstance(k, int) else xp.astype(k, xp.int32)) - n_gt
 
 
-def _hard_mask_ranked(xp: Any, x: Array, a: Array, valid: Array | None, k: int | Array) -> Array:
+def _hard_mask_ranked(
+    xp: Any, x: Array, a: Array, valid: Array | None, k: int | Array, group: Any = None
+) -> Array:
     """:func:`hard_mask` in general: the NaN rule and ties ranked by index."""
     nan_x = xp.isnan(x)
     nan_a = xp.isnan(a)
@@ -312,7 +350,11 @@ def _hard_mask_ranked(xp: Any, x: Array, a: Array, valid: Array | None, k: int |
         gt = gt & valid
         eq = eq & valid
     rank = xp.cumulative_sum(xp.astype(eq, xp.int32), axis=-1)
-    return gt | (eq & (rank <= _need(xp, k, _count(xp, gt))))
+    n_gt = _count(xp, gt)
+    if group is not None:
+        n_gt = group.sum(n_gt)
+        rank = rank + group.exclusive_sum(_count(xp, eq))
+    return gt | (eq & (rank <= _need(xp, k, n_gt)))
 
 
 def eager_cond(pred: Array, if_true: Any, if_false: Any) -> Array:

@@ -17,6 +17,7 @@ from typing import Any
 import array_api_compat
 
 from . import _math
+from ._group import row_sum_of
 from ._registry import Backend, get_backend, library_name
 
 Array = Any
@@ -51,6 +52,11 @@ class Problem:
         The original ``largest`` flag.
     tau_shape : tuple or None
         Shape of the user's array ``tau`` (None for a float).
+    device : object
+        x's device.
+    group : topk_core._group.Group or None
+        The shards' collectives when the selection axis of ``x`` is one shard
+        of a longer axis (the public API's ``group=``); None otherwise.
     """
 
     xp: Any
@@ -63,10 +69,16 @@ class Problem:
     largest: bool
     tau_shape: tuple[int, ...] | None
     device: Any
+    group: Any = None
 
     @property
     def dtype(self) -> Any:
         return self.x.dtype
+
+    @property
+    def row_sum(self) -> Any:
+        """The ``row_sum`` hook of :mod:`topk_core._math` (None: local sums)."""
+        return row_sum_of(self.xp, self.group)
 
     @property
     def compute_dtype(self) -> Any:
@@ -173,6 +185,11 @@ def check_x(x: Any) -> tuple[Any, str]:
         )
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension, got a 0-d array")
+    if any(s is None or (isinstance(s, float) and math.isnan(s)) for s in x.shape):
+        raise ValueError(
+            f"x must have a known shape, got {tuple(x.shape)} (a dask array after boolean "
+            f"indexing: call x.compute_chunk_sizes() first)"
+        )
     return xp, lib
 
 
@@ -185,6 +202,7 @@ def prepare(
     largest: Any,
     *,
     need_tau: bool = True,
+    group: Any = None,
 ) -> Problem:
     """Validate and normalise the arguments shared by every public function."""
     xp, lib = check_x(x)
@@ -197,6 +215,9 @@ def prepare(
     shape = tuple(x.shape)
     n = shape[axis]
     batch = shape[:axis] + shape[axis + 1 :]
+    grp = _resolve_group(backend, group, x, lib, axis)
+    # the global axis length (None: not known on the host without a device sync)
+    n_all = n if grp is None else grp.total(n)
 
     # mask
     valid = None
@@ -218,7 +239,12 @@ def prepare(
         raise TypeError(f"k must be an int or an integer array, got bool {k!r}")
     if _is_int(k):
         k = int(k)
-        if not 0 <= k <= n:
+        if grp is not None and not (0 <= k and (n_all is None or k <= n_all)):
+            raise ValueError(
+                f"k must satisfy 0 <= k <= {n_all if n_all is not None else 'n'} (the global "
+                f"length of axis {axis}: its shards summed over {grp.label}), got {k}"
+            )
+        if grp is None and not 0 <= k <= n:
             raise ValueError(f"k must satisfy 0 <= k <= {n} (the size of axis {axis}), got {k}")
         k_out: int | Array = k
     elif isinstance(k, numbers.Number):
@@ -241,17 +267,24 @@ def prepare(
     if not largest:
         xn = -xn
 
-    if valid is not None or not isinstance(k_out, int):
+    if valid is not None or not isinstance(k_out, int) or n_all is None:
+        count_t = xp.int32 if n_all is not None and n_all < 2**31 else xp.int64
         if valid is not None:
-            n_valid = xp.sum(xp.astype(valid, xp.int32), axis=-1, keepdims=True)
+            n_valid = xp.sum(xp.astype(valid, count_t), axis=-1, keepdims=True)
+            if grp is not None:
+                n_valid = grp.sum(n_valid)
+        elif n_all is None:
+            # a scalar k that the host cannot check against the global length: clip it
+            # on the device, like an array k
+            n_valid = grp.sum(xp.full(batch + (1,), n, dtype=count_t, device=device))
         else:
-            n_valid = n
+            n_valid = n_all
         if isinstance(k_out, int):
             # with masked entries set to -inf, a scalar k that no row's clipping changes
             # selects exactly as without a mask: keep it scalar for the backend's fast
             # path (the check reads values, so only where that is free)
             keep = backend.eager and bool(xp.all(n_valid >= k_out))
-            k_arr = None if keep else xp.full(batch + (1,), k_out, dtype=xp.int32, device=device)
+            k_arr = None if keep else xp.full(batch + (1,), k_out, dtype=count_t, device=device)
         else:
             k_arr = k_out
         if k_arr is not None:
@@ -260,7 +293,7 @@ def prepare(
                 xp.astype(xp.asarray(n_valid, device=device), k_arr.dtype),
             )
 
-    pb = Problem(xp, backend, xn, k_out, 1.0, valid, axis, largest, None, device)
+    pb = Problem(xp, backend, xn, k_out, 1.0, valid, axis, largest, None, device, grp)
     if need_tau:
         pb.tau, pb.tau_shape = _prepare_tau(pb, tau, lib, shape)
     return pb
@@ -284,6 +317,21 @@ def host_values(backend: Backend, arr: Any) -> Any | None:
 def _all_positive_finite(values: Any) -> bool:
     vxp = array_api_compat.array_namespace(values)
     return bool(vxp.all(values > 0) & vxp.all(vxp.isfinite(values)))
+
+
+def _resolve_group(backend: Backend, group: Any, x: Any, lib: str, axis: int) -> Any:
+    """The backend's collectives for ``group=`` (None without a group)."""
+    if group is None:
+        return None
+    if backend.group is None:
+        raise TypeError(
+            f"group={group!r} cannot be used with {_lib_label(x)} (backend {backend.name!r} "
+            f"has no collectives). group= takes a JAX mesh axis name (inside shard_map, "
+            f"with JAX arrays) or a torch.distributed ProcessGroup (with torch tensors); "
+            f"to split NumPy data across chunks or machines, pass a dask.array instead "
+            f"(its chunks are the shards, no group needed)"
+        )
+    return backend.group(group, x, axis)
 
 
 def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):

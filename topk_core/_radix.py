@@ -12,7 +12,17 @@ Key mapping (``float_to_keys``): with ``mag`` the bits without the sign,
 ``key = S - mag`` for negative non-zero non-NaN ``x``, else ``key = S + mag``,
 ``S = 2**(bits-1)``.  ``-0.0`` and ``+0.0`` both map to ``S``; every NaN maps
 above ``+inf``; ``-inf`` is the smallest non-NaN key.  So NaN sorts as the
-largest value, like a descending ``sort`` that puts NaN first.
+largest value, like a descending ``sort`` that puts NaN first.  Libraries
+without usable unsigned integers (PyTorch) use the same keys shifted down by
+``S`` into the signed type of the same width (``float_to_signed_keys``:
+``-mag`` / ``+mag``); the driver reads the sign from the key dtype.
+
+Scale-out: with ``group`` (a :class:`topk_core._group.Group`) ``x`` is one
+shard of a longer axis.  Each pass histograms the local entries and sums the
+histograms over the group; the final key maximum is a group maximum.  Every
+shard then narrows with the same global digit, so all of them end with the
+same ``(a, b)``; the communication is ``passes x 2**digit_bits`` counts per
+row plus one key per row, whatever the axis length.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ __all__ = [
     "GenericShims",
     "float_to_keys",
     "keys_to_float",
+    "float_to_signed_keys",
+    "signed_keys_to_float",
     "comparison_histogram",
     "radix_select_pair",
     "check_digit_bits",
@@ -43,6 +55,7 @@ class RadixShims(Protocol):
         """Float ``(..., n)`` -> unsigned keys of the same width, order-preserving.
 
         ``-0.0`` and ``+0.0`` map to the same key; NaN maps above ``+inf``.
+        Signed keys (:func:`float_to_signed_keys`) work too.
         """
 
     def from_keys(self, keys: Array, dtype: Any) -> Array:
@@ -54,6 +67,13 @@ class RadixShims(Protocol):
         ``digits`` ``(..., n)`` unsigned ints in ``[0, nbins)``, ``active``
         bool ``(..., n)``; returns integer counts ``(..., nbins)``.
         """
+
+
+def _int_dtype(xp: Any, bits: int) -> Any:
+    try:
+        return {16: xp.int16, 32: xp.int32, 64: xp.int64}[bits]
+    except KeyError:
+        raise TypeError(f"no signed key type for {bits}-bit floats") from None
 
 
 def _uint_dtype(xp: Any, bits: int) -> Any:
@@ -109,6 +129,55 @@ def keys_to_float(
     pos = keys >= sign
     # both branches are evaluated; unsigned wrap-around in the unused one is harmless
     raw = xp.where(pos, keys - sign, (sign - keys) | sign)
+    return bitcast(raw, dtype)
+
+
+def float_to_signed_keys(xp: Any, x: Array, bitcast: Callable[[Array, Any], Array]) -> Array:
+    """:func:`float_to_keys` minus ``2**(bits-1)``, in the signed integer type of x's width.
+
+    ``-mag`` for negative non-zero non-NaN ``x``, ``+mag`` otherwise: order-preserving
+    under signed comparison, ``-0.0`` and ``+0.0`` both 0, NaN above ``+inf``, and the
+    type's minimum never used (the driver's "nothing below" marker).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core._radix import float_to_signed_keys
+    >>> x = np.array([-np.inf, -1.0, -0.0, 0.0, 1.0, np.inf, np.nan], dtype=np.float16)
+    >>> k = float_to_signed_keys(np, x, lambda a, dt: a.view(dt))
+    >>> k.dtype, bool(np.all(k[1:-1] >= k[:-2])), int(k[2]), int(k[3]), bool(k[-1] > k[-2])
+    (dtype('int16'), True, 0, 0, True)
+    """
+    bits = xp.finfo(x.dtype).bits
+    sdt = _int_dtype(xp, bits)
+    raw = bitcast(x, sdt)
+    mag = raw & xp.asarray((1 << (bits - 1)) - 1, dtype=sdt)
+    inf_mag = bitcast(xp.asarray(xp.inf, dtype=x.dtype), sdt)
+    zero = xp.asarray(0, dtype=sdt)
+    # negative sign bit and 0 < mag <= inf's: -0.0 joins +0.0, NaN of either sign
+    # lands above +inf (integer tests only, as in float_to_keys)
+    neg = (raw < zero) & (mag > zero) & (mag <= inf_mag)
+    return xp.where(neg, -mag, mag)
+
+
+def signed_keys_to_float(
+    xp: Any, keys: Array, dtype: Any, bitcast: Callable[[Array, Any], Array]
+) -> Array:
+    """Inverse of :func:`float_to_signed_keys` (zero comes back as ``+0.0``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core._radix import float_to_signed_keys, signed_keys_to_float
+    >>> view = lambda a, dt: a.view(dt)
+    >>> x = np.array([-np.inf, -2.5, 0.0, 3.0, np.inf], dtype=np.float32)
+    >>> signed_keys_to_float(np, float_to_signed_keys(np, x, view), np.float32, view)
+    array([-inf, -2.5,  0. ,  3. ,  inf], dtype=float32)
+    """
+    sign = xp.asarray(xp.iinfo(keys.dtype).min, dtype=keys.dtype)
+    neg = keys < xp.asarray(0, dtype=keys.dtype)
+    # -keys cannot overflow: keys > the type's minimum
+    raw = xp.where(neg, (-keys) | sign, keys)
     return bitcast(raw, dtype)
 
 
@@ -196,7 +265,13 @@ def digit_widths(key_bits: int, digit_bits: int) -> list[int]:
 
 
 def radix_select_pair(
-    xp: Any, x: Array, k: int | Array, shims: RadixShims, *, digit_bits: int = 8
+    xp: Any,
+    x: Array,
+    k: int | Array,
+    shims: RadixShims,
+    *,
+    digit_bits: int = 8,
+    group: Any = None,
 ) -> tuple[Array, Array]:
     """k-th and (k+1)-th largest along the last axis by radix select.
 
@@ -221,6 +296,10 @@ def radix_select_pair(
     digit_bits : int, default 8
         Bits per narrowing pass, in ``[1, 16]``; a pass histograms
         ``2**digit_bits`` bins per row.
+    group : topk_core._group.Group, optional
+        ``x`` is one shard of a longer axis split across ``group`` (``k`` and
+        the result are global); its ``sum``/``max`` combine the per-pass
+        histograms and the final key maximum.  None: ``x`` is the whole axis.
 
     Returns
     -------
@@ -240,7 +319,7 @@ def radix_select_pair(
     check_digit_bits(digit_bits)
     n = x.shape[-1]
     lead = tuple(x.shape[:-1])
-    if n == 0:
+    if n == 0 and group is None:
         # only k = 0 is possible: both sentinels
         from array_api_compat import device
 
@@ -248,8 +327,16 @@ def radix_select_pair(
             xp.full(lead + (1,), xp.inf, dtype=x.dtype, device=device(x)),
             xp.full(lead + (1,), -xp.inf, dtype=x.dtype, device=device(x)),
         )
-    idx = xp.int32 if n < 2**31 - 1 else xp.int64
-    first = x[..., :1]
+    n_bound = n if group is None else group.total(n)
+    idx = xp.int32 if n_bound is not None and n_bound < 2**31 - 1 else xp.int64
+    if group is None:
+        first = x[..., :1]  # keeps x's device and sharding
+    else:
+        # not from x: the per-row results must not depend on the shard (JAX's shard_map
+        # then knows they are replicated), and an empty shard still takes part
+        from array_api_compat import device
+
+        first = xp.zeros(lead + (1,), dtype=x.dtype, device=device(x))
     if isinstance(k, int):
         kk = xp.zeros_like(first, dtype=idx) + k
     else:
@@ -258,20 +345,29 @@ def radix_select_pair(
     one_i = xp.ones_like(kk)
     keys = shims.to_keys(x)
     key_bits = xp.iinfo(keys.dtype).bits
+    # signed keys are the unsigned ones minus 2**(key_bits-1): the same order, the
+    # top digit's sign bit flipped, and the type's minimum as "no key"
+    lowest = xp.iinfo(keys.dtype).min
+    signed = lowest < 0
     # rank of the wanted key among all entries, counted from the top; k = 0
     # searches for the maximum, which is b there
     remaining = xp.maximum(kk, one_i)
     above = zero_i  # entries whose key is above the prefix fixed so far
-    prefix = xp.zeros_like(keys[..., :1])
+    prefix = xp.zeros_like(kk, dtype=keys.dtype)
     active = xp.ones_like(keys, dtype=xp.bool)
-    widths = digit_widths(key_bits, digit_bits)
+    # a signed key type cannot hold a digit as wide as itself
+    widths = digit_widths(key_bits, min(digit_bits, key_bits - 1) if signed else digit_bits)
     shift = key_bits
     n_equal = one_i
     for p, w in enumerate(widths):
         shift -= w
         nbins = 1 << w
         digits = (keys >> shift) & xp.asarray(nbins - 1, dtype=keys.dtype)
+        if signed and p == 0:
+            digits = digits ^ xp.asarray(nbins >> 1, dtype=keys.dtype)
         hist = xp.astype(shims.row_histogram(digits, active, nbins), idx)
+        if group is not None:
+            hist = group.sum(hist)
         # cum[j] = active entries with digit >= j: non-increasing in j
         cum = xp.flip(xp.cumulative_sum(xp.flip(hist, axis=-1), axis=-1), axis=-1)
         ok = cum >= remaining  # True exactly for j <= the wanted digit
@@ -280,22 +376,38 @@ def radix_select_pair(
         remaining = remaining - gt
         above = above + gt
         d = xp.astype(digit, keys.dtype)
-        prefix = prefix | (d << shift)
+        if signed and p == 0:
+            # the top digit's bit pattern with its sign flipped, as (digit - nbins/2) * 2**shift
+            # in two steps: 2**shift alone overflows the type when shift = key_bits - 1
+            prefix = xp.astype(digit - (nbins >> 1), keys.dtype)
+            if shift:
+                prefix = prefix * xp.asarray(1 << (shift - 1), dtype=keys.dtype)
+                prefix = prefix * xp.asarray(2, dtype=keys.dtype)
+        else:
+            prefix = prefix | (d << shift)
         if p + 1 < len(widths):
             active = active & (digits == d)
         else:
             # entries equal to the k-th key: the wanted bin's count, cum[digit] - gt
-            big = xp.full_like(cum, n + 1)
+            # (cum[0], all active entries, bounds every cum)
+            big = cum[..., :1] + one_i
             n_equal = xp.min(xp.where(ok, cum, big), axis=-1, keepdims=True) - gt
     top = shims.from_keys(prefix, x.dtype)
     inf = xp.full_like(top, xp.inf)
     # (k+1)-th largest: tied with the k-th, else the largest entry below it.  The max runs
     # over the integer keys: XLA on CPU flushes subnormals in a float max
     tied = above + n_equal >= kk + one_i
-    below_key = xp.max(xp.where(keys < prefix, keys, xp.zeros_like(keys)), axis=-1, keepdims=True)
-    # key 0 never encodes a value (it would need mag == sign): nothing below
+    # the lowest key never encodes a value (it would need mag == sign): "nothing below"
+    if n:
+        below_key = xp.max(
+            xp.where(keys < prefix, keys, xp.full_like(keys, lowest)), axis=-1, keepdims=True
+        )
+    else:
+        below_key = xp.full_like(prefix, lowest)
+    if group is not None:
+        below_key = group.max(below_key)
     below = xp.where(
-        below_key == xp.zeros_like(below_key),
+        below_key == xp.full_like(below_key, lowest),
         xp.full_like(top, -xp.inf),
         shims.from_keys(below_key, x.dtype),
     )

@@ -67,6 +67,11 @@ class Backend:
         view), or None where reading them would need a device synchronisation
         or break a trace or compilation.  Enables the value checks of
         ``eager`` backends wherever values are concrete.
+    group : callable, optional
+        ``group(g, x, axis) -> topk_core._group.Group``: resolve the public
+        API's ``group=g`` (``x``'s ``axis`` is one shard of a longer axis)
+        into the library's collectives, raising a ``TypeError``/``ValueError``
+        for a ``g`` it cannot use.  ``None``: the library has no ``group``.
     """
 
     name: str
@@ -76,6 +81,7 @@ class Backend:
     apply: Callable[..., Any] | None = None
     compute_dtype: Callable[[Any, Any], Any] | None = None
     host_values: Callable[[Any], Any] | None = None
+    group: Callable[[Any, Any, int], Any] | None = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily
@@ -84,6 +90,7 @@ _REGISTRY: dict[str, Backend | str] = {
     "torch": "topk_core.backends.torch_backend:BACKEND",
     "jax": "topk_core.backends.jax_backend:BACKEND",
     "cupy": "topk_core.backends.cupy_backend:BACKEND",
+    "dask": "topk_core.backends.dask_backend:BACKEND",
     "array_api_strict": "topk_core.backends.generic:STRICT_BACKEND",
 }
 _GENERIC = "topk_core.backends.generic:GENERIC_BACKEND"

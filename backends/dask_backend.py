@@ -1,0 +1,118 @@
+"""Dask backend: DFTopK on dask arrays whose selection axis spans many chunks.
+
+The chunks along the selection axis are the shards.  The selection is the
+project's shared radix driver (:func:`topk_core._radix.radix_select_pair`),
+run lazily on the dask array with these shims:
+
+* keys: NumPy's order-preserving key mapping, applied per chunk
+  (``map_blocks``, so a pass never moves values between tasks);
+* per-row histogram of a pass: one NumPy ``bincount`` per chunk
+  (:class:`topk_core.backends.numpy_backend.NumpyShims`), then a tree
+  reduction (``sum`` with ``split_every``) of those small per-chunk histograms.
+
+Every per-row value of the driver (the histograms, the chosen digits, the
+final key maximum) is ``rows x bins`` small; every full-size array is
+elementwise and keeps the input's chunks.  So there is no rechunk to one chunk
+and no sort, each task holds O(chunk) memory, everything stays lazy until the
+caller computes, and the result (like the VJP's) is a dask array chunked like
+``x``.  The elementwise math and the VJP/JVP sums are the shared
+:mod:`topk_core._math` run through array-api-compat's dask namespace (its
+reductions are tree reductions too).  Works with any dask scheduler: the block
+functions are module-level, so they pickle to worker processes.
+
+Digits: 11 bits (3 passes for float32) when the widest chunk along the axis
+has at least 2**16 entries, else 8 bits (4 passes): the NumPy backend's
+measured choice (:func:`topk_core.backends.numpy_backend.digit_bits_for`),
+applied per chunk because that is where the histograms are built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from topk_core.backends.numpy_backend import NumpyShims, digit_bits_for
+
+from topk_core._radix import float_to_keys, keys_to_float, radix_select_pair
+from topk_core._registry import Backend
+
+__all__ = ["BACKEND", "SPLIT_EVERY", "DaskShims", "select_pair"]
+
+#: fan-in of the tree reduction of per-chunk histograms
+SPLIT_EVERY = 8
+
+_NP = NumpyShims(np)
+
+
+def _view(a: np.ndarray, dtype: Any) -> np.ndarray:
+    return a.view(dtype)
+
+
+def _keys_block(x: np.ndarray) -> np.ndarray:
+    return float_to_keys(np, x, _view)
+
+
+def _floats_block(keys: np.ndarray, dtype: Any) -> np.ndarray:
+    return keys_to_float(np, keys, dtype, _view)
+
+
+def _histogram_block(digits: np.ndarray, active: np.ndarray, nbins: int) -> np.ndarray:
+    # (..., n_chunk) -> (..., 1, nbins): the chunk's own axis position becomes size 1
+    return _NP.row_histogram(digits, active, nbins)[..., None, :]
+
+
+class DaskShims:
+    """Radix shims for dask arrays: per-chunk NumPy work, tree-reduced histograms."""
+
+    def to_keys(self, x: Any) -> Any:
+        udt = {16: np.uint16, 32: np.uint32, 64: np.uint64}[np.finfo(x.dtype).bits]
+        return x.map_blocks(_keys_block, dtype=udt)
+
+    def from_keys(self, keys: Any, dtype: Any) -> Any:
+        return keys.map_blocks(_floats_block, dtype, dtype=dtype)
+
+    def row_histogram(self, digits: Any, active: Any, nbins: int) -> Any:
+        """Per-row counts ``(..., nbins)``: a histogram per chunk, summed as a tree."""
+        nblocks = len(digits.chunks[-1])
+        per_chunk = da.map_blocks(
+            _histogram_block,
+            digits,
+            active,
+            nbins,
+            new_axis=digits.ndim,
+            chunks=tuple(digits.chunks[:-1]) + ((1,) * nblocks, (nbins,)),
+            dtype=np.int64,
+        )
+        return per_chunk.sum(axis=-2, split_every=SPLIT_EVERY)
+
+
+SHIMS = DaskShims()
+
+
+def select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
+    """k-th and (k+1)-th largest along the last axis (see :class:`topk_core.Backend`), lazily.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import array_api_compat
+    >>> from topk_core.backends.dask_backend import select_pair
+    >>> x = da.from_array([[4.0, 1.0, 3.0, 2.0, 0.0, 5.0]], chunks=2)
+    >>> a, b = select_pair(array_api_compat.array_namespace(x), x, 2)
+    >>> a.compute(), b.compute()
+    (array([[4.]]), array([[3.]]))
+    """
+    widest = max(x.chunks[-1], default=0)
+    return radix_select_pair(xp, x, k, SHIMS, digit_bits=digit_bits_for(widest))
+
+
+def _no_group(group: Any, x: Any, axis: int) -> Any:
+    raise TypeError(
+        f"group={group!r} is not used with dask arrays: their chunks along the axis are "
+        f"already the shards (the selection tree-reduces per-chunk histograms); "
+        f"drop group="
+    )
+
+
+BACKEND = Backend(name="dask", select_pair=select_pair, eager=False, group=_no_group)

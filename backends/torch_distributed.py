@@ -1,0 +1,264 @@
+"""PyTorch scale-out: ``group=`` a ``torch.distributed`` process group.
+
+Each rank passes its shard of a selection axis split across the ranks of the
+group, in rank order; ``k`` is global.  Selection is the project's shared
+radix driver (:func:`topk_core._radix.radix_select_pair`) with torch shims:
+
+* keys: the order-preserving float -> integer mapping in the *signed* integer
+  type of the float's width (:func:`topk_core._radix.float_to_signed_keys`):
+  torch's unsigned 32/64-bit types lack comparisons, so the driver reads the
+  sign from the key dtype and flips the top digit;
+* per-row histogram: one ``bincount`` over ``row * bins + digit`` of the
+  active entries on the CPU; on CUDA an ``index_add_`` of the active flags
+  instead (``bincount`` and boolean compaction would read sizes on the host);
+* collectives: ``all_reduce`` (SUM) of each pass's per-row histogram, one
+  ``all_reduce`` (MAX) of a per-row key, ``all_gather`` of per-row tie counts
+  for ``topk_mask``: ``passes x 256`` counts per row, whatever the axis length.
+
+The forward runs through its own ``torch.autograd.Function``
+(:class:`GroupDFTopKFunction`) whose backward all-reduces the same per-row
+sums as the VJP (``sum(s)`` and the tie counts), so ``x.grad`` is the
+gradient of the sum of every rank's loss; it also has a forward-mode ``jvp``.
+A ``tau`` tensor's gradient is this rank's contribution, as for any parameter
+(all-reduce it, or let DistributedDataParallel do so, when ``tau`` is shared by
+the ranks).  Double backward is not supported.
+
+Checks: on CPU tensors (gloo) every call first all-gathers each rank's axis
+length, dtype and batch shape (one small message), so shards of different
+dtypes or shapes and a ``k`` above the global length raise the same clear
+error on every rank instead of hanging in a mismatched collective.  On CUDA
+that check would need a host synchronisation and is skipped: a scalar ``k``
+is then clipped to the global length on the device, like an array ``k``.
+None of the CUDA/NCCL paths has been run (no GPU was available); they use
+only ops that do not synchronise with the host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import array_api_compat
+import torch
+import torch.distributed as dist
+
+from topk_core import _math
+from topk_core._group import row_sum_of
+from topk_core._radix import float_to_signed_keys, radix_select_pair, signed_keys_to_float
+
+__all__ = ["DIGIT_BITS", "GroupDFTopKFunction", "TorchGroup", "TorchShims", "resolve_group"]
+
+DIGIT_BITS = 8
+_XP = array_api_compat.array_namespace(torch.empty(0))
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+def _view(a: torch.Tensor, dtype: Any) -> torch.Tensor:
+    return a.view(dtype)
+
+
+class TorchShims:
+    """Radix shims for torch: signed keys, a per-row histogram without host reads on CUDA."""
+
+    def to_keys(self, x: torch.Tensor) -> torch.Tensor:
+        return float_to_signed_keys(_XP, x, _view)
+
+    def from_keys(self, keys: torch.Tensor, dtype: Any) -> torch.Tensor:
+        return signed_keys_to_float(_XP, keys, dtype, _view)
+
+    def row_histogram(self, digits: torch.Tensor, active: torch.Tensor, nbins: int) -> Any:
+        lead = tuple(digits.shape[:-1])
+        n = digits.shape[-1]
+        rows = math.prod(lead)
+        flat = digits.reshape(rows, n).to(torch.int64)
+        if rows > 1:
+            flat = flat + torch.arange(rows, device=flat.device).mul_(nbins)[:, None]
+        act = active.reshape(rows, n)
+        if flat.device.type == "cpu":
+            counts = torch.bincount(flat[act], minlength=rows * nbins)
+        else:
+            counts = torch.zeros(rows * nbins, dtype=torch.int64, device=flat.device)
+            counts.index_add_(0, flat.reshape(-1), act.reshape(-1).to(torch.int64))
+        return counts.reshape(lead + (nbins,))
+
+
+SHIMS = TorchShims()
+
+
+class TorchGroup:
+    """Collectives of one process group (:class:`topk_core._group.Group`).
+
+    Shard order is the rank within ``group``.
+    """
+
+    def __init__(self, group: Any, n_total: int | None) -> None:
+        self.pg = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.n_total = n_total
+        self.label = f"torch.distributed group of {self.size} ranks"
+
+    def _reduce(self, v: torch.Tensor, op: Any) -> torch.Tensor:
+        # c10d collectives are in place and not autograd-aware: reduce a detached copy
+        t = v.detach().clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(t, op=op, group=self.pg)
+        return t
+
+    def sum(self, v: torch.Tensor) -> torch.Tensor:
+        return self._reduce(v, dist.ReduceOp.SUM)
+
+    def max(self, v: torch.Tensor) -> torch.Tensor:
+        # gloo has no int16 reductions: widening keeps the signed keys' order
+        return self._reduce(v.to(torch.int64), dist.ReduceOp.MAX).to(v.dtype)
+
+    def exclusive_sum(self, v: torch.Tensor) -> torch.Tensor:
+        t = v.detach().contiguous()
+        every = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(every, t, group=self.pg)
+        out = torch.zeros_like(t)
+        for r in range(self.rank):
+            out = out + every[r]
+        return out
+
+    def total(self, n_local: int) -> int | None:
+        return self.n_total
+
+    def select_pair(self, xp: Any, x: torch.Tensor, k: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return radix_select_pair(_XP, x.detach(), k, SHIMS, digit_bits=DIGIT_BITS, group=self)
+
+    def apply(self, pb: Any, output: str, hard: bool = False) -> torch.Tensor:
+        kind = "hard" if hard else output
+        out, _, _ = GroupDFTopKFunction.apply(pb.x, pb.tau, pb.k, pb.valid, kind, self)
+        return out
+
+
+def resolve_group(group: Any, x: torch.Tensor, axis: int) -> TorchGroup:
+    """The public API's ``group=`` for torch tensors: a ``torch.distributed`` ProcessGroup.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from topk_core.backends.torch_distributed import resolve_group
+    >>> resolve_group("d", torch.ones(3), 0)
+    Traceback (most recent call last):
+    ...
+    TypeError: group for torch tensors must be a torch.distributed ProcessGroup ...
+    """
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"group for torch tensors must be a torch.distributed ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD after init_process_group), got "
+            f"{type(group).__name__} {group!r}"
+        )
+    if not dist.is_initialized():
+        raise ValueError("group: torch.distributed is not initialized (init_process_group)")
+    if dist.get_rank(group) < 0:
+        raise ValueError("group: this process is not a member of the given process group")
+    backend = str(dist.get_backend(group))
+    if x.device.type == "cpu" and "gloo" not in backend and "cpu:" not in backend:
+        raise TypeError(
+            f"group uses the {backend!r} backend, which has no CPU collectives, but x is a "
+            f"CPU tensor; use a gloo group (or move x to CUDA for NCCL)"
+        )
+    n_total = _handshake(group, x, axis) if x.device.type == "cpu" else None
+    return TorchGroup(group, n_total)
+
+
+def _handshake(group: Any, x: torch.Tensor, axis: int) -> int:
+    """All-gather every rank's (axis length, dtype, batch shape); check; the global length."""
+    batch = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1 :])
+    code = _DTYPE_CODES.get(x.dtype, 0)
+    # the batch shape as (ndim, numel, a hash): equal shapes give equal triples
+    info = torch.tensor(
+        [x.shape[axis], code, len(batch), math.prod(batch), hash(batch) % (2**62)],
+        dtype=torch.int64,
+    )
+    size = dist.get_world_size(group)
+    every = [torch.empty_like(info) for _ in range(size)]
+    dist.all_gather(every, info, group=group)
+    names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
+    dtypes = [names.get(int(e[1]), "?") for e in every]
+    if len(set(dtypes)) > 1:
+        raise ValueError(
+            f"x: the shards of the group have different dtypes (by rank: {dtypes}); every "
+            f"rank must pass the same floating dtype"
+        )
+    if len({tuple(e[2:].tolist()) for e in every}) > 1:
+        raise ValueError(
+            f"x: the shards of the group have different batch shapes (x's shape without axis "
+            f"{axis}; this rank: {batch}); only the selection axis may differ between ranks"
+        )
+    return int(sum(int(e[0]) for e in every))
+
+
+def _unpack(ctx: Any) -> tuple:
+    x, tau_t, valid, a, b = ctx.saved_tensors[:5]
+    tau = tau_t if tau_t is not None else ctx.tau_float
+    cdt = _math.compute_dtype(_XP, x.dtype)
+    return x, x.to(cdt), tau, valid, a.to(cdt), b.to(cdt)
+
+
+class GroupDFTopKFunction(torch.autograd.Function):
+    """DFTopK on one shard of a distributed axis, with the closed-form VJP and JVP.
+
+    ``apply(x, tau, k, valid, output, group) -> (out, a, b)`` on normalised
+    inputs (as :class:`topk_core.adapters.torch_adapter.DFTopKFunction`, plus
+    the :class:`TorchGroup`).  Backward all-reduces ``sum(s)`` and the tie
+    counts; the tau-gradient is this rank's contribution.  Use
+    ``topk_core.dftopk(x, k, group=...)`` rather than calling this directly.
+    """
+
+    @staticmethod
+    def forward(x, tau, k, valid, output, group):
+        xm = x if valid is None else torch.where(valid, x, -math.inf)
+        a, b = group.select_pair(_XP, xm, k)
+        cdt = _math.compute_dtype(_XP, x.dtype)
+        xc = x.to(cdt)
+        if output == "hard":
+            # straight-through: the global hard mask (ties by lower global index)
+            out = _math.hard_mask(_XP, x, a, valid, k, group=group)
+            return out.to(x.dtype), a, b
+        z = _math.logits(_XP, xc, a.to(cdt), b.to(cdt), tau, valid, eager=x.device.type == "cpu")
+        out = torch.sigmoid(z) if output == "probs" else z
+        return out.to(x.dtype), a, b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, tau, _k, valid, kind, group = inputs
+        _out, a, b = output
+        ctx.mark_non_differentiable(a, b)
+        # "hard": the mask forward, differentiated as "probs"
+        ctx.kind = "probs" if kind == "hard" else kind
+        ctx.group = group
+        tau_t = tau if isinstance(tau, torch.Tensor) else None
+        ctx.tau_float = None if tau_t is not None else float(tau)
+        ctx.save_for_backward(x, tau_t, valid, a, b)
+        ctx.save_for_forward(x, tau_t, valid, a, b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_a, _grad_b):
+        x, xc, tau, valid, a, b = _unpack(ctx)
+        group = ctx.group
+        z = _math.logits(_XP, xc, a, b, tau, valid, eager=x.device.type == "cpu")
+        g = grad_out.to(xc.dtype)
+        grad_x, t = _math.vjp(
+            _XP, xc, a, b, z, g, tau, valid, ctx.kind, row_sum=row_sum_of(_XP, group)
+        )
+        grad_tau = None
+        if isinstance(tau, torch.Tensor) and ctx.needs_input_grad[1]:
+            # this rank's contribution, like any parameter's gradient under DDP
+            grad_tau = t.sum_to_size(tau.shape).to(tau.dtype)
+        grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_tau, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, tau_t, _k_t, _valid_t, _kind_t, _group_t):
+        x, xc, tau, valid, a, b = _unpack(ctx)
+        z = _math.logits(_XP, xc, a, b, tau, valid, eager=x.device.type == "cpu")
+        u = torch.zeros_like(xc) if x_t is None else x_t.to(xc.dtype)
+        dtau = tau_t if isinstance(tau_t, torch.Tensor) else None
+        d = _math.jvp(
+            _XP, xc, a, b, z, u, tau, dtau, valid, ctx.kind, row_sum=row_sum_of(_XP, ctx.group)
+        )
+        return d.to(x.dtype), None, None

@@ -1,0 +1,514 @@
+"""Checks of ``group=`` on torch.distributed: 4 gloo processes on 127.0.0.1.
+
+``python conformance_tests/project/scaleout_torch_worker.py`` spawns :data:`WORLD`
+ranks (``torch.multiprocessing``, start method ``spawn``), each runs every
+check in :data:`CASES` on its shard (unequal shard lengths) and compares with
+the single-process result on the whole axis; the launcher prints one JSON
+line ``{name: {"ok": bool, "detail": str}}`` after :data:`MARKER` (a check
+passes when it passes on every rank).  Every wait is bounded: the process
+group's timeout, and the launcher kills the ranks after :data:`DEADLINE_S`.
+Importing this module imports no framework.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+
+MARKER = "SCALEOUT-TORCH-RESULTS "
+WORLD = 4
+DEADLINE_S = 240
+PG_TIMEOUT_S = 30
+
+CASES = [
+    "forward_threshold",
+    "mask_per_row_k",
+    "ties_topk_mask",
+    "hard_straight_through",
+    "autograd_backward",
+    "closed_form_vjp_jvp",
+    "forward_mode_ad",
+    "dtypes",
+    "infinities_nan",
+    "empty_shard",
+    "communication_independent_of_n",
+    "errors",
+]
+
+# shard boundaries of a length-100 axis: unequal on purpose
+CUTS = [0, 13, 40, 41, 100]
+
+
+def _cuts(n):
+    return [c * n // 100 for c in CUTS]
+
+
+class Ctx:
+    def __init__(self, rank):
+        import torch.distributed as dist
+
+        self.rank = rank
+        self.group = dist.group.WORLD
+
+    def shard(self, t, axis=-1, cuts=None):
+        n = t.shape[axis]
+        c = cuts or _cuts(n)
+        return t.narrow(axis, c[self.rank], c[self.rank + 1] - c[self.rank]).clone()
+
+
+_MISMATCHES: list[str] = []
+
+
+def _close(got, want, tol, what):
+    """Compare; a mismatch is recorded, not raised, so that every rank keeps making the
+    same collective calls (an early raise on one rank would desynchronise the others)."""
+    try:
+        return _compare(got, want, tol, what)
+    except AssertionError as exc:
+        _MISMATCHES.append(str(exc))
+        return float("inf")
+
+
+def _compare(got, want, tol, what):
+    import torch
+
+    got = got.detach().to(torch.float64)
+    want = want.detach().to(torch.float64)
+    if got.shape != want.shape:
+        raise AssertionError(f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+    if not torch.equal(got.isnan(), want.isnan()):
+        raise AssertionError(f"{what}: NaN positions differ")
+    fin = want.isfinite()
+    if not torch.equal(got[~fin & ~want.isnan()], want[~fin & ~want.isnan()]):
+        raise AssertionError(f"{what}: infinities differ")
+    err = ((got[fin] - want[fin]).abs() / want[fin].abs().clamp(min=1)).max() if fin.any() else 0
+    err = float(err)
+    if err > tol:
+        raise AssertionError(f"{what}: max rel error {err:.3g} > {tol}")
+    return err
+
+
+def _data(shape, seed, dtype=None):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=dtype or torch.float32)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_forward_threshold(c):
+    import topk_core as tk
+
+    x = _data((3, 100), 0)
+    xs = c.shard(x)
+    n = 0
+    for k in (0, 1, 50, 99, 100):
+        for largest in (True, False):
+            for fn in (tk.dftopk, tk.dftopk_logits):
+                got = fn(xs, k, tau=0.3, largest=largest, group=c.group)
+                _close(got, c.shard(fn(x, k, tau=0.3, largest=largest)), 1e-6, fn.__name__)
+            got = tk.topk_threshold(xs, k, largest=largest, group=c.group)
+            _close(got, tk.topk_threshold(x, k, largest=largest), 0, "threshold")
+            n += 3
+    # selection along axis 0
+    x0 = _data((100, 4), 1)
+    got = tk.dftopk(c.shard(x0, 0), 17, axis=0, group=c.group)
+    _close(got, c.shard(tk.dftopk(x0, 17, axis=0), 0), 1e-6, "axis=0")
+    return f"{n + 1} comparisons"
+
+
+def check_mask_per_row_k(c):
+    import torch
+
+    import topk_core as tk
+
+    x = _data((4, 100), 2)
+    mask = _data((4, 100), 3) > -0.5
+    mask[3] = False  # nothing valid
+    k = torch.tensor([0, 10, 100, 5])  # 100 > n_valid: clipped
+    xs, ms = c.shard(x), c.shard(mask)
+    for fn in (tk.dftopk, tk.dftopk_logits):
+        _close(fn(xs, k, mask=ms, group=c.group), c.shard(fn(x, k, mask=mask)), 1e-6, "per-row k")
+        _close(fn(xs, 60, mask=ms, group=c.group), c.shard(fn(x, 60, mask=mask)), 1e-6, "scalar")
+    _close(
+        tk.topk_threshold(xs, k, mask=ms, group=c.group), tk.topk_threshold(x, k, mask=mask), 0, "t"
+    )
+    got = tk.topk_mask(xs, k, mask=ms, group=c.group)
+    _close(got, c.shard(tk.topk_mask(x, k, mask=mask)), 0, "topk_mask")
+    return "ok"
+
+
+def check_ties_topk_mask(c):
+    import torch
+
+    import topk_core as tk
+
+    x = torch.randint(0, 4, (3, 100), generator=torch.Generator().manual_seed(4)).float()
+    mask = _data((3, 100), 5) > -1
+    xs, ms = c.shard(x), c.shard(mask)
+    n = 0
+    for k in (1, 13, 40, 64, 99):
+        for largest in (True, False):
+            for m, mfull in ((None, None), (ms, mask)):
+                got = tk.topk_mask(xs, k, mask=m, largest=largest, group=c.group)
+                want = c.shard(tk.topk_mask(x, k, mask=mfull, largest=largest))
+                _close(got, want, 0, f"topk_mask k={k}")
+                n += 1
+    return f"{n} masks, ties across every shard boundary"
+
+
+def check_hard_straight_through(c):
+    import torch
+
+    import topk_core as tk
+
+    # tie groups across every shard boundary: the hard mask keeps the lower global index
+    x = torch.randint(0, 5, (3, 100), generator=torch.Generator().manual_seed(14)).float()
+    w = _data((3, 100), 15)
+    mask = _data((3, 100), 16) > -1
+    n = 0
+    for k in (1, 40, 99):
+        xs = c.shard(x).requires_grad_(True)
+        out = tk.dftopk(xs, k, tau=0.6, mask=c.shard(mask), group=c.group, hard=True)
+        (out * c.shard(w)).sum().backward()
+        xf = x.clone().requires_grad_(True)
+        want = tk.dftopk(xf, k, tau=0.6, mask=mask, hard=True)
+        (want * w).sum().backward()
+        _close(out.detach(), c.shard(want.detach()), 0, f"hard forward k={k}")
+        _close(xs.grad, c.shard(xf.grad), 2e-5, f"hard (soft) gradient k={k}")
+        n += 1
+    return f"{n} hard masks with cross-shard ties, their straight-through gradients"
+
+
+def check_autograd_backward(c):
+    import torch
+    import torch.distributed as dist
+
+    import topk_core as tk
+
+    x = _data((3, 100), 6)
+    x[0, :50] = torch.round(x[0, :50])  # ties in the gradient's weights
+    w = _data((3, 100), 7)
+    mask = _data((3, 100), 8) > -1
+    tau = torch.tensor([[0.2], [0.5], [1.5]])
+    for fn in (tk.dftopk, tk.dftopk_logits):
+        for k in (1, 30, 99):
+            xs = c.shard(x).requires_grad_(True)
+            ts = tau.clone().requires_grad_(True)
+            out = fn(xs, k, tau=ts, mask=c.shard(mask), group=c.group)
+            (out * c.shard(w)).sum().backward()
+            xf = x.clone().requires_grad_(True)
+            tf = tau.clone().requires_grad_(True)
+            (fn(xf, k, tau=tf, mask=mask) * w).sum().backward()
+            _close(xs.grad, c.shard(xf.grad), 2e-5, f"{fn.__name__} grad x k={k}")
+            # tau's gradient is this rank's share: they add up to the whole
+            gt = ts.grad.clone()
+            dist.all_reduce(gt, group=c.group)
+            _close(gt, tf.grad, 2e-5, f"{fn.__name__} grad tau k={k}")
+    # float tau
+    xs = c.shard(x).requires_grad_(True)
+    (tk.dftopk(xs, 40, tau=0.7, group=c.group) * c.shard(w)).sum().backward()
+    xf = x.clone().requires_grad_(True)
+    (tk.dftopk(xf, 40, tau=0.7) * w).sum().backward()
+    _close(xs.grad, c.shard(xf.grad), 2e-5, "float tau")
+    return "grad x; the ranks' shares of a shared per-row tau add up to its gradient"
+
+
+def check_closed_form_vjp_jvp(c):
+    import torch
+    import torch.distributed as dist
+
+    import topk_core as tk
+
+    x = _data((3, 100), 9)
+    w = _data((3, 100), 10)
+    u = _data((3, 100), 11)
+    mask = _data((3, 100), 12) > -1
+    tau_row = torch.tensor([[0.3], [1.0], [2.0]])
+    tau_full = _data((3, 100), 13).abs() + 0.1
+    n = 0
+    for tau, tau_s, sharded in (
+        (0.6, 0.6, False),
+        (tau_row, tau_row, False),
+        (tau_full, None, True),
+    ):
+        if sharded:
+            tau_s = c.shard(tau_full)
+        for output in ("probs", "logits"):
+            for k in (5, 70):
+                kw = dict(mask=mask, output=output, tau=tau)
+                kws = dict(mask=c.shard(mask), output=output, tau=tau_s, group=c.group)
+                gx, gt = tk.dftopk_vjp(c.shard(x), k, c.shard(w), **kws)
+                wx, wt = tk.dftopk_vjp(x, k, w, **kw)
+                _close(gx, c.shard(wx), 2e-5, "vjp x")
+                if not sharded and isinstance(tau, torch.Tensor):
+                    dist.all_reduce(gt, group=c.group)  # shares of a shared tau
+                elif not sharded:
+                    gt = gt.reshape(1)
+                    dist.all_reduce(gt, group=c.group)
+                    gt = gt[0]
+                _close(gt, c.shard(wt) if sharded else wt, 2e-5, "vjp tau")
+                tt = None if isinstance(tau, float) else tau * 0 + 0.25
+                tts = None if tt is None else (c.shard(tt) if sharded else tt)
+                p, dp = tk.dftopk_jvp(c.shard(x), k, c.shard(u), tau_tangent=tts, **kws)
+                wp, wdp = tk.dftopk_jvp(x, k, u, tau_tangent=tt, **kw)
+                _close(p, c.shard(wp), 1e-6, "jvp out")
+                _close(dp, c.shard(wdp), 2e-5, "jvp tangent")
+                out, vjp = tk.dftopk_and_vjp(c.shard(x), k, **kws)
+                wout, wvjp = tk.dftopk_and_vjp(x, k, **kw)
+                _close(out, c.shard(wout), 1e-6, "and_vjp out")
+                _close(vjp(c.shard(w))[0], c.shard(wvjp(w)[0]), 2e-5, "and_vjp x")
+                n += 7
+    return f"{n} comparisons: float / per-row / full (sharded) tau"
+
+
+def check_forward_mode_ad(c):
+    import torch.autograd.forward_ad as fwad
+
+    import topk_core as tk
+
+    x = _data((2, 100), 14)
+    u = _data((2, 100), 15)
+    with fwad.dual_level():
+        p = tk.dftopk(fwad.make_dual(c.shard(x), c.shard(u)), 25, tau=0.4, group=c.group)
+        got = fwad.unpack_dual(p).tangent
+    _, want = tk.dftopk_jvp(x, 25, u, tau=0.4)
+    _close(got, c.shard(want), 2e-5, "forward AD")
+    return "ok"
+
+
+def check_dtypes(c):
+    import torch
+
+    import topk_core as tk
+
+    base = _data((2, 100), 16, torch.float64)
+    base[0, :20] = base[0, 50:70]  # ties across shards
+    for dt, tol in ((torch.float64, 1e-12), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)):
+        x = base.to(dt)
+        got = tk.dftopk(c.shard(x), 41, tau=0.4, group=c.group)
+        if got.dtype != dt:
+            _MISMATCHES.append(f"{dt}: output dtype {got.dtype}")
+        _close(got, c.shard(tk.dftopk(x, 41, tau=0.4)), tol, str(dt))
+        _close(tk.topk_mask(c.shard(x), 3, group=c.group), c.shard(tk.topk_mask(x, 3)), 0, "mask")
+    return "float64, float16, bfloat16"
+
+
+def check_infinities_nan(c):
+    import math
+
+    import topk_core as tk
+
+    x = _data((5, 100), 17)
+    x[0, [0, 50]] = math.inf  # two +inf on two shards
+    x[1, 3] = math.inf
+    x[1, 70] = -math.inf
+    x[2, :] = -math.inf
+    x[2, [2, 95]] = 1.0
+    x[3, 45] = math.nan
+    xs = c.shard(x)
+    for k in (0, 1, 2, 100):
+        for fn in (tk.dftopk, tk.dftopk_logits, tk.topk_mask):
+            _close(fn(xs, k, group=c.group), c.shard(fn(x, k)), 1e-6, f"{fn.__name__} k={k}")
+    return "ok"
+
+
+def check_empty_shard(c):
+    import topk_core as tk
+
+    # rank 1 holds no entry at all; it still takes part in every collective
+    cuts = [0, 30, 30, 64, 100]
+    x = _data((2, 100), 18)
+    w = _data((2, 100), 19)
+    xs = c.shard(x, cuts=cuts).requires_grad_(True)
+    p = tk.dftopk(xs, 33, group=c.group)
+    (p * c.shard(w, cuts=cuts)).sum().backward()
+    xf = x.clone().requires_grad_(True)
+    (tk.dftopk(xf, 33) * w).sum().backward()
+    _close(p, c.shard(tk.dftopk(x, 33), cuts=cuts), 1e-6, "forward")
+    _close(xs.grad, c.shard(xf.grad, cuts=cuts), 2e-5, "grad")
+    got = tk.topk_mask(c.shard(x, cuts=cuts), 50, group=c.group)
+    _close(got, c.shard(tk.topk_mask(x, 50), cuts=cuts), 0, "topk_mask")
+    return f"shard length {xs.shape[-1]}"
+
+
+def check_communication_independent_of_n(c):
+    import torch
+    import torch.distributed as dist
+
+    import topk_core as tk
+
+    sizes = []
+    real = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
+
+    def recording(name):
+        def call(tensor, *args, **kwargs):
+            t = tensor[0] if isinstance(tensor, list) else tensor
+            sizes.append((name, t.dtype, t.numel()))
+            return real[name](tensor, *args, **kwargs)
+
+        return call
+
+    seen = []
+    try:
+        for name in real:
+            setattr(dist, name, recording(name))
+        for n in (400, 40000):
+            sizes.clear()
+            x = c.shard(_data((4, n), 20)).requires_grad_(True)
+            p = tk.dftopk(x, torch.full((4,), n // 3), tau=0.5, group=c.group)
+            p.sum().backward()
+            tk.topk_mask(x.detach(), n // 3, group=c.group)
+            seen.append(list(sizes))
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+    if seen[0] != seen[1]:
+        raise AssertionError(f"communication differs with n: {seen[0]} vs {seen[1]}")
+    largest = max(s[2] for s in seen[0])
+    if largest > 4 * 256:
+        raise AssertionError(f"a collective of {largest} elements")
+    return f"{len(seen[0])} collectives per forward+backward+mask, largest {largest} elements"
+
+
+def check_errors(c):
+    import numpy as np
+    import torch
+
+    import topk_core as tk
+
+    def expect(exc, text, fn):
+        try:
+            fn()
+        except exc as e:
+            if text not in str(e):
+                _MISMATCHES.append(f"{exc.__name__} without {text!r}: {e}")
+            return
+        _MISMATCHES.append(f"no {exc.__name__} ({text!r})")
+
+    x = c.shard(_data((2, 100), 21))
+    expect(TypeError, "numpy", lambda: tk.dftopk(np.ones((2, 8)), 3, group=c.group))
+    expect(TypeError, "ProcessGroup", lambda: tk.dftopk(x, 3, group="d"))
+    # the global length is 100: 101 fails on every rank, 100 is fine everywhere
+    expect(ValueError, "100", lambda: tk.dftopk(x, 101, group=c.group))
+    tk.dftopk(x, 100, group=c.group)
+    # one rank passes another dtype: every rank gets the error, none hangs
+    xd = x.double() if c.rank == 1 else x
+    expect(ValueError, "different dtypes", lambda: tk.dftopk(xd, 3, group=c.group))
+    xb = torch.cat([x, x]) if c.rank == 2 else x
+    expect(ValueError, "batch shapes", lambda: tk.dftopk(xb, 3, group=c.group))
+    # double backward is refused, not silently wrong
+    xs = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(tk.dftopk(xs, 5, group=c.group).sum(), xs, create_graph=True)
+    expect(RuntimeError, "", lambda: g.sum().backward())
+    return "ok"
+
+
+# ---------------------------------------------------------------- launcher
+
+
+def _rank_main(rank, port, out_dir, only):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+    )
+    results = {}
+    stopped = ""
+    try:
+        c = Ctx(rank)
+        for name in CASES:
+            if only and name not in only:
+                continue
+            if stopped:
+                results[name] = {"ok": False, "detail": f"not run: {stopped}", "seconds": 0.0}
+                continue
+            t0 = time.perf_counter()
+            _MISMATCHES.clear()
+            try:
+                detail, ok = globals()["check_" + name](c), not _MISMATCHES
+                if _MISMATCHES:
+                    detail = "mismatches: " + "; ".join(_MISMATCHES[:5])
+            except AssertionError:  # raised at the end of a check, after its collectives
+                detail, ok = traceback.format_exc(limit=6), False
+            except Exception:
+                detail, ok = traceback.format_exc(limit=6), False
+                # the other ranks may now wait in a collective this rank skipped
+                stopped = f"rank {rank} stopped after an exception in {name}"
+            results[name] = {"ok": ok, "detail": detail, "seconds": time.perf_counter() - t0}
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    import torch.multiprocessing as mp
+
+    only = sys.argv[1:]
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(
+            _rank_main,
+            args=(_free_port(), out_dir, only),
+            nprocs=WORLD,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + DEADLINE_S
+        failure = None
+        try:
+            while not ctx.join(timeout=1):
+                if time.monotonic() > deadline:
+                    failure = f"ranks still running after {DEADLINE_S} s"
+                    break
+        except Exception as exc:  # a rank died
+            failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                p.join(10)
+        merged = {}
+        for rank in range(WORLD):
+            path = os.path.join(out_dir, f"rank{rank}.json")
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                for name, r in json.load(f).items():
+                    m = merged.setdefault(name, {"ok": True, "detail": "", "seconds": 0.0})
+                    m["seconds"] = round(max(m["seconds"], r["seconds"]), 1)
+                    if not r["ok"]:
+                        prior = m["detail"] if not m["ok"] else ""
+                        m["ok"], m["detail"] = False, f"{prior}rank {rank}: {r['detail']}\n"
+                    elif m["ok"]:
+                        m["detail"] = r["detail"]
+        if failure:
+            merged["_launcher"] = {"ok": False, "detail": failure}
+    print(MARKER + json.dumps(merged), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

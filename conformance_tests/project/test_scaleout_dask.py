@@ -1,0 +1,264 @@
+"""Dask: DFTopK over a selection axis that spans many chunks.
+
+Every result is compared with NumPy on the same (computed) data.  Checks that
+the call stays lazy, the output keeps the input's chunks, the graph holds no
+rechunk or sort, and no task produces more than O(chunk) bytes; then the same
+on a ``dask.distributed.LocalCluster`` with 2 worker processes on 127.0.0.1.
+About 15 s here, most of it starting the cluster.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import topk_core as tk
+
+da = pytest.importorskip("dask.array", reason="dask[array] is not installed (extra [dask])")
+import dask  # noqa: E402
+from dask.callbacks import Callback  # noqa: E402
+
+TIMEOUT_S = 120
+
+
+def _close(got, want, atol=1e-6):
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    fin = np.isfinite(want)
+    np.testing.assert_array_equal(got[~fin], want[~fin])
+    np.testing.assert_allclose(got[fin], want[fin], rtol=atol, atol=atol)
+
+
+def _data(shape, seed=0, dtype=np.float32):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+LAYOUTS = [
+    ((4, 1000), (4, 100)),  # 10 chunks along the axis
+    ((4, 1000), (3, (1, 400, 99, 500))),  # uneven chunks, rows split too
+    ((2, 3, 500), (1, 3, 64)),  # 3-d, 8 chunks along the axis
+]
+
+
+@pytest.mark.parametrize(("shape", "chunks"), LAYOUTS)
+def test_forward_threshold_mask_match_numpy(shape, chunks):
+    xn = _data(shape)
+    xn.reshape(-1, shape[-1])[0, :300] = np.round(xn.reshape(-1, shape[-1])[0, :300])  # ties
+    x = da.from_array(xn, chunks=chunks)
+    n = shape[-1]
+    lazy, want = [], []
+    for k in (0, 1, 37, n // 2, n - 1, n):
+        for fn in (tk.dftopk, tk.dftopk_logits):
+            lazy.append(fn(x, k, tau=0.3))
+            want.append(fn(xn, k, tau=0.3))
+        lazy += [tk.topk_threshold(x, k), tk.topk_mask(x, k)]
+        want += [tk.topk_threshold(xn, k), tk.topk_mask(xn, k)]
+    for out in lazy:
+        assert isinstance(out, da.Array)
+        assert out.chunks == x.chunks or out.shape[-1] == 1
+    for got, w in zip(dask.compute(*lazy), want):
+        _close(got, w)
+
+
+def test_axis_largest_mask_per_row_k_infinities():
+    rng = np.random.default_rng(1)
+    xn = _data((600, 5), seed=1)
+    xn[:40, 0] = np.inf
+    xn[::3, 1] = -np.inf
+    xn[7, 2] = np.nan
+    xn[:, 3] = np.round(xn[:, 3])
+    mn = rng.random((600, 5)) > 0.3
+    kn = np.array([0, 39, 41, 599, 600])
+    x = da.from_array(xn, chunks=(64, 2))
+    mask = da.from_array(mn, chunks=(100, 5))
+    k = da.from_array(kn)
+    lazy, want = [], []
+    for largest in (True, False):
+        kw = dict(axis=0, largest=largest)
+        for fn in (tk.dftopk, tk.dftopk_logits):
+            lazy += [fn(x, k, mask=mask, tau=0.5, **kw), fn(x, 40, tau=0.5, **kw)]
+            want += [fn(xn, kn, mask=mn, tau=0.5, **kw), fn(xn, 40, tau=0.5, **kw)]
+        lazy += [tk.topk_threshold(x, k, mask=mask, **kw), tk.topk_mask(x, k, mask=mask, **kw)]
+        want += [tk.topk_threshold(xn, kn, mask=mn, **kw), tk.topk_mask(xn, kn, mask=mn, **kw)]
+    for got, w in zip(dask.compute(*lazy), want):
+        _close(got, w)
+
+
+def test_vjp_jvp_and_vjp_match_numpy():
+    xn = _data((3, 900), seed=2)
+    xn[0, :450] = np.round(xn[0, :450])
+    gn = _data((3, 900), seed=3)
+    un = _data((3, 900), seed=4)
+    mn = np.random.default_rng(5).random((3, 900)) > 0.2
+    tau_row = np.array([[0.3], [1.0], [2.0]], dtype=np.float32)
+    x, g, u, mask = (da.from_array(a, chunks=(2, 128)) for a in (xn, gn, un, mn))
+    lazy, want = [], []
+    for tau_n, tau, output, k in (
+        (0.6, 0.6, "probs", 5),
+        (tau_row, da.from_array(tau_row), "logits", 450),
+        (tau_row, da.from_array(tau_row), "probs", 899),
+    ):
+        kw = dict(mask=mask, output=output, tau=tau)
+        kwn = dict(mask=mn, output=output, tau=tau_n)
+        lazy += [*tk.dftopk_vjp(x, k, g, **kw), *tk.dftopk_jvp(x, k, u, **kw)]
+        want += [*tk.dftopk_vjp(xn, k, gn, **kwn), *tk.dftopk_jvp(xn, k, un, **kwn)]
+        out, vjp = tk.dftopk_and_vjp(x, k, **kw)
+        wout, wvjp = tk.dftopk_and_vjp(xn, k, **kwn)
+        lazy += [out, *vjp(g)]
+        want += [wout, *wvjp(gn)]
+    assert lazy[0].chunks == x.chunks
+    for got, w in zip(dask.compute(*lazy), want):
+        _close(got, w, 1e-5)
+
+
+def _boom(block):
+    raise RuntimeError("computed too early")
+
+
+def test_lazy_no_rechunk_no_sort():
+    x = da.from_array(_data((2, 4096)), chunks=(1, 256)).map_blocks(_boom, dtype=np.float32)
+    p = tk.dftopk(x, 100)  # builds the graph only
+    gx, _ = tk.dftopk_vjp(x, 100, x)
+    for arr in (p, gx):
+        assert arr.chunks == x.chunks
+        names = " ".join(str(name) for name in arr.dask.layers)
+        for word in ("rechunk", "sort", "topk", "partition"):
+            assert word not in names, f"{word} in the graph"
+    with pytest.raises(RuntimeError, match="computed too early"):
+        p.compute(scheduler="sync")
+
+
+class _Sizes(Callback):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        # "finalize" is dask.compute concatenating the result for the caller
+        if not str(key).startswith("finalize"):
+            self.largest = max(self.largest, getattr(result, "nbytes", 0))
+
+
+def test_memory_per_task_is_per_chunk():
+    rows, n, width = 2, 2**18, 2**13  # 32 chunks along the axis
+    # generated chunk by chunk: no task ever holds the whole array
+    x = da.random.default_rng(6).standard_normal((rows, n), chunks=(rows, width), dtype=np.float32)
+    g = da.ones_like(x)
+    sizes = _Sizes()
+    with sizes:
+        p, vjp = tk.dftopk_and_vjp(x, 1000, tau=0.5)
+        got = dask.compute(p, vjp(g)[0], x, scheduler="sync")
+    # the widest per-chunk arrays: float64/int64 temporaries or counts
+    chunk_bytes = rows * width * 8
+    assert 0 < sizes.largest <= chunk_bytes, (sizes.largest, chunk_bytes)
+    want_p, want_vjp = tk.dftopk_and_vjp(got[2], 1000, tau=0.5)
+    _close(got[0], want_p)
+    _close(got[1], want_vjp(np.ones_like(got[2]))[0], 1e-5)
+
+
+def test_many_chunks_tree_reduction():
+    xn = _data((1, 20000), seed=7)
+    x = da.from_array(xn, chunks=(1, 100))  # 200 chunks: a tree of depth 3 at fan-in 8
+    _close(tk.dftopk(x, 2000).compute(), tk.dftopk(xn, 2000))
+
+
+def test_float64_float16():
+    for dtype in (np.float64, np.float16):
+        xn = _data((2, 700), seed=8, dtype=dtype)
+        x = da.from_array(xn, chunks=(1, 90))
+        got = tk.dftopk(x, 70, tau=0.5).compute()
+        assert got.dtype == dtype
+        _close(got, tk.dftopk(xn, 70, tau=0.5), 1e-3 if dtype == np.float16 else 1e-12)
+
+
+def test_errors():
+    x = da.from_array(_data((2, 100)), chunks=(1, 10))
+    with pytest.raises(TypeError, match="chunks"):
+        tk.dftopk(x, 3, group="d")
+    with pytest.raises(ValueError, match="compute_chunk_sizes"):
+        tk.dftopk(x[x > 0], 3)
+    with pytest.raises(TypeError, match="one library"):
+        tk.dftopk(x, 3, mask=np.ones((2, 100), bool))
+    with pytest.raises(ValueError, match="k must satisfy"):
+        tk.dftopk(x, 101)
+
+
+def test_import_topk_core_does_not_import_dask(tmp_path):
+    code = (
+        "import sys, numpy as np, topk_core\n"
+        "topk_core.dftopk(np.ones(4), 2)\n"
+        "print('dask' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip(
+        "distributed", reason="dask.distributed is not installed (dask[distributed])"
+    )
+    cluster = distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        worker_dashboard_address=None,
+        scheduler_port=0,
+        silence_logs=40,
+        timeout=TIMEOUT_S,
+    )
+    c = distributed.Client(cluster, timeout=TIMEOUT_S)
+    try:
+        c.wait_for_workers(2, timeout=TIMEOUT_S)
+        yield c
+    finally:
+        c.close(timeout=30)
+        cluster.close(timeout=30)
+
+
+def test_local_cluster_two_worker_processes(client):
+    import os
+
+    pids = set(client.run(os.getpid).values())
+    assert len(pids) == 2 and os.getpid() not in pids
+    xn = _data((3, 5000), seed=9)
+    xn[1, :2500] = np.round(xn[1, :2500])
+    gn = _data((3, 5000), seed=10)
+    mn = np.random.default_rng(11).random((3, 5000)) > 0.1
+    kn = np.array([1, 2000, 4999])
+    x, g, mask = (da.from_array(a, chunks=(2, 500)) for a in (xn, gn, mn))
+    k = da.from_array(kn)
+    p, vjp = tk.dftopk_and_vjp(x, k, mask=mask, tau=0.4)
+    gx, gt = vjp(g)
+    m = tk.topk_mask(x, k, mask=mask)
+    from distributed import get_task_stream
+
+    with get_task_stream(client) as stream:
+        got = client.gather(client.compute([p, gx, gt, m]), errors="raise")
+    # the tasks ran in both worker processes
+    assert len({t["worker"] for t in stream.data}) == 2
+    wp, wvjp = tk.dftopk_and_vjp(xn, kn, mask=mn, tau=0.4)
+    wgx, wgt = wvjp(gn)
+    _close(got[0], wp)
+    _close(got[1], wgx, 1e-5)
+    _close(got[2], wgt, 1e-5)
+    np.testing.assert_array_equal(got[3], tk.topk_mask(xn, kn, mask=mn))
+
+
+def test_docstring_examples():
+    import doctest
+
+    from topk_core.backends import dask_backend
+
+    result = doctest.testmod(dask_backend, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
