@@ -37,7 +37,7 @@ from topk_core.backends.jax_backend import select_pair
 
 from topk_core import _math
 
-__all__ = ["apply"]
+__all__ = ["apply", "backward_math", "forward_math", "tangent_math"]
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -67,19 +67,53 @@ def _compute_dtype(dtype: Any) -> Any:
     return _math.compute_dtype(jnp, dtype)
 
 
-def _forward(static: tuple, x: Any, tau: Any, k_arr: Any, valid: Any):
-    """Primal output in x's dtype plus ``(xc, a, b, z, tau)`` in the compute dtype."""
-    k_static, output = static
-    cdt = _compute_dtype(x.dtype)
+def _select(k_static: int | None, x: Any, k_arr: Any, valid: Any) -> tuple[Any, Any]:
+    """``(a, b)`` of the valid entries of ``x`` (differentiable through :func:`_pair`)."""
     xs = x if valid is None else jnp.where(valid, x, jnp.asarray(-jnp.inf, dtype=x.dtype))
-    a, b = _pair(k_static, xs, k_arr)
+    return _pair(k_static, xs, k_arr)
+
+
+def forward_math(output: str, x: Any, a: Any, b: Any, tau: Any, valid: Any) -> tuple[Any, Any]:
+    """The forward after the selection: ``(out, residuals)``, ``out`` in x's dtype.
+
+    The residuals are what :func:`tangent_math` needs; ``tau`` is None for 1.
+    """
+    cdt = _compute_dtype(x.dtype)
     xc = x.astype(cdt)
     a = a.astype(cdt)
     b = b.astype(cdt)
     t = 1.0 if tau is None else tau  # None: tau = 1, the division is skipped
     z = _math.logits(jnp, xc, a, b, t, valid)
     out = _math.sigmoid(jnp, z) if output == "probs" else z
-    return out.astype(x.dtype), (xc, a, b, z, t)
+    return out.astype(x.dtype), (xc, a, b, z, t, valid)
+
+
+def tangent_math(output: str, res: Any, u: Any, dtau: Any) -> Any:
+    """The closed-form JVP from :func:`forward_math`'s residuals (compute dtype).
+
+    Linear in ``u`` (x's tangent, compute dtype) and ``dtau`` (None for 0);
+    reverse mode is its transpose.
+    """
+    xc, a, b, z, t, valid = res
+    return _math.jvp(jnp, xc, a, b, z, u, t, dtau, valid, output)
+
+
+def backward_math(output: str, res: Any, g: Any) -> Any:
+    """Reverse mode from the residuals: the transpose of :func:`tangent_math` in ``u``.
+
+    What ``jax.vjp`` of :func:`topk_core.dftopk` runs after the forward (``tau``
+    not differentiated); compute dtype.
+    """
+    u0 = jnp.zeros_like(res[0])
+    _, pull = jax.vjp(lambda u: tangent_math(output, res, u, None), u0)
+    return pull(g.astype(u0.dtype))[0]
+
+
+def _forward(static: tuple, x: Any, tau: Any, k_arr: Any, valid: Any):
+    """Primal output in x's dtype plus the residuals of :func:`forward_math`."""
+    k_static, output = static
+    a, b = _select(k_static, x, k_arr, valid)
+    return forward_math(output, x, a, b, tau, valid)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -90,15 +124,15 @@ def _core(static: tuple, x: Any, tau: Any, k_arr: Any, valid: Any) -> Any:
 def _core_jvp(static, primals, tangents):
     x, tau, k_arr, valid = primals
     dx, dtau = tangents[0], tangents[1]
-    out, (xc, a, b, z, t) = _forward(static, x, tau, k_arr, valid)
-    cdt = xc.dtype
-    u = jnp.zeros_like(xc) if isinstance(dx, SymbolicZero) else dx.astype(cdt)
+    out, res = _forward(static, x, tau, k_arr, valid)
+    cdt = res[0].dtype
+    u = jnp.zeros_like(res[0]) if isinstance(dx, SymbolicZero) else dx.astype(cdt)
     dt = None
     if tau is not None and not isinstance(dtau, SymbolicZero):
         dt = dtau.astype(cdt)
     if isinstance(dx, SymbolicZero) and dt is None:
         return out, jnp.zeros_like(out)
-    d = _math.jvp(jnp, xc, a, b, z, u, t, dt, valid, static[1])
+    d = tangent_math(static[1], res, u, dt)
     return out, d.astype(x.dtype)
 
 

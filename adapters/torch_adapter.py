@@ -26,7 +26,7 @@ from torch import nn
 from .. import _math
 from ..backends.torch_backend import host_ok, select_pair
 
-__all__ = ["DFTopKFunction", "SoftTopK", "apply_problem"]
+__all__ = ["DFTopKFunction", "SoftTopK", "apply_problem", "backward_math", "forward_math"]
 
 _XP = array_api_compat.array_namespace(torch.empty(0))
 
@@ -74,7 +74,7 @@ def _vjp_from_z(kind, xc, a, b, g, tau, valid, tau_grad):
     return grad_x, grad_tau
 
 
-def _vjp_from_output(kind, xc, a, b, g, tau, valid, ctx):
+def _vjp_from_output(kind, xc, a, b, g, tau, valid, p):
     """The same VJP (:func:`topk_core._math.vjp` without the tau part), fused.
 
     ``s = g p (1 - p) / tau`` comes in one pass from the saved output ``p``
@@ -85,12 +85,50 @@ def _vjp_from_output(kind, xc, a, b, g, tau, valid, ctx):
     locally constant and ``p`` carries its own graph through this Function.
     """
     if kind == "probs":
-        p = ctx.saved_tensors[5]
         s = torch.ops.aten.sigmoid_backward(g, p.to(xc.dtype))
     else:
         s = g
     _, grad_x = _math.vjp_from_s(_XP, xc, a, b, s, tau, valid)
     return grad_x, None
+
+
+def forward_math(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tau: float | torch.Tensor,
+    valid: torch.Tensor | None,
+    output: str,
+) -> torch.Tensor:
+    """The forward after the selection: ``p`` (or ``z``) in x's dtype, from ``a``, ``b``."""
+    cdt = _math.compute_dtype(_XP, x.dtype)
+    z = _math.logits(_XP, x.to(cdt), a.to(cdt), b.to(cdt), tau, valid, eager=host_ok(x))
+    out = torch.sigmoid(z) if output == "probs" else z
+    return out.to(x.dtype)
+
+
+def backward_math(
+    kind: str,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    g: torch.Tensor,
+    tau: float | torch.Tensor,
+    valid: torch.Tensor | None,
+    tau_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The backward from what the forward saved: ``(grad_x, grad_tau or None)``, x's dtype."""
+    cdt = _math.compute_dtype(_XP, x.dtype)
+    xc = x.to(cdt)
+    a = a.to(cdt)
+    b = b.to(cdt)
+    g = g.to(cdt)
+    if tau_grad or x.dtype not in (torch.float32, torch.float64):
+        grad_x, grad_tau = _vjp_from_z(kind, xc, a, b, g, tau, valid, tau_grad)
+    else:
+        grad_x, grad_tau = _vjp_from_output(kind, xc, a, b, g, tau, valid, out)
+    return grad_x.to(x.dtype), grad_tau
 
 
 def _unpack(ctx):
@@ -112,11 +150,7 @@ class _DFTopKNoJvp(torch.autograd.Function):
     def forward(x, tau, k, valid, output):
         xm = x if valid is None else torch.where(valid, x, -math.inf)
         a, b = select_pair(_XP, xm, k)
-        cdt = _math.compute_dtype(_XP, x.dtype)
-        xc = x.to(cdt)
-        z = _math.logits(_XP, xc, a.to(cdt), b.to(cdt), tau, valid, eager=host_ok(x))
-        out = torch.sigmoid(z) if output == "probs" else z
-        return out.to(x.dtype), a, b
+        return forward_math(x, a, b, tau, valid, output), a, b
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -133,15 +167,11 @@ class _DFTopKNoJvp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_a, _grad_b):
-        x, xc, tau, valid, a, b = _unpack(ctx)
-        g = grad_out.to(xc.dtype)
-        tau_grad = isinstance(tau, torch.Tensor) and ctx.needs_input_grad[1]
-        if tau_grad or x.dtype not in (torch.float32, torch.float64):
-            grad_x, grad_tau = _vjp_from_z(ctx.kind, xc, a, b, g, tau, valid, tau_grad)
-        else:
-            grad_x, grad_tau = _vjp_from_output(ctx.kind, xc, a, b, g, tau, valid, ctx)
-        grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_tau, None, None, None
+        x, tau_t, valid, a, b, out = ctx.saved_tensors
+        tau = tau_t if tau_t is not None else ctx.tau_float
+        tau_grad = tau_t is not None and ctx.needs_input_grad[1]
+        grad_x, grad_tau = backward_math(ctx.kind, x, a, b, out, grad_out, tau, valid, tau_grad)
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_tau, None, None, None
 
 
 class DFTopKFunction(_DFTopKNoJvp):

@@ -12,21 +12,36 @@ Notation (per row): ``a`` = k-th largest valid value, ``b`` = (k+1)-th,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 Array = Any
 
 __all__ = [
+    "SoftResiduals",
     "compute_dtype",
     "logits",
+    "row_sum",
     "sigmoid",
     "sigmoid_grad",
+    "soft_backward",
+    "soft_forward",
     "threshold",
     "tie_weights",
     "jvp",
     "vjp",
     "vjp_from_s",
 ]
+
+
+def row_sum(xp: Any, v: Array) -> Array:
+    """Per-row sum over the selection axis (last), axis kept.
+
+    Every reduction over the selection axis in the math goes through here
+    (``sum(s)`` of the VJP, the tie counts and the JVP's tie sums), so a
+    selection axis split across devices needs its collective in one place.
+    """
+    return xp.sum(v, axis=-1, keepdims=True)
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:
@@ -136,8 +151,8 @@ def tie_weights(
         eq_a = eq_a & valid
         eq_b = eq_b & valid
     dtype = a.dtype if xp.isdtype(a.dtype, "real floating") else xp.float32
-    ca = xp.sum(xp.astype(eq_a, dtype), axis=-1, keepdims=True)
-    cb = xp.sum(xp.astype(eq_b, dtype), axis=-1, keepdims=True)
+    ca = row_sum(xp, xp.astype(eq_a, dtype))
+    cb = row_sum(xp, xp.astype(eq_b, dtype))
     zero = xp.asarray(0.0, dtype=dtype)
     one = xp.asarray(1.0, dtype=dtype)
     wa = xp.where(xp.isfinite(a) & (ca > 0), 0.5 / xp.maximum(ca, one), zero)
@@ -191,7 +206,7 @@ def vjp_from_s(
         s = s / tau
     if valid is not None:
         s = xp.where(valid, s, xp.asarray(0.0, dtype=s.dtype))
-    total = xp.sum(s, axis=-1, keepdims=True)
+    total = row_sum(xp, s)
     eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid)
     wa = xp.astype(wa, s.dtype)
     wb = xp.astype(wb, s.dtype)
@@ -215,10 +230,8 @@ def jvp(
     if valid is not None:
         u = xp.where(valid, u, zero)
     eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid)
-    dtheta = xp.astype(wa, z.dtype) * xp.sum(xp.where(eq_a, u, zero), axis=-1, keepdims=True)
-    dtheta = dtheta + xp.astype(wb, z.dtype) * xp.sum(
-        xp.where(eq_b, u, zero), axis=-1, keepdims=True
-    )
+    dtheta = xp.astype(wa, z.dtype) * row_sum(xp, xp.where(eq_a, u, zero))
+    dtheta = dtheta + xp.astype(wb, z.dtype) * row_sum(xp, xp.where(eq_b, u, zero))
     dz = u - dtheta
     if not (isinstance(tau, float) and tau == 1.0):
         dz = dz / tau
@@ -229,3 +242,71 @@ def jvp(
     if output == "probs":
         return sigmoid_grad(xp, z) * dz
     return dz
+
+
+@dataclass
+class SoftResiduals:
+    """What the generic backward needs from the forward (normalised layout, compute dtype).
+
+    ``z`` are the logits (masked entries ``-inf``); ``d`` is ``p (1 - p)`` for
+    ``output="probs"`` (None for logits, or where the backward recomputes it
+    from ``z``).
+    """
+
+    x: Array
+    a: Array
+    b: Array
+    z: Array
+    d: Array | None
+    output: str
+
+
+def soft_forward(
+    xp: Any,
+    x: Array,
+    a: Array,
+    b: Array,
+    tau: float | Array,
+    valid: Array | None,
+    output: str,
+    *,
+    keep: bool,
+    eager: bool = False,
+    native_sigmoid: Any = None,
+) -> tuple[Array, SoftResiduals | None]:
+    """The forward after the selection: ``(out, residuals)`` in the compute dtype.
+
+    ``out`` is ``p`` (or ``z`` for logits) and never aliases the residuals;
+    the residuals are None unless ``keep``.
+    """
+    z = logits(xp, x, a, b, tau, valid, eager=eager)
+    if output == "logits":
+        if not keep:
+            return z, None
+        return xp.asarray(z, copy=True), SoftResiduals(x, a, b, z, None, output)
+    p = native_sigmoid(z) if native_sigmoid is not None else sigmoid(xp, z)
+    return p, (SoftResiduals(x, a, b, z, None, output) if keep else None)
+
+
+def sigmoid_and_grad(xp: Any, z: Array) -> tuple[Array, Array]:
+    """``(p, p (1 - p))`` from one exponential ``e = exp(-|z|)``, both tails relatively exact."""
+    e = xp.exp(-xp.abs(z))
+    r = 1 / (1 + e)
+    er = e * r
+    return xp.where(z >= 0, r, er), er * r
+
+
+def soft_backward(
+    xp: Any, res: SoftResiduals, g: Array, tau: float | Array, valid: Array | None
+) -> tuple[Array, Array]:
+    """Closed-form VJP from the residuals: ``(grad_x, t)`` as :func:`vjp` returns them."""
+    zero = xp.asarray(0.0, dtype=res.z.dtype)
+    if res.d is not None:
+        s = g * res.d
+    elif res.output == "probs":
+        s = g * sigmoid_grad(xp, res.z)
+    else:
+        s = g
+    s, grad_x = vjp_from_s(xp, res.x, res.a, res.b, s, tau, valid)
+    t = -s * xp.where(xp.isfinite(res.z), res.z, zero)
+    return grad_x, t

@@ -49,6 +49,14 @@ class Backend:
     compute_dtype : callable, optional
         ``compute_dtype(xp, dtype) -> dtype`` for the elementwise math; the
         default computes float16/bfloat16 in float32.
+    soft : object, optional
+        The math after the selection, for libraries that can do it in fewer
+        passes than the generic Array API code: an object with
+        ``forward(problem, a, b, output, *, keep, out) -> (out, residuals)``
+        and ``backward(problem, residuals, g) -> (grad_x, t)``, with the
+        meaning of :func:`topk_core._api.soft_forward` and
+        :func:`topk_core._api.soft_backward`.  ``None`` uses the generic
+        :func:`topk_core._math.soft_forward` / :func:`topk_core._math.soft_backward`.
     """
 
     name: str
@@ -57,6 +65,7 @@ class Backend:
     sigmoid: Callable[[Any], Any] | None = None
     apply: Callable[..., Any] | None = None
     compute_dtype: Callable[[Any, Any], Any] | None = None
+    soft: Any = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily
