@@ -284,8 +284,11 @@ def soft_forward(
         if not keep:
             return z, None
         return xp.asarray(z, copy=True), SoftResiduals(x, a, b, z, None, output)
-    p = native_sigmoid(z) if native_sigmoid is not None else sigmoid(xp, z)
-    return p, (SoftResiduals(x, a, b, z, None, output) if keep else None)
+    if not keep:
+        return (native_sigmoid(z) if native_sigmoid is not None else sigmoid(xp, z)), None
+    # the backward's p (1 - p) from the forward's one exponential: none recomputed
+    p, d = sigmoid_and_grad(xp, z)
+    return p, SoftResiduals(x, a, b, z, d, output)
 
 
 def sigmoid_and_grad(xp: Any, z: Array) -> tuple[Array, Array]:
