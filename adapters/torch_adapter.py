@@ -10,7 +10,12 @@ The formulas come from :mod:`topk_core._math` (called with the array-api-compat
 torch namespace), so they exist once in the project.  For backward the
 function saves its inputs ``x`` (and a tensor ``tau``, the mask), its output
 ``p`` and the per-row ``a``, ``b``: no tensor beyond those the graph holds
-anyway, apart from one value per row.  ``z`` is recomputed when needed.
+anyway, apart from one value per row.  The backward takes ``p (1 - p)`` from
+``p`` (no exponential is recomputed) and recomputes ``z`` (two kernels) only
+for a ``tau`` gradient.  Eager CPU calls run the lean kernels of
+:func:`forward_math` / :func:`backward_math` (issue 11); CUDA,
+``torch.compile`` and ``torch.func`` the graph-safe generic code, which
+inductor fuses into one C++ kernel per direction plus the ``topk``.
 """
 
 from __future__ import annotations
@@ -61,35 +66,84 @@ def _logits(
     return z
 
 
-def _vjp_from_z(kind, xc, a, b, g, tau, valid, tau_grad):
-    """General VJP: recompute ``z`` and apply :func:`topk_core._math.vjp`.
+def _is_one(tau: Any) -> bool:
+    return isinstance(tau, float) and tau == 1.0
 
-    Used when ``tau`` needs a gradient and for half-precision ``x`` (whose
-    saved output is too coarse for ``p (1 - p)``).  Differentiable to any
-    order (see :func:`_logits`).
+
+def _logits_eager(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tau: float | torch.Tensor
+) -> torch.Tensor | None:
+    """``z`` without the mask in one or two kernels, or None where the generic code must run.
+
+    :func:`topk_core._math.logits` takes a dozen kernels (its infinite-row
+    branch, the halves); here, when every row's ``theta`` is finite (read on
+    the host: eager CPU only): ``x - theta`` for ``tau = 1`` (it overflows
+    only where ``z`` does) and ``(x/2 - theta/2) / (tau/2)`` otherwise, the
+    same halves-first rounding as the generic code in two kernels.
     """
-    z = _logits(xc, a, b, tau, valid, differentiable=torch.is_grad_enabled())
-    grad_x, t = _math.vjp(_XP, xc, a, b, z, g, tau, valid, kind)
-    grad_tau = t.sum_to_size(tau.shape).to(tau.dtype) if tau_grad else None
-    return grad_x, grad_tau
+    theta = _math.threshold(_XP, a, b)
+    if not bool(torch.isfinite(theta).all()):
+        return None
+    if _is_one(tau):
+        return torch.sub(x, theta)
+    if isinstance(tau, float) and tau < 1e-37:
+        return None  # the generic code's tiny-tau rounding
+    return torch.add(theta * -0.5, x, alpha=0.5).div_(tau * 0.5)
 
 
-def _vjp_from_output(kind, xc, a, b, g, tau, valid, p):
-    """The same VJP (:func:`topk_core._math.vjp` without the tau part), fused.
+def _row_sum(v: torch.Tensor) -> torch.Tensor:
+    """Per-row sum over the selection axis (the VJP's ``sum(s)``), axis kept."""
+    return v.sum(-1, keepdim=True)
 
-    ``s = g p (1 - p) / tau`` comes in one pass from the saved output ``p``
-    (``aten.sigmoid_backward``) instead of recomputing ``z`` and
-    ``sigmoid_grad(z)`` (about ten passes over x); the threshold term comes
-    from :func:`topk_core._math.vjp_from_s`.  Used when ``tau`` needs no
-    gradient, for float32/float64.  Differentiable to any order: ``w`` is
-    locally constant and ``p`` carries its own graph through this Function.
+
+def _subtract_ties(
+    s: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    valid: torch.Tensor | None,
+    total: torch.Tensor,
+) -> None:
+    """``s -= total * w`` in place at the entries tied with ``a`` or ``b`` (eager CPU).
+
+    No valid entry lies strictly between ``b`` and ``a``: two comparisons and
+    one ``nonzero`` find the tied entries, and the correction touches only
+    those (O(#ties); nothing on rows without ties beyond the comparisons).
     """
-    if kind == "probs":
-        s = torch.ops.aten.sigmoid_backward(g, p.to(xc.dtype))
-    else:
-        s = g
-    _, grad_x = _math.vjp_from_s(_XP, xc, a, b, s, tau, valid)
-    return grad_x, None
+    band = (x <= a) & (x >= b)
+    if valid is not None:
+        band &= valid
+    pos = torch.nonzero(band.reshape(-1)).reshape(-1)
+    if pos.numel() == 0:
+        return
+    n = x.shape[-1]
+    rows = pos // n
+    idx = torch.unravel_index(pos, x.shape)
+    xv = x[idx]
+    n_rows = total.numel()
+    flat_total = total.reshape(-1)
+    for v in (a.reshape(-1), b.reshape(-1)):
+        hit = xv == v[rows]
+        r = rows[hit]
+        count = torch.bincount(r, minlength=n_rows).to(total.dtype)
+        ok = torch.isfinite(v) & (count > 0)
+        w = torch.where(ok, 0.5 / count.clamp(min=1), 0.0)
+        coef = (flat_total * w)[r]
+        s.index_put_(tuple(i[hit] for i in idx), -coef, accumulate=True)
+
+
+def _tau_grad(
+    s: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tau: torch.Tensor,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """``grad_tau = -sum(s z)`` over the finite ``z`` (recomputed: no exponential)."""
+    z = _logits(x, a, b, tau, valid, differentiable=torch.is_grad_enabled())
+    t = -s * torch.where(torch.isfinite(z), z, 0.0)
+    return t.sum_to_size(tau.shape).to(tau.dtype)
 
 
 def forward_math(
@@ -100,10 +154,24 @@ def forward_math(
     valid: torch.Tensor | None,
     output: str,
 ) -> torch.Tensor:
-    """The forward after the selection: ``p`` (or ``z``) in x's dtype, from ``a``, ``b``."""
+    """The forward after the selection: ``p`` (or ``z``) in x's dtype, from ``a``, ``b``.
+
+    Eager CPU: ``z`` in one or two kernels (:func:`_logits_eager`), the mask
+    in one ``where``, ``sigmoid`` in place.  Elsewhere (CUDA, ``torch.compile``,
+    ``torch.func``) the generic, graph-safe :func:`topk_core._math.logits`.
+    """
     cdt = _math.compute_dtype(_XP, x.dtype)
-    z = _math.logits(_XP, x.to(cdt), a.to(cdt), b.to(cdt), tau, valid, eager=host_ok(x))
-    out = torch.sigmoid(z) if output == "probs" else z
+    xc = x.to(cdt)
+    a = a.to(cdt)
+    b = b.to(cdt)
+    z = _logits_eager(xc, a, b, tau) if host_ok(x) else None
+    if z is None:
+        z = _math.logits(_XP, xc, a, b, tau, valid, eager=host_ok(x))
+        out = torch.sigmoid(z) if output == "probs" else z
+    else:
+        if valid is not None:
+            z = torch.where(valid, z, -math.inf)
+        out = z.sigmoid_() if output == "probs" else z
     return out.to(x.dtype)
 
 
@@ -118,17 +186,41 @@ def backward_math(
     valid: torch.Tensor | None,
     tau_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The backward from what the forward saved: ``(grad_x, grad_tau or None)``, x's dtype."""
+    """The backward from what the forward saved: ``(grad_x, grad_tau or None)``, x's dtype.
+
+    ``s = g p (1 - p) / tau`` comes from the saved output ``p`` in one kernel
+    (``aten.sigmoid_backward``; half precision in float32 from the half
+    output, within its tolerance): no exponential is recomputed, and ``z`` is
+    recomputed (two kernels) only for a ``tau`` gradient.  Eager CPU without a
+    graph: division and mask in place, one row sum, the threshold term on the
+    tied entries only (:func:`_subtract_ties`).  Otherwise (double backward,
+    CUDA, ``torch.compile``, ``torch.func``) the graph-safe
+    :func:`topk_core._math.vjp_from_s`, differentiable to any order: ``w`` is
+    locally constant and ``p`` carries its own graph through this Function.
+    """
     cdt = _math.compute_dtype(_XP, x.dtype)
     xc = x.to(cdt)
     a = a.to(cdt)
     b = b.to(cdt)
     g = g.to(cdt)
-    if tau_grad or x.dtype not in (torch.float32, torch.float64):
-        grad_x, grad_tau = _vjp_from_z(kind, xc, a, b, g, tau, valid, tau_grad)
-    else:
-        grad_x, grad_tau = _vjp_from_output(kind, xc, a, b, g, tau, valid, out)
-    return grad_x.to(x.dtype), grad_tau
+    probs = kind == "probs"
+    s = torch.ops.aten.sigmoid_backward(g, out.to(cdt)) if probs else g
+    if torch.is_grad_enabled() or not (host_ok(x) and host_ok(s)):
+        s, grad_x = _math.vjp_from_s(_XP, xc, a, b, s, tau, valid)
+        grad_tau = _tau_grad(s, xc, a, b, tau, valid) if tau_grad else None
+        return grad_x.to(x.dtype), grad_tau
+    fresh = probs  # s may be written in place
+    if not _is_one(tau):
+        s = s.div_(tau) if fresh else s / tau
+        fresh = True
+    if valid is not None:
+        s = torch.where(valid, s, 0.0)
+        fresh = True
+    if not fresh:
+        s = s.clone()
+    grad_tau = _tau_grad(s, xc, a, b, tau, valid) if tau_grad else None
+    _subtract_ties(s, xc, a, b, valid, _row_sum(s))
+    return s.to(x.dtype), grad_tau
 
 
 def _unpack(ctx):

@@ -43,9 +43,13 @@ So:
   ``topk`` also has a multi-block path for one long row; that CUDA choice is
   NOT measured here (no GPU).
 * per-row ``k`` tensor (also what a mask produces: k is clipped to each row's
-  valid count): the sampled bracket on host tensors with rows of at least 2048,
-  else ``torch.sort`` + gather (graph-safe, no host reads, no Python loop over
-  rows).  The shared radix driver (:mod:`topk_core._radix`) was not wired to
+  valid count): the sampled bracket on host tensors with rows of at least 2048;
+  shorter host rows take one sorted ``topk`` of the ``max(k) + 1`` largest (or
+  the ``max(n - k) + 1`` smallest) and gather (:func:`_select_rowk_topk`,
+  issue 11: 8192 x 256 with one thread, per-row k near n/10 costs what scalar
+  k does, 24 ms, where the sort took 118 ms); rows whose k straddle both
+  halves, and everything graph-safe, ``torch.sort`` + gather (no host reads,
+  no Python loop over rows).  The shared radix driver (:mod:`topk_core._radix`) was not wired to
   torch: it needs unsigned keys that torch supports only partly, and on the
   CPU the sampled path is already 2.5-6x faster than the sort.
 
@@ -180,6 +184,34 @@ def _gather_sorted(s: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torc
 def _select_sorted(x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Graph-safe per-row ``k``: sort, then gather."""
     return _gather_sorted(torch.sort(x, dim=-1).values, k)
+
+
+def _select_rowk_topk(x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``k`` on short rows (host path): one sorted ``topk`` on one side, then gathers.
+
+    The largest ``max(k) + 1`` (or the smallest ``max(n - k) + 1``) values
+    sorted, when that side is at most half the row for every row: a per-row
+    ``k`` near a common value then costs about what a scalar one does (a full
+    sort costs 4-5x); rows whose ``k`` straddle both halves take the sort.
+    """
+    n = x.shape[-1]
+    kk = k.to(torch.int64)
+    m_top = int(kk.max()) + 1
+    m_bottom = n - int(kk.min()) + 1
+    if min(m_top, m_bottom) > (n + 1) // 2 + 1:
+        return _select_sorted(x, k)
+    if m_top <= m_bottom:
+        v = torch.topk(x, min(m_top, n), dim=-1, largest=True, sorted=True).values
+        a = torch.take_along_dim(v, (kk - 1).clamp(min=0), dim=-1)
+        b = torch.take_along_dim(v, kk.clamp(max=v.shape[-1] - 1), dim=-1)
+    else:
+        # ascending: the k-th largest is the (n - k + 1)-th smallest
+        v = torch.topk(x, min(m_bottom, n), dim=-1, largest=False, sorted=True).values
+        a = torch.take_along_dim(v, (n - kk).clamp(max=v.shape[-1] - 1), dim=-1)
+        b = torch.take_along_dim(v, (n - kk - 1).clamp(min=0), dim=-1)
+    a = torch.where(kk == 0, _INF, a)
+    b = torch.where(kk == n, -_INF, b)
+    return a.to(x.dtype), b.to(x.dtype)
 
 
 def _sample_size(n: int) -> int:
@@ -375,8 +407,10 @@ def select_pair(xp: Any, x: torch.Tensor, k: Any) -> tuple[torch.Tensor, torch.T
         return _select_scalar_k(x, k)
     if not isinstance(k, torch.Tensor):
         raise TypeError(f"k must be a Python int or a torch.Tensor, got {type(k).__name__}")
-    if _HOST_PATH and n >= _SAMPLE_MIN_N and host_ok(x) and type(k) is torch.Tensor:
-        return _select_sampled(x, k)
+    if _HOST_PATH and host_ok(x) and type(k) is torch.Tensor:
+        if n >= _SAMPLE_MIN_N:
+            return _select_sampled(x, k)
+        return _select_rowk_topk(x, k)
     return _select_sorted(x, k)
 
 

@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the pass budget (ours' phases in units of one x * 2 pass)",
     )
     p.add_argument(
+        "--no-compile-kernels",
+        action="store_true",
+        help="skip counting the kernels torch.compile (inductor) generates for ours fwd+bwd "
+        "(done at the headline shapes, 1024x4096, 8192x256 and the 1-D size closest to 1e6)",
+    )
+    p.add_argument(
         "--pass-rounds",
         type=int,
         default=40,
@@ -383,6 +389,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if ours_row is None or ours_row["status"] == "ok" or "fwd+bwd" not in modes:
                 entry = _measure_passes(driver, x, g, k, args)
                 if entry is not None:
+                    if backend == "torch" and _compile_shape(dtype, batch, n, sizes, args):
+                        entry["compile"] = _compile_kernels(x, g, k, args)
                     pass_rows.append(dict(base, **entry))
         del x, g
         gc.collect()
@@ -443,6 +451,22 @@ def _measure_passes(driver: ops.Driver, x: Any, g: Any, k: int, args: Any) -> di
         pass
     entry["status"] = "ok"
     return entry
+
+
+def _compile_shape(dtype: str, batch: int | None, n: int, sizes: list, args: Any) -> bool:
+    if args.no_compile_kernels or args.quick or dtype != "float32":
+        return False
+    if (batch, n) in ((1024, 4096), (8192, 256)):
+        return True
+    ones = [s[1] for s in sizes if s[0] is None]
+    return batch is None and bool(ones) and n == min(ones, key=lambda m: abs(m - 1_000_000))
+
+
+def _compile_kernels(x: Any, g: Any, k: int, args: Any) -> dict:
+    try:
+        return passes.torch_compile_kernels(x, g, k, args.tau)
+    except Exception as exc:  # a compiler missing on the machine must not stop the run
+        return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
 def progress_elapsed(p: Progress) -> float:

@@ -94,3 +94,49 @@ def targets(entry: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
         met = p["math"] <= MATH_TARGET
         out.append(("passes, math after the selection", p["math"], MATH_TARGET, met))
     return out
+
+
+def torch_compile_kernels(x: Any, g: Any, k: int, tau: float) -> dict[str, Any]:
+    """Kernels inductor generates for ``ours`` forward + backward under ``torch.compile``.
+
+    A GPU proxy measured on any device: every generated kernel is one launch
+    (a Triton kernel on CUDA, a C++ function with ``loop_nests`` parallel loop
+    nests on the CPU), every extern call (``aten.topk``) another.  Returns the
+    counts, inductor's own ``generated_kernel_count`` and the compile time.
+    """
+    import re
+    import warnings
+
+    import torch
+    from torch._inductor import metrics
+    from torch._inductor.utils import run_and_get_code
+
+    import topk_core
+
+    topk_core.dftopk(x.detach()[..., :2], 1)  # registry warm-up outside the trace
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: topk_core.dftopk(t, k, tau=tau), fullgraph=True)
+
+    def step():
+        xr = x.detach().clone().requires_grad_(True)
+        f(xr).backward(g)
+        return xr.grad
+
+    metrics.reset()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, codes = run_and_get_code(step)
+    compile_s = time.perf_counter() - t0
+    extern = r"(torch\.ops\.aten\.[\w.]+|extern_kernels\.\w+)\("
+    out: dict[str, Any] = {
+        "graphs": len(codes),
+        "generated_kernel_count": int(metrics.generated_kernel_count),
+        "cpp_kernels": sum(len(re.findall(r'extern "C"', c)) for c in codes),
+        "triton_kernels": sum(len(re.findall(r"@triton\.jit", c)) for c in codes),
+        "loop_nests": sum(len(re.findall(r"\n\s*for\(int64_t x0", c)) for c in codes),
+        "extern_calls": sorted({m for c in codes for m in re.findall(extern, c)}),
+        "compile_s": round(compile_s, 2),
+    }
+    torch._dynamo.reset()
+    return out

@@ -410,6 +410,32 @@ def write_markdown(path: Path, payload: dict[str, Any], plot_name: str | None) -
                 f"{e.get('loadavg', '')} |"
             )
         lines += ["", "![pass budget](passes.png)", ""]
+        comp = [e for e in entries if isinstance(e.get("compile"), dict)]
+        if comp:
+            lines += [
+                "### torch.compile (inductor): kernels for ours forward + backward",
+                "",
+                "A GPU proxy measured on this device: each generated kernel is one launch "
+                "(a Triton kernel on CUDA; on the CPU a C++ function whose parallel loop nests "
+                "are counted too), each extern call another. `generated_kernel_count` is "
+                "inductor's own metric.",
+                "",
+                "| shape | generated C++ / Triton kernels | loop nests | extern calls | "
+                "generated_kernel_count | compile s |",
+                "|---|---|---|---|---|---|",
+            ]
+            for e in comp:
+                c = e["compile"]
+                if "error" in c:
+                    lines.append(f"| {_shape_label(e['batch'], e['n'])} | {c['error']} | | | | |")
+                    continue
+                lines.append(
+                    f"| {_shape_label(e['batch'], e['n'])} | {c['cpp_kernels']} / "
+                    f"{c['triton_kernels']} | {c['loop_nests']} | "
+                    f"{', '.join(c['extern_calls']) or 'none'} | {c['generated_kernel_count']} | "
+                    f"{c['compile_s']} |"
+                )
+            lines.append("")
     bad_passes = [e for e in payload.get("passes", []) if e.get("status") != "ok"]
     for e in bad_passes:
         lines.append(
