@@ -203,12 +203,20 @@ def test_sampled_bracket_misses_are_redone_exactly(rng, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "module", ["topk_core.backends.numpy_backend", "topk_core.backends.numpy_soft"]
+    "module",
+    [
+        "topk_core.backends.numpy_backend",
+        "topk_core.backends.numpy_soft",
+        "topk_core._radix",
+        "topk_core.backends.jax_backend",
+        "topk_core.backends.torch_backend",
+    ],
 )
 def test_docstring_examples_run(module):
     import doctest
     import importlib
 
+    pytest.importorskip({"jax_backend": "jax", "torch_backend": "torch"}.get(module[19:], "numpy"))
     result = doctest.testmod(
         importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE
     )
@@ -257,3 +265,38 @@ def test_torch_eager_backward_matches_graph_safe_path(rng):
         with torch.enable_grad():  # grad mode: the graph-safe path
             slow = torch_adapter.backward_math("probs", x, a, b, out, g, tau, valid, False)[0]
         torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 70000), (3, 4096)])  # 16-bit and 11-bit digits
+def test_jax_wide_digit_selection_matches_a_sort(rng, shape):
+    jax = pytest.importorskip("jax")
+    from topk_core.backends import jax_backend
+
+    n = shape[-1]
+    assert jax_backend.digit_bits_for(shape[0], n) == (16 if n > 65536 else 11)
+    for trial in range(3):
+        x = rng.standard_normal(shape).astype(np.float32)
+        if trial == 1:
+            x = np.round(x * 2)
+        if trial == 2:
+            x[..., ::7] = np.nan
+        # per-row k arrays are traced (one compilation); one static k
+        for k in (
+            n // 10,
+            rng.integers(0, n + 1, size=shape[:-1] + (1,)),
+            np.full(shape[:-1] + (1,), n - 1),
+        ):
+            kk = k if isinstance(k, int) else jax.numpy.asarray(k)
+            a, b = jax_backend.select_pair(jax.numpy, jax.numpy.asarray(x), kk)
+            ra, rb = _reference_pair(x, k)
+            np.testing.assert_array_equal(np.asarray(a), ra)
+            np.testing.assert_array_equal(np.asarray(b), rb)
+
+
+def test_jax_residuals_are_p_and_one_byte_per_entry(rng):
+    jax = pytest.importorskip("jax")
+    x = jax.numpy.asarray(rng.standard_normal((4, 25000)).astype(np.float32))
+    _, pull = jax.vjp(jax.jit(lambda v: tk.dftopk(v, 2500, tau=0.5)), x)
+    saved = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(pull))
+    # p (4 bytes), the int8 tie code (1 byte) and a few values per row; the input is not kept
+    assert saved <= 5 * x.size + 4096, saved

@@ -18,6 +18,9 @@ from typing import Any
 Array = Any
 
 __all__ = [
+    "MASKED",
+    "TIE_A",
+    "TIE_B",
     "SoftResiduals",
     "compute_dtype",
     "logits",
@@ -29,6 +32,8 @@ __all__ = [
     "threshold",
     "tie_weights",
     "jvp",
+    "jvp_from_code",
+    "tie_code",
     "vjp",
     "vjp_from_s",
 ]
@@ -313,3 +318,54 @@ def soft_backward(
     s, grad_x = vjp_from_s(xp, res.x, res.a, res.b, s, tau, valid)
     t = -s * xp.where(xp.isfinite(res.z), res.z, zero)
     return grad_x, t
+
+
+# tie code bits (int8, per entry): tied with a, tied with b, masked out
+TIE_A, TIE_B, MASKED = 1, 2, 4
+
+
+def tie_code(
+    xp: Any, x: Array, a: Array, b: Array, valid: Array | None
+) -> tuple[Array, Array, Array]:
+    """The tie weights as one int8 per entry plus two per row: ``(code, wa, wb)``.
+
+    ``code`` has bit :data:`TIE_A` on the valid entries equal to ``a``,
+    :data:`TIE_B` on those equal to ``b`` and :data:`MASKED` on the masked
+    ones; ``wa``/``wb`` as in :func:`tie_weights`.  A compact residual for a
+    linearised JVP (:func:`jvp_from_code`): 1 byte per entry instead of ``x``.
+    """
+    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid)
+    i8 = xp.int8
+    code = xp.astype(eq_a, i8) + xp.astype(eq_b, i8) * xp.asarray(TIE_B, dtype=i8)
+    if valid is not None:
+        code = code + xp.astype(~valid, i8) * xp.asarray(MASKED, dtype=i8)
+    return code, wa, wb
+
+
+def jvp_from_code(
+    xp: Any,
+    code: Array,
+    wa: Array,
+    wb: Array,
+    scale: Array,
+    u: Array,
+    z_dtau: Array | None = None,
+) -> Array:
+    """The closed-form JVP from :func:`tie_code`'s residuals, linear in ``u`` and ``z_dtau``.
+
+    ``scale * ((u - w.u) - z dtau)`` on the valid entries, 0 on the masked
+    ones, with ``scale = p (1 - p) / tau`` (``1 / tau`` for logits) and
+    ``z_dtau = z * dtau`` (finite ``z`` only; None for a constant ``tau``):
+    the same tangent as :func:`jvp`.
+    """
+    zero_u = xp.zeros_like(u)
+    ok = (code & xp.asarray(MASKED, dtype=code.dtype)) == 0
+    u = xp.where(ok, u, zero_u)
+    on_a = (code & xp.asarray(TIE_A, dtype=code.dtype)) != 0
+    on_b = (code & xp.asarray(TIE_B, dtype=code.dtype)) != 0
+    dtheta = xp.astype(wa, u.dtype) * row_sum(xp, xp.where(on_a, u, zero_u))
+    dtheta = dtheta + xp.astype(wb, u.dtype) * row_sum(xp, xp.where(on_b, u, zero_u))
+    dz = u - dtheta
+    if z_dtau is not None:
+        dz = dz - z_dtau
+    return xp.where(ok, scale * dz, zero_u)
