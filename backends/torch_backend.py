@@ -73,7 +73,7 @@ import torch
 
 from topk_core._registry import Backend
 
-__all__ = ["BACKEND", "host_ok", "select_pair"]
+__all__ = ["BACKEND", "host_ok", "select_pair", "select_pair_and_candidates"]
 
 _INF = float("inf")
 
@@ -303,7 +303,9 @@ def _row_counts(mask: torch.Tensor) -> torch.Tensor:
     return lanes.view(torch.uint8).sum(-1, keepdim=True, dtype=torch.int64)
 
 
-def _select_sampled(x: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _select_sampled(
+    x: torch.Tensor, k: int | torch.Tensor, positions: list | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Host path (eager CPU only): sample, bracket, compact, select exactly.
 
     Per row: a value bracket ``[lo, hi]`` from a fixed sample, ``above`` = the
@@ -333,7 +335,8 @@ def _select_sampled(x: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tenso
     cand &= le
     above = n - _row_counts(le_buf)
     ncand = _row_counts(cand_buf)
-    flat = x2[cand]
+    pos = torch.nonzero(cand.reshape(-1)).reshape(-1)
+    flat = x2.reshape(-1)[pos]
     miss = (above >= kl) | (above + ncand < kh)
     # descending rank of b among the row's candidates; rows are shifted by
     # ``e`` leading +inf so that it is the same rank ``m`` in every row
@@ -356,6 +359,9 @@ def _select_sampled(x: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tenso
     a = torch.where(kk == 0, _INF, a)
     b = torch.where(kk == n, -_INF, b)
     redo = miss.view(-1).nonzero().view(-1)
+    if positions is not None and not redo.numel():
+        # every entry tied with a or b lies in its row's bracket: the backward's ties
+        positions.append(pos)
     if redo.numel():
         xr = x2.index_select(0, redo)
         if scalar_k is not None:
@@ -412,6 +418,29 @@ def select_pair(xp: Any, x: torch.Tensor, k: Any) -> tuple[torch.Tensor, torch.T
             return _select_sampled(x, k)
         return _select_rowk_topk(x, k)
     return _select_sorted(x, k)
+
+
+def select_pair_and_candidates(
+    x: torch.Tensor, k: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`select_pair` plus, where known for free, flat positions holding every tie.
+
+    The sampled path gathers each row's entries inside its bracket; when no
+    row missed, those include every entry equal to ``a`` or ``b``, so a
+    backward can find the ties among them (O(#candidates)) instead of
+    comparing all of ``x``.  None where unknown (every other path).
+    """
+    n = x.shape[-1]
+    host = _HOST_PATH and host_ok(x) and n > 0
+    if host and (
+        (isinstance(k, int) and n >= _SAMPLE_MIN_N_SCALAR and 0 < k < n)
+        or (type(k) is torch.Tensor and n >= _SAMPLE_MIN_N)
+    ):
+        found: list = []
+        a, b = _select_sampled(x, k, found)
+        return a, b, (found[0] if found else None)
+    a, b = select_pair(None, x, k)
+    return a, b, None
 
 
 def _sigmoid(z: torch.Tensor) -> torch.Tensor:

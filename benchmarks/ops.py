@@ -519,12 +519,10 @@ class TorchDriver(Driver):
         raise NotApplicable(op)
 
     def phases(self, x, g, k, tau):
-        import array_api_compat
         import torch
         from topk_core.adapters import torch_adapter as ta
-        from topk_core.backends.torch_backend import select_pair
+        from topk_core.backends.torch_backend import select_pair_and_candidates
 
-        xp = array_api_compat.array_namespace(x)
         cuda = x.device.type == "cuda"
 
         def timed(fn):
@@ -537,13 +535,19 @@ class TorchDriver(Driver):
 
             return run
 
+        # what the autograd Function runs: the selection (and, on the sampled path, the
+        # positions that hold the ties), the forward math, the backward from what it saved
         with torch.no_grad():
-            a, b = select_pair(xp, x, k)
+            a, b, cand = select_pair_and_candidates(x, k)
             out = ta.forward_math(x, a, b, tau, None, "probs")
         return {
-            "select": timed(lambda: select_pair(xp, x, k)),
+            "select": timed(lambda: select_pair_and_candidates(x, k)),
             "fwd_math": timed(lambda: ta.forward_math(x, a, b, tau, None, "probs")),
-            "bwd_math": timed(lambda: ta.backward_math("probs", x, a, b, out, g, tau, None, False)),
+            "bwd_math": timed(
+                lambda: ta.backward_math(
+                    "probs", x, a, b, out, g, tau, None, False, candidates=cand
+                )
+            ),
         }
 
     @staticmethod

@@ -18,6 +18,7 @@ __all__ = [
     "fit_slope",
     "headline",
     "pass_headline",
+    "readme_table",
     "machine_info",
     "ratios",
     "write_json",
@@ -323,6 +324,57 @@ def slopes(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def readme_table(payload: dict[str, Any]) -> list[str]:
+    """The README's results table: fwd+bwd, float32, k = n/10, headline shapes, ms and passes."""
+    ok = {
+        (r["backend"], r["batch"], r["n"], r["op"], r["mode"]): r
+        for r in _ok(payload["results"])
+        if r["dtype"] == "float32" and r["kfrac"] == 0.1
+    }
+    passes = {
+        (e["backend"], e["batch"], e["n"]): e for e in pass_headline(payload.get("passes", []))
+    }
+    n1 = _pick_1d(list(ok.values()) and [r for r in _ok(payload["results"])])
+    shapes = [(None, n1), (1024, 4096), (8192, 256)]
+    lines = [
+        "| backend | shape | ours (ms) | passes: select + fwd math + bwd math = total | "
+        "official (ms) | official / ours | LapSum / ours | `hard` (ms) | ours / `hard` | "
+        "per-row k / scalar k |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ms(r):
+        return _fmt_ms(r["median_s"]) if r else "—"
+
+    def ratio(num, den):
+        return f"{num['median_s'] / den['median_s']:.2f}" if num and den else "—"
+
+    for backend in ("numpy", "torch", "jax", "cupy"):
+        for batch, n in shapes:
+            ours = ok.get((backend, batch, n, "ours", "fwd+bwd"))
+            if ours is None:
+                continue
+            off = ok.get((backend, batch, n, "official", "fwd+bwd"))
+            lap = ok.get((backend, batch, n, "lapsum", "fwd+bwd"))
+            hard = ok.get((backend, batch, n, "hard", "sel"))
+            rowk = ok.get((backend, batch, n, "ours_rowk", "fwd+bwd"))
+            e = passes.get((backend, batch, n))
+            if e is not None:
+                p = e["passes"]
+                budget = (
+                    f"{p['select']:.1f} + {p['fwd_math']:.1f} + {p['bwd_math']:.1f} = "
+                    f"{p.get('total', float('nan')):.1f}"
+                )
+            else:
+                budget = "—"
+            lines.append(
+                f"| {backend} | {_shape_label(batch, n)} | {ms(ours)} | {budget} | {ms(off)} | "
+                f"{ratio(off, ours)} | {ratio(lap, ours)} | {ms(hard)} | {ratio(ours, hard)} | "
+                f"{ratio(rowk, ours)} |"
+            )
+    return lines
+
+
 def write_markdown(path: Path, payload: dict[str, Any], plot_name: str | None) -> None:
     rows = payload["results"]
     m = payload["machine"]
@@ -347,6 +399,15 @@ def write_markdown(path: Path, payload: dict[str, Any], plot_name: str | None) -
         "fixed cotangent, `sel` operators have no gradient.",
         "",
     ]
+    table = readme_table(payload)
+    if len(table) > 2:
+        lines += [
+            "## README table (forward + backward, float32, k = n/10; median ms, passes of "
+            "the pass budget)",
+            "",
+            *table,
+            "",
+        ]
     head = headline(payload["ratios"])
     pass_head = pass_headline(payload.get("passes", []))
     if head or pass_head:
@@ -447,7 +508,8 @@ def write_markdown(path: Path, payload: dict[str, Any], plot_name: str | None) -
     rat = payload["ratios"]
     if rat:
         lines += [
-            "## All ratios at n ≈ 1e6 (1-D) and 1024x4096 (median; min-based in brackets)",
+            "## All ratios at n ≈ 1e6 (1-D), 1024x4096 and 8192x256 (median; min-based in "
+            "brackets)",
             "",
             "speed-up = baseline time / ours (bigger is better); "
             "cost = ours / floor (smaller is better).",
@@ -460,7 +522,8 @@ def write_markdown(path: Path, payload: dict[str, Any], plot_name: str | None) -
                 continue  # duplicate of hard or ours_select; shown in the targets table
             lines.append(
                 f"| {r['backend']} | {r['dtype']} | {r['kfrac']} | "
-                f"{_shape_label(r['batch'], r['n'])} | {r['ours_mode']} | {r['baseline']} | "
+                f"{_shape_label(r['batch'], r['n'])} | {r.get('ours_op', 'ours')} "
+                f"{r['ours_mode']} | {r['baseline']} | "
                 f"{'cost' if r['kind'] == 'ours/floor' else 'speed-up'} | "
                 f"{r['ratio_median']:.2f} ({r['ratio_min']:.2f}) |"
             )

@@ -300,3 +300,29 @@ def test_jax_residuals_are_p_and_one_byte_per_entry(rng):
     saved = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(pull))
     # p (4 bytes), the int8 tie code (1 byte) and a few values per row; the input is not kept
     assert saved <= 5 * x.size + 4096, saved
+
+
+def test_torch_sampled_selection_candidates_hold_every_tie(rng):
+    torch = pytest.importorskip("torch")
+    from topk_core.adapters import torch_adapter
+    from topk_core.backends import torch_backend
+
+    for shape, k in (((70000,), 7000), ((2, 66000), np.array([5, 33000]))):
+        x = torch.from_numpy(np.round(rng.standard_normal(shape) * 40).astype(np.float32))
+        g = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+        valid = torch.from_numpy(rng.random(shape) > 0.2)
+        kk = k if isinstance(k, int) else torch.from_numpy(k).reshape(-1, 1)
+        if not isinstance(k, int):  # per-row k clipped to the valid count, as prepare does
+            kk = torch.minimum(kk, valid.sum(-1, keepdim=True))
+        xm = torch.where(valid, x, -np.inf)
+        a, b, cand = torch_backend.select_pair_and_candidates(xm, kk)
+        assert cand is not None and cand.numel() < x.numel() // 10
+        ra, rb = torch_backend._select_sorted(xm, torch.full(shape[:-1] + (1,), 0) + kk)
+        assert torch.equal(a, ra) and torch.equal(b, rb)
+        out = torch_adapter.forward_math(x, a, b, 0.5, valid, "probs")
+        with torch.no_grad():
+            got = torch_adapter.backward_math(
+                "probs", x, a, b, out, g, 0.5, valid, False, candidates=cand
+            )[0]
+            want = torch_adapter.backward_math("probs", x, a, b, out, g, 0.5, valid, False)[0]
+        assert torch.equal(got, want)
