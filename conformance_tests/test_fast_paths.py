@@ -326,3 +326,49 @@ def test_torch_sampled_selection_candidates_hold_every_tie(rng):
             )[0]
             want = torch_adapter.backward_math("probs", x, a, b, out, g, 0.5, valid, False)[0]
         assert torch.equal(got, want)
+
+
+def test_pass_budget_phases_and_report(tmp_path, rng):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: a checkout
+    from benchmarks import ops, passes, report
+
+    driver = ops.get_driver("numpy")
+    x, g = driver.make_input(
+        rng.standard_normal(4096).astype(np.float32), rng.standard_normal(4096), "float32", "cpu"
+    )
+    unit = driver.build("elementwise", "sel", x, g, 400, 1.0).run
+    total = driver.build("ours", "fwd+bwd", x, g, 400, 1.0).run
+    entry = passes.measure(
+        unit, driver.phases(x, g, 400, 1.0), total, rounds=5, budget_s=1.0, warmup=1
+    )
+    p = entry["passes"]
+    assert entry["rounds"] == 5 and entry["unit_s"] > 0
+    assert set(p) >= {"select", "fwd_math", "bwd_math", "math", "total", "other"}
+    assert p["math"] == pytest.approx(p["fwd_math"] + p["bwd_math"])
+    assert all(p[k] > 0 for k in ("select", "fwd_math", "bwd_math", "total"))
+    row = dict(backend="numpy", dtype="float32", batch=None, n=4096, kfrac=0.1, k=400, status="ok")
+    payload = {
+        "machine": {"cpu": "test", "cores": 1, "os": "", "python": "", "topk_core": ""},
+        "config": {
+            "command": "x",
+            "warmup": 1,
+            "repeats": 1,
+            "operators_all": list(ops.OPERATORS),
+            "pass_rounds": 5,
+            "pass_budget_s": 1.0,
+        },
+        "results": [
+            dict(row, op="ours", mode="fwd+bwd", median_s=entry["total_s"], min_s=entry["total_s"])
+        ],
+        "passes": [dict(row, **entry)],
+        "slopes": {},
+    }
+    payload["ratios"] = report.ratios(payload["results"])
+    report.write_markdown(tmp_path / "results.md", payload, None)
+    md = (tmp_path / "results.md").read_text()
+    assert "## Pass budget" in md and "## README table" in md
+    assert "| numpy | 4096 | passes, math after the selection |" in md
+    assert report.write_passes_plot(tmp_path / "passes.png", payload) in (True, False)
