@@ -10,7 +10,12 @@ The formulas come from :mod:`topk_core._math` (called with the array-api-compat
 torch namespace), so they exist once in the project.  For backward the
 function saves its inputs ``x`` (and a tensor ``tau``, the mask), its output
 ``p`` and the per-row ``a``, ``b``: no tensor beyond those the graph holds
-anyway, apart from one value per row.  ``z`` is recomputed when needed.
+anyway, apart from one value per row.  The backward takes ``p (1 - p)`` from
+``p`` (no exponential is recomputed) and recomputes ``z`` (two kernels) only
+for a ``tau`` gradient.  Eager CPU calls run the lean kernels of
+:func:`forward_math` / :func:`backward_math` (issue 11); CUDA,
+``torch.compile`` and ``torch.func`` the graph-safe generic code, which
+inductor fuses into one C++ kernel per direction plus the ``topk``.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import torch
 from torch import nn
 
 from .. import _math
+from ..backends import torch_backend as _backend
 from ..backends.torch_backend import host_ok, select_pair
 
-__all__ = ["DFTopKFunction", "SoftTopK", "apply_problem"]
+__all__ = ["DFTopKFunction", "SoftTopK", "apply_problem", "backward_math", "forward_math"]
 
 _XP = array_api_compat.array_namespace(torch.empty(0))
 
@@ -61,50 +67,215 @@ def _logits(
     return z
 
 
-def _vjp_from_z(kind, xc, a, b, g, tau, valid, tau_grad):
-    """General VJP: recompute ``z`` and apply :func:`topk_core._math.vjp`.
+def _is_one(tau: Any) -> bool:
+    return isinstance(tau, float) and tau == 1.0
 
-    Used when ``tau`` needs a gradient and for half-precision ``x`` (whose
-    saved output is too coarse for ``p (1 - p)``).  Differentiable to any
-    order (see :func:`_logits`).
+
+def _logits_eager(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tau: float | torch.Tensor
+) -> torch.Tensor | None:
+    """``z`` without the mask in one or two kernels, or None where the generic code must run.
+
+    :func:`topk_core._math.logits` takes a dozen kernels (its infinite-row
+    branch, the halves); here, when every row's ``theta`` is finite (read on
+    the host: eager CPU only): ``x - theta`` for ``tau = 1`` (it overflows
+    only where ``z`` does) and ``(x/2 - theta/2) / (tau/2)`` otherwise, the
+    same halves-first rounding as the generic code in two kernels.
     """
-    z = _logits(xc, a, b, tau, valid, differentiable=torch.is_grad_enabled())
-    grad_x, t = _math.vjp(_XP, xc, a, b, z, g, tau, valid, kind)
-    grad_tau = t.sum_to_size(tau.shape).to(tau.dtype) if tau_grad else None
-    return grad_x, grad_tau
+    theta = _math.threshold(_XP, a, b)
+    if not bool(torch.isfinite(theta).all()):
+        return None
+    if _is_one(tau):
+        return torch.sub(x, theta)
+    if isinstance(tau, float) and tau < 1e-37:
+        return None  # the generic code's tiny-tau rounding
+    return torch.add(theta * -0.5, x, alpha=0.5).div_(tau * 0.5)
 
 
-def _vjp_from_output(kind, xc, a, b, g, tau, valid, ctx):
-    """The same VJP (:func:`topk_core._math.vjp` without the tau part), fused.
+def _row_sum(v: torch.Tensor) -> torch.Tensor:
+    """Per-row sum over the selection axis (the VJP's ``sum(s)``), axis kept."""
+    return v.sum(-1, keepdim=True)
 
-    ``s = g p (1 - p) / tau`` comes in one pass from the saved output ``p``
-    (``aten.sigmoid_backward``) instead of recomputing ``z`` and
-    ``sigmoid_grad(z)`` (about ten passes over x); the threshold term comes
-    from :func:`topk_core._math.vjp_from_s`.  Used when ``tau`` needs no
-    gradient, for float32/float64.  Differentiable to any order: ``w`` is
+
+def _subtract_ties(
+    s: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    valid: torch.Tensor | None,
+    total: torch.Tensor,
+    candidates: torch.Tensor | None = None,
+) -> None:
+    """``s -= total * w`` in place at the entries tied with ``a`` or ``b`` (eager CPU).
+
+    No valid entry lies strictly between ``b`` and ``a``: two comparisons and
+    one ``nonzero`` find the tied entries, and the correction touches only
+    those (O(#ties); nothing on rows without ties beyond the comparisons).
+    With ``candidates`` (flat positions known to hold every tie) the
+    comparisons run on those alone: torch's float comparisons cost ~7 passes
+    each on this CPU, the candidates of a sampled selection ~2% of ``x``.
+    """
+    n = x.shape[-1]
+    # a NaN a (the row's k-th largest is a NaN) bounds nothing: b's ties are still found
+    top = torch.where(torch.isnan(a), math.inf, a)
+    if candidates is not None:
+        idx = torch.unravel_index(candidates, x.shape)
+        rows = candidates // n
+        xv = x[idx]
+        band = (xv <= top.reshape(-1)[rows]) & (xv >= b.reshape(-1)[rows])
+        if valid is not None:
+            band &= valid[idx]
+        pos = candidates[band]
+    else:
+        band = (x <= top) & (x >= b)
+        if valid is not None:
+            band &= valid
+        pos = torch.nonzero(band.reshape(-1)).reshape(-1)
+    if pos.numel() == 0:
+        return
+    rows = pos // n
+    idx = torch.unravel_index(pos, x.shape)
+    xv = x[idx]
+    n_rows = total.numel()
+    flat_total = total.reshape(-1)
+    for v in (a.reshape(-1), b.reshape(-1)):
+        hit = xv == v[rows]
+        r = rows[hit]
+        count = torch.bincount(r, minlength=n_rows).to(total.dtype)
+        ok = torch.isfinite(v) & (count > 0)
+        w = torch.where(ok, 0.5 / count.clamp(min=1), 0.0)
+        coef = (flat_total * w)[r]
+        s.index_put_(tuple(i[hit] for i in idx), -coef, accumulate=True)
+
+
+def _tau_grad(
+    s: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tau: torch.Tensor,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """``grad_tau = -sum(s z)`` over the finite ``z`` (recomputed: no exponential)."""
+    z = _logits(x, a, b, tau, valid, differentiable=torch.is_grad_enabled())
+    # infinite z contributes 0; NaN entries of x are constants (NaN rule)
+    t = torch.where(torch.isnan(x), 0.0, -s * torch.where(torch.isfinite(z), z, 0.0))
+    return t.sum_to_size(tau.shape).to(tau.dtype)
+
+
+def forward_math(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tau: float | torch.Tensor,
+    valid: torch.Tensor | None,
+    output: str,
+) -> torch.Tensor:
+    """The forward after the selection: ``p`` (or ``z``) in x's dtype, from ``a``, ``b``.
+
+    Eager CPU: ``z`` in one or two kernels (:func:`_logits_eager`), the mask
+    in one ``where``, ``sigmoid`` in place.  Elsewhere (CUDA, ``torch.compile``,
+    ``torch.func``) the generic, graph-safe :func:`topk_core._math.logits`.
+    """
+    cdt = _math.compute_dtype(_XP, x.dtype)
+    xc = x.to(cdt)
+    a = a.to(cdt)
+    b = b.to(cdt)
+    z = _logits_eager(xc, a, b, tau) if host_ok(x) else None
+    if z is None:
+        z = _math.logits(_XP, xc, a, b, tau, valid, eager=host_ok(x))
+        out = torch.sigmoid(z) if output == "probs" else z
+    else:
+        if valid is not None:
+            z = torch.where(valid, z, -math.inf)
+        out = z.sigmoid_() if output == "probs" else z
+    return out.to(x.dtype)
+
+
+def backward_math(
+    kind: str,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    g: torch.Tensor,
+    tau: float | torch.Tensor,
+    valid: torch.Tensor | None,
+    tau_grad: bool,
+    candidates: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The backward from what the forward saved: ``(grad_x, grad_tau or None)``, x's dtype.
+
+    ``candidates`` (optional): flat positions that hold every entry tied with
+    ``a`` or ``b`` (:func:`topk_core.backends.torch_backend.select_pair_and_candidates`);
+    the ties are then looked for among them only.
+
+    ``s = g p (1 - p) / tau`` comes from the saved output ``p`` in one kernel
+    (``aten.sigmoid_backward``; half precision in float32 from the half
+    output, within its tolerance): no exponential is recomputed, and ``z`` is
+    recomputed (two kernels) only for a ``tau`` gradient.  Eager CPU without a
+    graph: division and mask in place, one row sum, the threshold term on the
+    tied entries only (:func:`_subtract_ties`).  Otherwise (double backward,
+    CUDA, ``torch.compile``, ``torch.func``) the graph-safe
+    :func:`topk_core._math.vjp_from_s`, differentiable to any order: ``w`` is
     locally constant and ``p`` carries its own graph through this Function.
     """
-    if kind == "probs":
-        p = ctx.saved_tensors[5]
-        s = torch.ops.aten.sigmoid_backward(g, p.to(xc.dtype))
-    else:
-        s = g
-    _, grad_x = _math.vjp_from_s(_XP, xc, a, b, s, tau, valid)
-    return grad_x, None
+    cdt = _math.compute_dtype(_XP, x.dtype)
+    xc = x.to(cdt)
+    a = a.to(cdt)
+    b = b.to(cdt)
+    g = g.to(cdt)
+    probs = kind == "probs"
+    s = torch.ops.aten.sigmoid_backward(g, out.to(cdt)) if probs else g
+    if torch.is_grad_enabled() or not (host_ok(x) and host_ok(s)):
+        s, grad_x = _math.vjp_from_s(_XP, xc, a, b, s, tau, valid)
+        grad_tau = _tau_grad(s, xc, a, b, tau, valid) if tau_grad else None
+        return grad_x.to(x.dtype), grad_tau
+    fresh = probs  # s may be written in place
+    if not _is_one(tau):
+        s = s.div_(tau) if fresh else s / tau
+        fresh = True
+    if valid is not None:
+        s = torch.where(valid, s, 0.0)
+        fresh = True
+    if not fresh:
+        s = s.clone()
+    grad_tau = _tau_grad(s, xc, a, b, tau, valid) if tau_grad else None
+    total = _row_sum(s)
+    # NaN rule: a NaN entry keeps its own term but stays out of sum(s).  For p its s is
+    # NaN, so the sum shows it at no cost; for logits x is read once
+    if (not bool(torch.isfinite(total).all())) if probs else bool(torch.isnan(xc).any()):
+        total = _row_sum(torch.where(torch.isnan(xc), 0.0, s))
+    _subtract_ties(s, xc, a, b, valid, total, candidates)
+    return s.to(x.dtype), grad_tau
 
 
-def _vjp_hard(xc, a, b, g, tau, valid):
-    """VJP of the hard (straight-through) forward when ``tau`` needs no gradient.
+def _select(xm: torch.Tensor, k: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """``(a, b, tie candidates or None)``; ``select_pair`` is looked up here so a swap takes."""
+    if select_pair is _backend.select_pair:
+        return _backend.select_pair_and_candidates(xm, k)
+    a, b = select_pair(_XP, xm, k)
+    return a, b, None
 
-    The output is the mask, so no ``p`` was saved: it is recomputed from the
-    saved ``x``, ``a``, ``b`` (no new selection) in the compute dtype, then
-    ``s`` and the threshold term come as in :func:`_vjp_from_output`.
-    Differentiable to any order (see :func:`_logits`).
+
+def _soft_output(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tau: float | torch.Tensor,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """The soft ``p`` behind a hard (straight-through) forward, from the saved ``x, a, b``.
+
+    No new selection.  Under double backward it carries d theta / dx (see
+    :func:`_logits`), so the hard forward's derivatives of every order are the
+    soft ones; otherwise :func:`forward_math`'s few eager kernels.
     """
-    z = _logits(xc, a, b, tau, valid, differentiable=torch.is_grad_enabled())
-    s = torch.ops.aten.sigmoid_backward(g, torch.sigmoid(z))
-    _, grad_x = _math.vjp_from_s(_XP, xc, a, b, s, tau, valid)
-    return grad_x, None
+    if torch.is_grad_enabled():
+        cdt = _math.compute_dtype(_XP, x.dtype)
+        z = _logits(x.to(cdt), a.to(cdt), b.to(cdt), tau, valid, differentiable=True)
+        return torch.sigmoid(z).to(x.dtype)
+    return forward_math(x, a, b, tau, valid, "probs")
 
 
 def _unpack(ctx):
@@ -125,16 +296,16 @@ class _DFTopKNoJvp(torch.autograd.Function):
     @staticmethod
     def forward(x, tau, k, valid, output):
         xm = x if valid is None else torch.where(valid, x, -math.inf)
-        a, b = select_pair(_XP, xm, k)
+        a, b, cand = _select(xm, k)
+        if cand is not None:
+            # flat positions holding every tie (sampled selection): handed to
+            # setup_context on ``a``, so that the Function's outputs stay (out, a, b)
+            a._topk_core_candidates = cand
         if output == "hard":
-            # straight-through: the mask from this a; backward recomputes z from x, a, b
+            # straight-through: the mask from this a; the backward recomputes p from x, a, b
             cond = _math.eager_cond if host_ok(x) else None
             return _math.hard_mask(_XP, x, a, valid, k, cond=cond).to(x.dtype), a, b
-        cdt = _math.compute_dtype(_XP, x.dtype)
-        xc = x.to(cdt)
-        z = _math.logits(_XP, xc, a.to(cdt), b.to(cdt), tau, valid, eager=host_ok(x))
-        out = torch.sigmoid(z) if output == "probs" else z
-        return out.to(x.dtype), a, b
+        return forward_math(x, a, b, tau, valid, output), a, b
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -150,20 +321,19 @@ class _DFTopKNoJvp(torch.autograd.Function):
         # a and b are one value per row
         ctx.save_for_backward(x, tau_t, valid, a, b, None if ctx.hard else out)
         ctx.save_for_forward(x, tau_t, valid, a, b)
+        ctx.candidates = getattr(a, "_topk_core_candidates", None)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_a, _grad_b):
-        x, xc, tau, valid, a, b = _unpack(ctx)
-        g = grad_out.to(xc.dtype)
-        tau_grad = isinstance(tau, torch.Tensor) and ctx.needs_input_grad[1]
-        if ctx.hard and not tau_grad:
-            grad_x, grad_tau = _vjp_hard(xc, a, b, g, tau, valid)
-        elif tau_grad or x.dtype not in (torch.float32, torch.float64):
-            grad_x, grad_tau = _vjp_from_z(ctx.kind, xc, a, b, g, tau, valid, tau_grad)
-        else:
-            grad_x, grad_tau = _vjp_from_output(ctx.kind, xc, a, b, g, tau, valid, ctx)
-        grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_tau, None, None, None
+        x, tau_t, valid, a, b, out = ctx.saved_tensors
+        tau = tau_t if tau_t is not None else ctx.tau_float
+        tau_grad = tau_t is not None and ctx.needs_input_grad[1]
+        if ctx.hard:
+            out = _soft_output(x, a, b, tau, valid)
+        grad_x, grad_tau = backward_math(
+            ctx.kind, x, a, b, out, grad_out, tau, valid, tau_grad, candidates=ctx.candidates
+        )
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_tau, None, None, None
 
 
 class DFTopKFunction(_DFTopKNoJvp):

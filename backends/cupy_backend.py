@@ -18,8 +18,11 @@ Elementwise: the forward (``apply``) runs the selection, then ONE fused kernel
 for ``z = (x - theta) / tau`` with the spec's infinity rules and mask, plus the
 stable sigmoid, mirroring :func:`topk_core._math.logits` /
 :func:`topk_core._math.sigmoid` line by line.  The VJP/JVP go through
-:mod:`topk_core._math` with CuPy arrays (several elementwise passes and two
-per-row sums; a fused VJP needs a Backend hook, see the project notes).
+:mod:`topk_core._math` with CuPy arrays: the generic ``soft`` math (no
+``Backend.soft`` hook here), whose forward keeps ``p (1 - p)`` from its one
+exponential so that the backward recomputes none (several elementwise passes
+and two per-row sums; fused CuPy kernels for them would plug into
+``Backend.soft`` and are not written: nothing here can run them).
 
 NOT verified on a GPU: no GPU was available when this was written.  The kernel
 bodies are compiled and checked on the CPU as C (conformance_tests/test_cupy.py).

@@ -75,6 +75,8 @@ class DaskShims:
     def row_histogram(self, digits: Any, active: Any, nbins: int) -> Any:
         """Per-row counts ``(..., nbins)``: a histogram per chunk, summed as a tree."""
         nblocks = len(digits.chunks[-1])
+        # per-row values (the prefix) may come back chunked otherwise; align to the data
+        active = active.rechunk(digits.chunks)
         per_chunk = da.map_blocks(
             _histogram_block,
             digits,

@@ -28,11 +28,29 @@ digit width / histogram         n = 1e6      1024 x 4096    64 x 16384
 
 The driver's 1-bit passes carry an ``active`` mask and take two reductions
 each, so the compare-count advantage seen in a bare binary search
-(shared/measurements/selection-primitives-cpu.md) does not survive: 8-bit
-scatter-add histograms win everywhere but 1-D n = 1e6, where 11 bits is
-within noise of 8, and 11+ bits blow up for batches (rows * 2**bits
-counters).  So 8 bits everywhere.  Splitting the histogram into 4 or 8
-interleaved copies (to break same-bin add chains) measured no better.
+(shared/measurements/selection-primitives-cpu.md) does not survive.
+
+Issue 11 (same machine, load 4-6; min ms of 15 calls, ``jit``): the bin that
+holds the wanted rank is now found in two levels (blocks of bins, then the
+bins of one block: :func:`topk_core._radix._locate`) instead of a prefix sum
+over every bin, which made wide digits cheap: one scatter-add pass costs
+~1.1 ms per million entries here (~10 passes of ``x * 2``), so fewer, wider
+passes win where the counters stay small:
+
+=================  =====  ======  ======
+shape              8 bit  11 bit  16 bit
+=================  =====  ======  ======
+n = 1e6            6.2    5.6     **4.2**
+1024 x 4096        57     **45**  330
+8192 x 256         **41** 97      2190
+=================  =====  ======  ======
+
+So :func:`digit_bits_for`: 16 bits for a few long rows (at most 2**21
+counters), 11 bits while rows * 2048 counters stay within 2**21, else 8.
+Multi-threshold counting passes (several compare-and-sum reductions over
+one read) compile to far slower loops on XLA's CPU backend (3 thresholds:
+4x one), and a compaction (``nonzero``/``cumsum``: 6.5-8 ms per million) costs
+more than the passes it would save.
 """
 
 from __future__ import annotations
@@ -48,9 +66,34 @@ from jax import lax
 from topk_core._radix import float_to_keys, keys_to_float, radix_select_pair
 from topk_core._registry import Backend
 
-__all__ = ["BACKEND", "DIGIT_BITS", "SHIMS", "JaxGroup", "JaxShims", "resolve_group", "select_pair"]
+__all__ = [
+    "BACKEND",
+    "DIGIT_BITS",
+    "SHIMS",
+    "JaxGroup",
+    "JaxShims",
+    "digit_bits_for",
+    "resolve_group",
+    "select_pair",
+]
 
-DIGIT_BITS = 8
+DIGIT_BITS = 8  # the default width (batches of many rows)
+
+
+def digit_bits_for(rows: int, n: int) -> int:
+    """Digit width for ``rows`` rows of ``n`` entries (measured, module docstring).
+
+    Examples
+    --------
+    >>> from topk_core.backends.jax_backend import digit_bits_for
+    >>> digit_bits_for(1, 10**6), digit_bits_for(1024, 4096), digit_bits_for(8192, 256)
+    (16, 11, 8)
+    """
+    if n >= 1 << 16 and rows << 16 <= 1 << 21:
+        return 16
+    if n >= 2048 and rows << 11 <= 1 << 21:
+        return 11
+    return DIGIT_BITS
 
 
 def _bitcast(a: Any, dtype: Any) -> Any:
@@ -122,8 +165,10 @@ SHIMS = JaxShims()
 def select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
     """k-th and (k+1)-th largest along the last axis (see :class:`topk_core.Backend`).
 
-    Exact, O(n): four 8-bit histogram passes for float32 (two for 16-bit
-    floats, eight for float64), then one masked max for the (k+1)-th value.
+    Exact, O(n): ``32 / digit_bits_for(...)`` histogram passes for float32
+    (two 16-bit passes for one long row, four 8-bit ones for many short rows;
+    float16/float64 scale accordingly), then one masked max for the (k+1)-th
+    value.
     Traceable: ``k`` may be a Python int or a (traced) integer array.
 
     Examples
@@ -141,7 +186,8 @@ def select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
 
 
 def _radix(x: Any, k: Any) -> tuple[Any, Any]:
-    return radix_select_pair(jnp, x, k, SHIMS, digit_bits=DIGIT_BITS)
+    bits = digit_bits_for(math.prod(x.shape[:-1]), x.shape[-1])
+    return radix_select_pair(jnp, x, k, SHIMS, digit_bits=bits)
 
 
 # One compiled program per shape instead of dozens of op-by-op dispatches when

@@ -1,48 +1,63 @@
-"""NumPy backend: O(n) selection with numpy's quickselect or the shared radix driver.
+"""NumPy backend: O(n) selection and the in-place soft math (:mod:`.numpy_soft`).
 
-Scalar k, no mask: measured on this project's 2-core CPU machine (float32,
-k = n/10, n = 1e6; shared/measurements/selection-primitives-cpu.md),
-``np.partition`` with ONE kth runs numpy's SIMD quickselect, 6.0 ms including
-the max over the lower part, while the two-kth form falls back to a non-SIMD
-introselect (7.0 ms, 10-11 ms at k = n/2) and ``np.sort`` takes 31.8 ms.  So:
-one partition at ``n - k`` gives ``a``; ``b`` is the max of everything left of it.
+Selection of ``(a, b)``, by measurement (float32 normal data, k = n/10; min ms
+of 15 calls, one process, methods side by side on the shared 2-core machine
+at load 4-5; issue 11):
 
-Per-row k (and masks, which make k per-row after clipping to n_valid):
-``np.partition`` takes a single kth for all rows, so these run the shared
-radix-select driver (:mod:`topk_core._radix`) with NumPy shims: a ``view``
-bitcast and a per-row histogram from one ``np.bincount`` over
-``row * nbins + digit`` (no Python loop over rows).
+=============  =========  =======  ========  ==========  =======  =============
+shape          partition  sampled  per-row:  per-row:    per-row  one ``x * 2``
+               (scalar)   (scalar) sampled   sort+take   radix
+=============  =========  =======  ========  ==========  =======  =============
+1 x 1e6        4.87       0.95     1.05      48          19-39    0.087
+16 x 65536     6.5        3.2      3.0       23          13.5     0.094
+64 x 16384     6.3        5.6      5.4       17.4        25       0.10
+1024 x 4096    33         57       47        94          150-212  1.2
+256 x 1024     1.19       1.69     1.72      1.53        5.1      0.026
+8192 x 256     4.3        21       21        2.85        127      0.24
+=============  =========  =======  ========  ==========  =======  =============
 
-Measured here (float32 normal data, random per-row k; min of 5 runs, run side by
-side in one process on the shared, noisy 2-core machine, ms):
+So:
 
-==============  =========  ============  ==============  ==========  ===========
-shape           partition  np.sort+take  generic (sort)  radix 8bit  radix 11bit
-                (scalar k)                (before)
-==============  =========  ============  ==============  ==========  ===========
-1 x 1e6         9.9        78.9          187.5           38.6        35.9
-256 x 4096      9.1        28.8          122.8           52.9        63.5
-1024 x 4096     62.0       127.4         534.4           262.2       303.0
-==============  =========  ============  ==============  ==========  ===========
+* scalar ``k``: rows of at least 2**16 take the sampled bracket
+  (:func:`_select_sampled`, Floyd-Rivest style: a fixed stratified sample
+  brackets the wanted ranks, one comparison pass counts and gathers the few
+  entries inside, one small quickselect picks ``a``, ``b``; rows whose bracket
+  misses are redone exactly, so results never depend on the sample); rows of
+  at most 256 are sorted (NumPy's SIMD sort beats its quickselect there);
+  everything else runs ``np.partition`` with ONE kth (numpy's SIMD
+  quickselect; two kth fall back to a slower introselect) in a scratch copy,
+  ``b`` being the max of the part left of it.
+* per-row ``k`` (also what a mask produces: k is clipped to each row's valid
+  count): rows of at most 1024 are sorted, longer rows take the sampled
+  bracket, whose missed rows are redone by the shared radix-select driver
+  (:mod:`topk_core._radix`: a ``view`` bitcast and a per-row histogram from
+  one ``np.bincount`` over ``row * nbins + digit``).  The driver alone was
+  5-30x slower than scalar k (each radix pass costs several full-array NumPy
+  calls); per-row k now costs at most ~1.5x scalar k.
 
-So the driver is 2-5x faster than the generic sort-based fallback used before
-in every regime, and beats even a bare ``np.sort`` + ``take_along_axis`` on
-long rows; on short rows (n = 4096) a bare ``np.sort`` is about 2x faster than
-the driver (NumPy's SIMD sort is fast on 16 KiB rows, while each radix pass
-pays several full-array NumPy calls).  The driver is used anyway so that per-row
-k and masks run the one shared, O(n) code path that every CI run tests.
-11-bit digits (3 passes over 32-bit keys) win on long rows, 8-bit digits on
-short ones, where 2048 bins per row cost more than the pass they save.
+NaN counts as larger than ``+inf`` on the sampled and sorted paths (a sort
+puts it last; ``~(x <= hi)`` counts it above the bracket).
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import Any
 
 import numpy as np
 
 from topk_core._radix import float_to_keys, keys_to_float, radix_select_pair
 from topk_core._registry import Backend
+
+from .numpy_soft import POOL, NumpySoft
+
+# selection paths, by measurement (module docstring)
+_SAMPLE_MIN_N = 1 << 16  # scalar k: sampled bracket for rows this long
+_SORT_MAX_N_SCALAR = 256  # scalar k, short rows: NumPy's SIMD sort beats partition
+_SAMPLE_MIN_N_ROWK = 2048  # per-row k: sampled bracket from rows this long
+_SORT_MAX_N = 1024  # per-row k, short rows: NumPy's SIMD sort
+_BRACKET_SD = 3.0  # bracket half-width in standard deviations of the sample rank
 
 __all__ = ["BACKEND", "SHIMS", "NumpyShims", "select_pair", "digit_bits_for"]
 
@@ -126,7 +141,11 @@ def select_pair(xp: Any, x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]
     """
     n = x.shape[-1]
     if not isinstance(k, int):
-        return radix_select_pair(xp, x, k, SHIMS, digit_bits=digit_bits_for(n))
+        if n >= _SAMPLE_MIN_N_ROWK:
+            return _select_sampled(x, k)
+        if n <= _SORT_MAX_N:
+            return _select_sorted(x, k)
+        return _select_radix(x, k)
     shape = x.shape[:-1] + (1,)
     if k == 0:
         # initial=-inf: an empty axis (n = 0) has b = -inf, not an error
@@ -136,10 +155,197 @@ def select_pair(xp: Any, x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]
         # the smallest; NaN ranks above +inf, so it is NaN only for an all-NaN row
         a = np.fmin.reduce(x, axis=-1, keepdims=True)
         return a, np.full(shape, -np.inf, dtype=x.dtype)
-    part = np.partition(x, n - k, axis=-1)
-    a = part[..., n - k : n - k + 1].copy()
-    b = np.max(part[..., : n - k], axis=-1, keepdims=True)
+    if n >= _SAMPLE_MIN_N:
+        return _select_sampled(x, k)
+    if n <= _SORT_MAX_N_SCALAR:
+        return _select_sorted(x, k)
+    return _select_partition(x, k)
+
+
+def _select_partition(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact scalar ``0 < k < n``: one quickselect at ``n - k`` in a scratch copy."""
+    n = x.shape[-1]
+    part = POOL.take(x.shape, x.dtype)
+    try:
+        np.copyto(part, x)
+        part.partition(n - k, axis=-1)
+        a = part[..., n - k : n - k + 1].copy()
+        b = np.max(part[..., : n - k], axis=-1, keepdims=True)
+    finally:
+        POOL.give(part)
     return a, b
 
 
-BACKEND = Backend(name="numpy", select_pair=select_pair, eager=True)
+def _select_radix(x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
+    return radix_select_pair(np, x, k, SHIMS, digit_bits=digit_bits_for(x.shape[-1]))
+
+
+def _select_sorted(x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``(a, b)`` for short rows: NumPy's SIMD sort, then two gathers."""
+    n = x.shape[-1]
+    srt = np.sort(x, axis=-1)
+    if isinstance(k, int):  # 0 < k < n
+        return srt[..., n - k : n - k + 1].copy(), srt[..., n - k - 1 : n - k].copy()
+    kk = k.astype(np.intp, copy=False)
+    a = np.take_along_axis(srt, np.clip(n - kk, 0, n - 1), axis=-1)
+    b = np.take_along_axis(srt, np.clip(n - kk - 1, 0, n - 1), axis=-1)
+    a = np.where(kk == 0, np.asarray(np.inf, dtype=x.dtype), a)
+    b = np.where(kk == n, np.asarray(-np.inf, dtype=x.dtype), b)
+    # NaN sorts last, i.e. as the largest value: the ranks above already count it so
+    return a, b
+
+
+def _sample_size(n: int) -> int:
+    # ~n**(2/3) (Floyd-Rivest), at most a quarter of the row
+    return max(16, min(n // 4, round(n ** (2 / 3))))
+
+
+_SAMPLE_CACHE: dict[tuple[int, int], np.ndarray] = {}
+_SAMPLE_SEED = 20251011
+_SAMPLE_LOCK = threading.Lock()
+
+
+def _sample_index(n: int, s: int) -> np.ndarray:
+    """Fixed stratified sample of ``s`` positions in ``[0, n)``, one per stratum.
+
+    Deterministic and cached; results never depend on it (rows whose bracket
+    misses are redone exactly), only the speed does.
+    """
+    key = (n, s)
+    idx = _SAMPLE_CACHE.get(key)
+    if idx is None:
+        rng = np.random.default_rng(_SAMPLE_SEED)
+        edges = np.arange(s + 1, dtype=np.int64) * n // s
+        idx = edges[:-1] + (rng.random(s) * (edges[1:] - edges[:-1])).astype(np.int64)
+        with _SAMPLE_LOCK:
+            if len(_SAMPLE_CACHE) > 64:
+                _SAMPLE_CACHE.clear()
+            _SAMPLE_CACHE[key] = idx
+    return idx
+
+
+def _select_sampled(x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``(a, b)`` from a sampled value bracket (Floyd-Rivest), any ``k``.
+
+    Per row: the sample values ``hi``/``lo`` 3 standard deviations of the
+    sample rank beyond the wanted ranks; ``above`` = entries above ``hi`` (NaN
+    counts as above: ``~(x <= hi)``); the entries in ``[lo, hi]`` are
+    gathered and ``a``, ``b`` picked among them by rank ``k - above`` with one
+    quickselect.  Rows whose bracket misses a rank are redone exactly.
+    Batched rows are shifted by leading ``+inf`` so that the wanted rank is
+    the same column in every row (one ``partition`` for all of them).
+    """
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n)
+    rows = x2.shape[0]
+    scalar = isinstance(k, int)
+    kk = np.full((rows, 1), k, dtype=np.int64) if scalar else k.reshape(rows, 1).astype(np.int64)
+    kl = np.maximum(kk, 1)  # rank of a, or of b for k = 0
+    kh = np.minimum(kk + 1, n)  # rank of b, or of a for k = n
+    lo, hi = _bracket(x2, kl, kh, k if scalar else None)
+    le = POOL.take(x2.shape, np.bool_)
+    cand = POOL.take(x2.shape, np.bool_)
+    try:
+        np.less_equal(x2, hi, out=le)
+        np.greater_equal(x2, lo, out=cand)
+        np.logical_and(cand, le, out=cand)
+        above = n - _row_count(le)
+        ncand = _row_count(cand)
+        flat = x2[cand]
+    finally:
+        POOL.give(le, cand)
+    miss = (above >= kl) | (above + ncand < kh)
+    # descending rank of b among the row's candidates
+    rb = np.where(miss, 1, np.maximum(kh - above, 1))
+    shifted = kh > kl  # a is the candidate one rank above b
+    inf = np.asarray(np.inf, dtype=x.dtype)
+    if bool(miss.all()):
+        a, b = _exact(x2, k if scalar else kk)
+    elif rows == 1:
+        j = int(ncand[0, 0]) - int(rb[0, 0])
+        flat.partition(j)
+        b = flat[j : j + 1].reshape(1, 1).copy()
+        a = flat[j + 1 :].min(keepdims=True).reshape(1, 1) if shifted[0, 0] else b
+    else:
+        m = int(rb.max())
+        e = m - rb
+        width = max(m, int((e + ncand).max()))
+        pad = np.full((rows, width), -inf)
+        pad[np.arange(width) < e] = inf
+        counts = ncand.reshape(-1)
+        starts = np.cumsum(counts) - counts
+        offset = np.arange(rows, dtype=np.int64) * width + e.reshape(-1) - starts
+        pad.reshape(-1)[np.arange(flat.size) + np.repeat(offset, counts)] = flat
+        j = width - m
+        pad.partition(j, axis=-1)
+        b = pad[:, j : j + 1].copy()
+        a = b
+        if m > 1:
+            a = np.where(shifted, pad[:, j + 1 :].min(axis=-1, keepdims=True), b)
+        redo = np.flatnonzero(miss)
+        if redo.size:
+            kr = k if scalar else kk[redo]
+            ar, br = _exact(x2[redo], kr)
+            a[redo] = ar
+            b[redo] = br
+    a = np.where(kk == 0, inf, a)
+    b = np.where(kk == n, -inf, b)
+    return a.reshape(lead + (1,)), b.reshape(lead + (1,))
+
+
+def _row_count(mask: np.ndarray) -> np.ndarray:
+    """Per-row number of True of a C-contiguous bool ``(rows, n)``, ``(rows, 1)`` int64.
+
+    ``count_nonzero(axis=-1)`` converts to integers first (1.2 ms for
+    1024 x 4096); summing the bytes takes 0.5 ms, one unaxed count 0.04.
+    """
+    if mask.shape[0] == 1:
+        return np.full((1, 1), np.count_nonzero(mask), dtype=np.int64)
+    return mask.view(np.uint8).sum(axis=-1, dtype=np.int64, keepdims=True)
+
+
+def _exact(x2: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``(a, b)`` of rows ``x2`` without sampling (redo of missed brackets)."""
+    n = x2.shape[-1]
+    if isinstance(k, int):
+        if k == 0 or k == n:
+            return select_pair(np, x2, k)
+        return _select_partition(x2, k)
+    if n <= _SORT_MAX_N:
+        return _select_sorted(x2, k)
+    return _select_radix(x2, k)
+
+
+def _bracket(
+    x2: np.ndarray, kl: np.ndarray, kh: np.ndarray, scalar_k: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row ``(lo, hi)``: sample values enclosing the ``kl``-th and ``kh``-th largest."""
+    rows, n = x2.shape
+    s = _sample_size(n)
+    samp = x2[:, _sample_index(n, s)]
+    inf = np.asarray(np.inf, dtype=x2.dtype)
+    if scalar_k is not None:
+        q = scalar_k / n
+        d = _BRACKET_SD * math.sqrt(s * q * (1.0 - q)) + 1.0
+        hi_pos = math.floor(max(scalar_k, 1) * s / n - 1.0 - d)  # descending, 0-based
+        lo_pos = math.ceil(min(scalar_k + 1, n) * s / n - 1.0 + d)
+        hi_i = s - 1 - min(max(hi_pos, 0), s - 1)  # ascending index into the sample
+        lo_i = s - 1 - min(max(lo_pos, 0), s - 1)
+        samp.partition(sorted({hi_i, lo_i}), axis=-1)
+        hi = samp[:, hi_i, None] if hi_pos >= 0 else np.full((rows, 1), inf)
+        lo = samp[:, lo_i, None] if lo_pos < s else np.full((rows, 1), -inf)
+        return lo, hi
+    samp.sort(axis=-1)
+    q = kl / n
+    d = _BRACKET_SD * np.sqrt(s * q * (1.0 - q)) + 1.0
+    hi_pos = np.floor(kl * (s / n) - 1.0 - d).astype(np.int64)
+    lo_pos = np.ceil(kh * (s / n) - 1.0 + d).astype(np.int64)
+    hi = np.take_along_axis(samp, np.clip(s - 1 - hi_pos, 0, s - 1), axis=-1)
+    lo = np.take_along_axis(samp, np.clip(s - 1 - lo_pos, 0, s - 1), axis=-1)
+    hi = np.where(hi_pos < 0, inf, hi)
+    lo = np.where(lo_pos >= s, -inf, lo)
+    return lo, hi
+
+
+BACKEND = Backend(name="numpy", select_pair=select_pair, eager=True, soft=NumpySoft())

@@ -43,9 +43,13 @@ So:
   ``topk`` also has a multi-block path for one long row; that CUDA choice is
   NOT measured here (no GPU).
 * per-row ``k`` tensor (also what a mask produces: k is clipped to each row's
-  valid count): the sampled bracket on host tensors with rows of at least 2048,
-  else ``torch.sort`` + gather (graph-safe, no host reads, no Python loop over
-  rows).  The shared radix driver (:mod:`topk_core._radix`) was not wired to
+  valid count): the sampled bracket on host tensors with rows of at least 2048;
+  shorter host rows take one sorted ``topk`` of the ``max(k) + 1`` largest (or
+  the ``max(n - k) + 1`` smallest) and gather (:func:`_select_rowk_topk`,
+  issue 11: 8192 x 256 with one thread, per-row k near n/10 costs what scalar
+  k does, 24 ms, where the sort took 118 ms); rows whose k straddle both
+  halves, and everything graph-safe, ``torch.sort`` + gather (no host reads,
+  no Python loop over rows).  The shared radix driver (:mod:`topk_core._radix`) was not wired to
   torch: it needs unsigned keys that torch supports only partly, and on the
   CPU the sampled path is already 2.5-6x faster than the sort.
 
@@ -69,7 +73,7 @@ import torch
 
 from topk_core._registry import Backend
 
-__all__ = ["BACKEND", "host_ok", "select_pair"]
+__all__ = ["BACKEND", "host_ok", "select_pair", "select_pair_and_candidates"]
 
 _INF = float("inf")
 
@@ -105,7 +109,9 @@ def host_ok(x: torch.Tensor) -> bool:
         return False
     if torch.compiler.is_compiling():
         return False
-    return not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    ft = torch._C._functorch
+    # legacy batched tensors too: autograd's is_grads_batched (gradcheck's batched check)
+    return not (ft.is_functorch_wrapped_tensor(x) or ft.is_legacy_batchedtensor(x))
 
 
 def _sentinel(x: torch.Tensor, value: float) -> torch.Tensor:
@@ -180,6 +186,34 @@ def _gather_sorted(s: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torc
 def _select_sorted(x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Graph-safe per-row ``k``: sort, then gather."""
     return _gather_sorted(torch.sort(x, dim=-1).values, k)
+
+
+def _select_rowk_topk(x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``k`` on short rows (host path): one sorted ``topk`` on one side, then gathers.
+
+    The largest ``max(k) + 1`` (or the smallest ``max(n - k) + 1``) values
+    sorted, when that side is at most half the row for every row: a per-row
+    ``k`` near a common value then costs about what a scalar one does (a full
+    sort costs 4-5x); rows whose ``k`` straddle both halves take the sort.
+    """
+    n = x.shape[-1]
+    kk = k.to(torch.int64)
+    m_top = int(kk.max()) + 1
+    m_bottom = n - int(kk.min()) + 1
+    if min(m_top, m_bottom) > (n + 1) // 2 + 1:
+        return _select_sorted(x, k)
+    if m_top <= m_bottom:
+        v = torch.topk(x, min(m_top, n), dim=-1, largest=True, sorted=True).values
+        a = torch.take_along_dim(v, (kk - 1).clamp(min=0), dim=-1)
+        b = torch.take_along_dim(v, kk.clamp(max=v.shape[-1] - 1), dim=-1)
+    else:
+        # ascending: the k-th largest is the (n - k + 1)-th smallest
+        v = torch.topk(x, min(m_bottom, n), dim=-1, largest=False, sorted=True).values
+        a = torch.take_along_dim(v, (n - kk).clamp(max=v.shape[-1] - 1), dim=-1)
+        b = torch.take_along_dim(v, (n - kk - 1).clamp(min=0), dim=-1)
+    a = torch.where(kk == 0, _INF, a)
+    b = torch.where(kk == n, -_INF, b)
+    return a.to(x.dtype), b.to(x.dtype)
 
 
 def _sample_size(n: int) -> int:
@@ -271,7 +305,9 @@ def _row_counts(mask: torch.Tensor) -> torch.Tensor:
     return lanes.view(torch.uint8).sum(-1, keepdim=True, dtype=torch.int64)
 
 
-def _select_sampled(x: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _select_sampled(
+    x: torch.Tensor, k: int | torch.Tensor, positions: list | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Host path (eager CPU only): sample, bracket, compact, select exactly.
 
     Per row: a value bracket ``[lo, hi]`` from a fixed sample, ``above`` = the
@@ -301,7 +337,8 @@ def _select_sampled(x: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tenso
     cand &= le
     above = n - _row_counts(le_buf)
     ncand = _row_counts(cand_buf)
-    flat = x2[cand]
+    pos = torch.nonzero(cand.reshape(-1)).reshape(-1)
+    flat = x2.reshape(-1)[pos]
     miss = (above >= kl) | (above + ncand < kh)
     # descending rank of b among the row's candidates; rows are shifted by
     # ``e`` leading +inf so that it is the same rank ``m`` in every row
@@ -324,6 +361,9 @@ def _select_sampled(x: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tenso
     a = torch.where(kk == 0, _INF, a)
     b = torch.where(kk == n, -_INF, b)
     redo = miss.view(-1).nonzero().view(-1)
+    if positions is not None and not redo.numel():
+        # every entry tied with a or b lies in its row's bracket: the backward's ties
+        positions.append(pos)
     if redo.numel():
         xr = x2.index_select(0, redo)
         if scalar_k is not None:
@@ -375,9 +415,34 @@ def select_pair(xp: Any, x: torch.Tensor, k: Any) -> tuple[torch.Tensor, torch.T
         return _select_scalar_k(x, k)
     if not isinstance(k, torch.Tensor):
         raise TypeError(f"k must be a Python int or a torch.Tensor, got {type(k).__name__}")
-    if _HOST_PATH and n >= _SAMPLE_MIN_N and host_ok(x) and type(k) is torch.Tensor:
-        return _select_sampled(x, k)
+    if _HOST_PATH and host_ok(x) and type(k) is torch.Tensor:
+        if n >= _SAMPLE_MIN_N:
+            return _select_sampled(x, k)
+        return _select_rowk_topk(x, k)
     return _select_sorted(x, k)
+
+
+def select_pair_and_candidates(
+    x: torch.Tensor, k: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`select_pair` plus, where known for free, flat positions holding every tie.
+
+    The sampled path gathers each row's entries inside its bracket; when no
+    row missed, those include every entry equal to ``a`` or ``b``, so a
+    backward can find the ties among them (O(#candidates)) instead of
+    comparing all of ``x``.  None where unknown (every other path).
+    """
+    n = x.shape[-1]
+    host = _HOST_PATH and host_ok(x) and n > 0
+    if host and (
+        (isinstance(k, int) and n >= _SAMPLE_MIN_N_SCALAR and 0 < k < n)
+        or (type(k) is torch.Tensor and n >= _SAMPLE_MIN_N)
+    ):
+        found: list = []
+        a, b = _select_sampled(x, k, found)
+        return a, b, (found[0] if found else None)
+    a, b = select_pair(None, x, k)
+    return a, b, None
 
 
 def _sigmoid(z: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import ops, report
+from . import ops, passes, report
 
 __all__ = ["main", "parse_sizes", "parse_fractions"]
 
@@ -183,6 +183,29 @@ def build_parser() -> argparse.ArgumentParser:
         "results.json instead of measuring",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    p.add_argument(
+        "--no-passes",
+        action="store_true",
+        help="skip the pass budget (ours' phases in units of one x * 2 pass)",
+    )
+    p.add_argument(
+        "--no-compile-kernels",
+        action="store_true",
+        help="skip counting the kernels torch.compile (inductor) generates for ours fwd+bwd "
+        "(done at the headline shapes, 1024x4096, 8192x256 and the 1-D size closest to 1e6)",
+    )
+    p.add_argument(
+        "--pass-rounds",
+        type=int,
+        default=40,
+        help="interleaved rounds of the pass budget per shape; minima are kept (default 40)",
+    )
+    p.add_argument(
+        "--pass-budget",
+        type=float,
+        default=8.0,
+        help="stop a shape's pass-budget rounds after this many seconds, keeping >= 5 (default 8)",
+    )
     return p
 
 
@@ -269,12 +292,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     machine = report.machine_info(versions)
     backend_names = {b: ops.get_driver(b).backend_name() for b in backends}
 
+    if args.pass_rounds < 5:
+        raise ValueError(f"--pass-rounds must be >= 5, got {args.pass_rounds}")
     cases_spec = []
     for op in operators:
         if op in ops.DIFFERENTIABLE:
             cases_spec += [(op, m) for m in modes]
+        elif op in ops.VJP_ONLY:
+            cases_spec += [(op, m) for m in modes if m == "fwd+bwd"]
         else:
             cases_spec.append((op, "sel"))
+    want_passes = not args.no_passes and "ours" in operators
 
     # smaller shapes first so that --max-seconds can skip what would be too slow
     order = sorted(sizes, key=lambda s: (s[0] is not None, (s[0] or 1) * s[1]))
@@ -282,6 +310,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     progress = Progress(len(groups))
     slowest: dict[tuple, float] = {}
     rows: list[dict[str, Any]] = []
+    pass_rows: list[dict[str, Any]] = []
     for backend, dtype, (batch, n), kfrac in groups:
         driver = ops.get_driver(backend)
         k = _k_of(kfrac, n)
@@ -352,7 +381,19 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     row["memory"] = case.memory()
                 except Exception as exc:
                     row["memory"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-        del live, x, g
+        del live
+        if want_passes:
+            group_rows = rows[-len(cases_spec) :]
+            ours_row = next(
+                (r for r in group_rows if r["op"] == "ours" and r["mode"] == "fwd+bwd"), None
+            )
+            if ours_row is None or ours_row["status"] == "ok" or "fwd+bwd" not in modes:
+                entry = _measure_passes(driver, x, g, k, args)
+                if entry is not None:
+                    if backend == "torch" and _compile_shape(dtype, batch, n, sizes, args):
+                        entry["compile"] = _compile_kernels(x, g, k, args)
+                    pass_rows.append(dict(base, **entry))
+        del x, g
         gc.collect()
         progress.update(label)
 
@@ -380,13 +421,53 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "threads": args.threads,
             "max_seconds": args.max_seconds,
             "group_budget_s": args.group_budget,
+            "pass_rounds": args.pass_rounds,
+            "pass_budget_s": args.pass_budget,
             "wall_s": round(progress_elapsed(progress), 1),
         },
         "results": rows,
+        "passes": pass_rows,
     }
     payload["ratios"] = report.ratios(rows)
     payload["slopes"] = report.slopes(rows)
     return payload
+
+
+def _measure_passes(driver: ops.Driver, x: Any, g: Any, k: int, args: Any) -> dict | None:
+    """The pass budget of one shape (:mod:`benchmarks.passes`), or the reason it has none."""
+    try:
+        unit = driver.build("elementwise", "sel", x, g, k, args.tau).run
+        phases = driver.phases(x, g, k, args.tau)
+        total = driver.build("ours", "fwd+bwd", x, g, k, args.tau).run
+        entry = passes.measure(
+            unit, phases, total, rounds=args.pass_rounds, budget_s=args.pass_budget
+        )
+    except ops.NotApplicable as exc:
+        return {"status": f"n/a: {exc}"}
+    except Exception as exc:  # one broken phase must not stop a run
+        return {"status": f"error: {type(exc).__name__}: {str(exc)[:200]}"}
+    try:
+        entry["loadavg"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    entry["status"] = "ok"
+    return entry
+
+
+def _compile_shape(dtype: str, batch: int | None, n: int, sizes: list, args: Any) -> bool:
+    if args.no_compile_kernels or args.quick or dtype != "float32":
+        return False
+    if (batch, n) in ((1024, 4096), (8192, 256)):
+        return True
+    ones = [s[1] for s in sizes if s[0] is None]
+    return batch is None and bool(ones) and n == min(ones, key=lambda m: abs(m - 1_000_000))
+
+
+def _compile_kernels(x: Any, g: Any, k: int, args: Any) -> dict:
+    try:
+        return passes.torch_compile_kernels(x, g, k, args.tau)
+    except Exception as exc:  # a compiler missing on the machine must not stop the run
+        return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
 def progress_elapsed(p: Progress) -> float:
@@ -411,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats = min(args.repeats, 3)
         args.no_memory = True
         args.group_budget = min(args.group_budget, 5.0)
+        args.pass_rounds = min(args.pass_rounds, 10)
+        args.pass_budget = min(args.pass_budget, 2.0)
     args.sizes = args.sizes or FULL_SIZES
     args.operators = args.operators or ",".join(ops.OPERATORS)
     try:
@@ -431,12 +514,26 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot and report.write_plot(out / "plot.png", payload):
         plot = "plot.png"
     report.write_markdown(out / "results.md", payload, plot)
+    passes_plot = not args.no_plot and report.write_passes_plot(out / "passes.png", payload)
     for r in report.headline(payload["ratios"]):
-        what = f"ours/{r['baseline']}" if r["kind"] == "ours/floor" else f"{r['baseline']}/ours"
+        what = (
+            f"{r['ours_op']}/{r['baseline']}"
+            if r["kind"] == "ours/floor"
+            else f"{r['baseline']}/{r['ours_op']}"
+        )
         print(
-            f"{r['backend']:6s} n={r['n']} {what:20s} {r['ratio_median']:7.2f}  "
-            f"target {r['target']:6s} {'met' if r['met'] else 'MISSED'}"
+            f"{r['backend']:6s} {report._shape_label(r['batch'], r['n']):10s} {what:24s} "
+            f"{r['ratio_median']:7.2f}  target {r['target']:6s} {'met' if r['met'] else 'MISSED'}"
+        )
+    for e in report.pass_headline(payload.get("passes", [])):
+        p = e["passes"]
+        print(
+            f"{e['backend']:6s} {report._shape_label(e['batch'], e['n']):10s} passes: "
+            f"select {p['select']:.1f}, fwd math {p['fwd_math']:.1f}, bwd math "
+            f"{p['bwd_math']:.1f}, total {p.get('total', float('nan')):.1f} "
+            f"(1 pass = {e['unit_s'] * 1e3:.3f} ms)"
         )
     written = [out / "results.md", out / "results.json"] + ([out / plot] if plot else [])
+    written += [out / "passes.png"] if passes_plot else []
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -7,6 +7,12 @@ that the harness only has to time calls.  Operators:
 ``ours``
     ``topk_core.dftopk``: torch autograd / ``jax.jit`` (+ ``jax.vjp``) /
     ``dftopk_and_vjp`` (one selection, then the VJP) on NumPy and CuPy.
+``ours_vjp``
+    The public closed-form ``topk_core.dftopk_vjp`` (it computes its own
+    forward; no autodiff), ``fwd+bwd`` only; under ``jax.jit`` on JAX.
+``ours_rowk``
+    ``ours`` with ``k`` given as a per-row integer array (every row the same
+    value): the per-row-k path against the scalar one.
 ``official``
     The official DFTopK formulation: two selections of the k-th and (k+1)-th
     values with the library's primitive and autodiff through them (torch: two
@@ -23,8 +29,12 @@ that the harness only has to time calls.  Operators:
     The library's own best k-th value primitive alone (NumPy/CuPy
     ``partition``, torch ``kthvalue``, JAX ``lax.top_k``): the floor a user
     without topk-core would compare against.
+``sort``
+    A bare full sort of the same scores along the axis (``np.sort``,
+    ``torch.sort``, ``jnp.sort``): what a user without an O(n) selection pays.
 ``elementwise``
-    ``x * 2``: one read and one write of ``x``, the memory-traffic unit.
+    ``x * 2``: one read and one write of ``x``, the memory-traffic unit (the
+    "pass" of the pass budget, :mod:`benchmarks.passes`).
 
 Modes: ``fwd`` (forward only, no autodiff tape) and ``fwd+bwd`` (forward, then
 the gradient for a fixed random cotangent ``g``); the last three operators
@@ -42,16 +52,30 @@ from typing import Any
 
 __all__ = [
     "BACKENDS",
+    "DIFFERENTIABLE",
     "MODES",
     "OPERATORS",
+    "VJP_ONLY",
     "Case",
     "Driver",
     "available_backends",
     "get_driver",
 ]
 
-OPERATORS = ("ours", "official", "lapsum", "sort_dftopk", "ours_select", "hard", "elementwise")
-DIFFERENTIABLE = ("ours", "official", "lapsum", "sort_dftopk")
+OPERATORS = (
+    "ours",
+    "ours_vjp",
+    "ours_rowk",
+    "official",
+    "lapsum",
+    "sort_dftopk",
+    "ours_select",
+    "hard",
+    "sort",
+    "elementwise",
+)
+DIFFERENTIABLE = ("ours", "ours_rowk", "official", "lapsum", "sort_dftopk")
+VJP_ONLY = ("ours_vjp",)  # fwd+bwd only
 MODES = ("fwd", "fwd+bwd", "sel")
 BACKENDS = ("numpy", "torch", "jax", "cupy")
 
@@ -170,6 +194,15 @@ class Driver(ABC):
 
         return get_backend(self.name).name
 
+    def phases(self, x: Any, g: Any, k: int, tau: float) -> dict[str, Callable[[], Any]]:
+        """``ours`` (fwd+bwd, k scalar, no mask) split into its phases, each a synced call.
+
+        ``select``: the ``(a, b)`` selection; ``fwd_math``: the forward after it
+        (output and what the backward keeps); ``bwd_math``: the backward from
+        those residuals.  Inputs are computed once, outside the timed calls.
+        """
+        raise NotApplicable(f"no phase split for {self.name}")
+
 
 # ---------------------------------------------------------------------------
 # NumPy / CuPy: no autodiff; fwd+bwd is the forward then the closed-form VJP.
@@ -232,18 +265,23 @@ class ArrayDriver(Driver):
 
             return run
 
-        if op in ("ours", "sort_dftopk"):
+        if op == "ours_vjp":
+            return Case(op, mode, wrap(lambda: topk_core.dftopk_vjp(x, k, g, tau=tau)))
+        if op in ("ours", "ours_rowk", "sort_dftopk"):
+            kk = mod.full(x.shape[:-1], k, dtype=mod.int64) if op == "ours_rowk" else k
             if mode == "fwd":
 
                 def fn():
-                    return topk_core.dftopk(x, k, tau=tau)
+                    return topk_core.dftopk(x, kk, tau=tau)
             else:
 
                 def fn():
                     # one selection shared by the forward and the VJP
-                    p, vjp = topk_core.dftopk_and_vjp(x, k, tau=tau)
+                    p, vjp = topk_core.dftopk_and_vjp(x, kk, tau=tau)
                     return p, vjp(g)
 
+            if op == "ours_rowk":
+                return Case(op, mode, wrap(fn))
             if op == "ours":
                 return Case(op, mode, wrap(fn), memory=self._tracemalloc(fn))
             calls: list[int] = []
@@ -279,9 +317,35 @@ class ArrayDriver(Driver):
         if op == "hard":
             # one kth: numpy's SIMD quickselect (shared/measurements: 2-kth is slower)
             return Case(op, mode, wrap(lambda: mod.partition(x, n - k, axis=-1)[..., n - k]))
+        if op == "sort":
+            return Case(op, mode, wrap(lambda: mod.sort(x, axis=-1)))
         if op == "elementwise":
             return Case(op, mode, wrap(lambda: x * 2))
         raise NotApplicable(op)
+
+    def phases(self, x, g, k, tau):
+        from topk_core import _api
+        from topk_core._problem import prepare
+
+        sync = self._sync
+        pb = prepare(x, k, tau, -1, None, True)
+        a, b = _api.select(pb)
+        gl = pb.in_layout(g, "cotangent")
+        _, res = _api.soft_forward(pb, a, b, "probs", keep=True)
+
+        def timed(fn):
+            def run():
+                out = fn()
+                sync()
+                return out
+
+            return run
+
+        return {
+            "select": timed(lambda: _api.select(pb)),
+            "fwd_math": timed(lambda: _api.soft_forward(pb, a, b, "probs", keep=True)),
+            "bwd_math": timed(lambda: _api.soft_backward(pb, res, gl)),
+        }
 
     def _tracemalloc(self, fn: Callable[[], Any]) -> Callable[[], dict[str, Any]] | None:
         if self.name != "numpy":
@@ -370,12 +434,22 @@ class TorchDriver(Driver):
             calls.append(c[0])
             return out
 
+        k_rows = torch.full(x.shape[:-1], k, dtype=torch.int64, device=x.device)
         fns = {
             "ours": lambda t: topk_core.dftopk(t, k, tau=tau),
+            "ours_rowk": lambda t: topk_core.dftopk(t, k_rows, tau=tau),
             "official": official,
             "lapsum": lambda t: ls.lapsum_torch(t, k, tau),
             "sort_dftopk": sort_dftopk,
         }
+        if op == "ours_vjp":
+
+            def run():
+                out = topk_core.dftopk_vjp(x, k, g, tau=tau)
+                sync()
+                return out
+
+            return Case(op, mode, run)
         if op in fns:
             f = fns[op]
             if mode == "fwd":
@@ -401,7 +475,9 @@ class TorchDriver(Driver):
                     if not calls or calls[-1] == 0:
                         raise NotApplicable("the torch backend bypasses select_pair")
 
-            memory = self._memory(f, x, g, cuda) if mode == "fwd+bwd" else None
+            memory = None
+            if mode == "fwd+bwd" and op != "ours_rowk":
+                memory = self._memory(f, x, g, cuda)
             return Case(op, mode, run, memory=memory, verify=verify)
         if op == "ours_select":
             import array_api_compat
@@ -424,6 +500,14 @@ class TorchDriver(Driver):
                 return out
 
             return Case(op, mode, run)
+        if op == "sort":
+
+            def run():
+                out = torch.sort(x, dim=-1).values
+                sync()
+                return out
+
+            return Case(op, mode, run)
         if op == "elementwise":
 
             def run():
@@ -433,6 +517,38 @@ class TorchDriver(Driver):
 
             return Case(op, mode, run)
         raise NotApplicable(op)
+
+    def phases(self, x, g, k, tau):
+        import torch
+        from topk_core.adapters import torch_adapter as ta
+        from topk_core.backends.torch_backend import select_pair_and_candidates
+
+        cuda = x.device.type == "cuda"
+
+        def timed(fn):
+            def run():
+                with torch.no_grad():
+                    out = fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                return out
+
+            return run
+
+        # what the autograd Function runs: the selection (and, on the sampled path, the
+        # positions that hold the ties), the forward math, the backward from what it saved
+        with torch.no_grad():
+            a, b, cand = select_pair_and_candidates(x, k)
+            out = ta.forward_math(x, a, b, tau, None, "probs")
+        return {
+            "select": timed(lambda: select_pair_and_candidates(x, k)),
+            "fwd_math": timed(lambda: ta.forward_math(x, a, b, tau, None, "probs")),
+            "bwd_math": timed(
+                lambda: ta.backward_math(
+                    "probs", x, a, b, out, g, tau, None, False, candidates=cand
+                )
+            ),
+        }
 
     @staticmethod
     def _memory(f, x, g, cuda):
@@ -530,12 +646,17 @@ class JaxDriver(Driver):
                 z = z / tau
             return jax.nn.sigmoid(z)
 
+        k_rows = jnp.full(x.shape[:-1], k, dtype=jnp.int32)
         fns = {
             "ours": lambda t: topk_core.dftopk(t, k, tau=tau),
+            "ours_rowk": lambda t: topk_core.dftopk(t, k_rows, tau=tau),
             "official": official,
             "lapsum": lambda t: ls.lapsum_jax(t, k, tau),
             "sort_dftopk": _jax_sort_dftopk(k, tau),
         }
+        if op == "ours_vjp":
+            jv = jax.jit(lambda t, gg: topk_core.dftopk_vjp(t, k, gg, tau=tau))
+            return Case(op, mode, lambda: jax.block_until_ready(jv(x, g)))
         if op in fns:
             f = fns[op]
             if mode == "fwd":
@@ -553,7 +674,7 @@ class JaxDriver(Driver):
                 return jax.block_until_ready(jf(x))
 
             memory = None
-            if mode == "fwd+bwd":
+            if mode == "fwd+bwd" and op != "ours_rowk":
                 memory = self._memory(f, fb, x)
             return Case(op, mode, run, memory=memory, verify=verify)
         if op == "ours_select":
@@ -561,6 +682,8 @@ class JaxDriver(Driver):
             jf = jax.jit(lambda t: sel(jnp, t, k))
         elif op == "hard":
             jf = jax.jit(lambda t: jax.lax.top_k(t, k)[0][..., k - 1])
+        elif op == "sort":
+            jf = jax.jit(lambda t: jnp.sort(t, axis=-1))
         elif op == "elementwise":
             jf = jax.jit(lambda t: t * 2)
         else:
@@ -570,6 +693,24 @@ class JaxDriver(Driver):
             return jax.block_until_ready(jf(x))
 
         return Case(op, mode, run)
+
+    def phases(self, x, g, k, tau):
+        import jax
+        import jax.numpy as jnp
+        from topk_core.adapters import jax_adapter as ja
+        from topk_core.backends.jax_backend import select_pair
+
+        tau_arg = None if tau == 1.0 else jnp.asarray(tau, dtype=jnp.float32)
+        sel = jax.jit(lambda t: select_pair(jnp, t, k))
+        fwd = jax.jit(lambda t, a, b, tt: ja.forward_math("probs", t, a, b, tt, None))
+        bwd = jax.jit(lambda res, gg: ja.backward_math("probs", res, gg))
+        a, b = sel(x)
+        _, res = fwd(x, a, b, tau_arg)
+        return {
+            "select": lambda: jax.block_until_ready(sel(x)),
+            "fwd_math": lambda: jax.block_until_ready(fwd(x, a, b, tau_arg)),
+            "bwd_math": lambda: jax.block_until_ready(bwd(res, g)),
+        }
 
     @staticmethod
     def _memory(f, fb, x):

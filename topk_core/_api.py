@@ -36,16 +36,63 @@ def select(pb: Problem) -> tuple[Array, Array]:
 
 def forward(pb: Problem, output: Output) -> Array:
     """Forward in the normalised layout, in x's dtype (no autodiff hooks)."""
+    a, b = select(pb)
+    out, _ = soft_forward(pb, a, b, output, keep=False)
+    return pb.xp.astype(out, pb.dtype, copy=False)
+
+
+def soft_forward(
+    pb: Problem, a: Array, b: Array, output: Output, *, keep: bool, out: bool = True
+) -> tuple[Array | None, Any]:
+    """The math after the selection: ``(out, residuals)`` in the compute dtype.
+
+    ``out`` is ``p`` (``z`` for logits), or None when not ``out``; the
+    residuals are what :func:`soft_backward` needs (None unless ``keep``) and
+    never share memory with ``out``.  A backend's ``soft`` hook replaces the
+    generic Array API code (:func:`topk_core._math.soft_forward`).
+    """
+    soft = _soft_hook(pb)
+    if soft is not None:
+        return soft.forward(pb, a, b, output, keep=keep, out=out)
     xp = pb.xp
     cdt = pb.compute_dtype
-    a, b = select(pb)
     x = xp.astype(pb.x, cdt, copy=False)
-    z = _math.logits(
-        xp, x, xp.astype(a, cdt), xp.astype(b, cdt), pb.tau, pb.valid, eager=pb.backend.eager
+    res = _math.soft_forward(
+        xp,
+        x,
+        xp.astype(a, cdt),
+        xp.astype(b, cdt),
+        pb.tau,
+        pb.valid,
+        output,
+        keep=keep,
+        eager=pb.backend.eager,
+        native_sigmoid=pb.backend.sigmoid,
     )
-    if output == "probs":
-        z = _sigmoid(pb, z)
-    return xp.astype(z, pb.dtype, copy=False)
+    return (res[0] if out else None), res[1]
+
+
+def soft_backward(pb: Problem, res: Any, g: Array) -> tuple[Array, Array]:
+    """Closed-form VJP from :func:`soft_forward`'s residuals, normalised layout.
+
+    ``g`` is the cotangent laid out like ``pb.x`` in the compute dtype.  Returns
+    ``(grad_x, t)``: the gradient with respect to the *user's* ``x`` (the sign
+    of ``largest=False`` applied), compute dtype, and the tau gradient in any
+    form :func:`topk_core._problem.reduce_to_tau` accepts (elementwise, or
+    already summed over tau's broadcast axes).
+    """
+    soft = _soft_hook(pb)
+    if soft is not None:
+        return soft.backward(pb, res, g)
+    grad_x, t = _math.soft_backward(pb.xp, res, g, pb.tau, pb.valid, row_sum=pb.row_sum)
+    if not pb.largest:
+        grad_x = -grad_x
+    return grad_x, t
+
+
+def _soft_hook(pb: Problem) -> Any:
+    # a backend's fused math sums locally: a sharded axis takes the generic code's hooks
+    return pb.backend.soft if pb.group is None else None
 
 
 def hard_forward(pb: Problem) -> Array:
@@ -63,6 +110,13 @@ def _hard_mask(pb: Problem, x: Array, a: Array) -> Array:
 def _sigmoid(pb: Problem, z: Array) -> Array:
     sig = pb.backend.sigmoid
     return sig(z) if sig is not None else _math.sigmoid(pb.xp, z)
+
+
+def _soft_problem(x, k, tau, axis, mask, largest, output, group) -> tuple[Problem, Array, Array]:
+    _check_output(output)
+    pb = prepare(x, k, tau, axis, mask, largest, group=group)
+    a, b = select(pb)
+    return pb, a, b
 
 
 def _check_output(output: Any) -> None:
@@ -331,17 +385,16 @@ def dftopk_vjp(
     array([ 0.1491,  0.    , -0.0746, -0.0746])
     """
     _check_hard(hard, output)
-    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output, group)
-    return _vjp(pb, xc, a, b, z, cotangent, output, tau)
-
-
-def _vjp(pb: Problem, xc, a, b, z, cotangent, output: Output, tau) -> tuple[Array, Array]:
-    xp = pb.xp
+    pb, a, b = _soft_problem(x, k, tau, axis, mask, largest, output, group)
     g = pb.in_layout(cotangent, "cotangent")
-    grad_x, t = _math.vjp(xp, xc, a, b, z, g, pb.tau, pb.valid, output, row_sum=pb.row_sum)
-    if not pb.largest:
-        grad_x = -grad_x
-    grad_x = pb.restore(xp.astype(grad_x, pb.dtype))
+    _, res = soft_forward(pb, a, b, output, keep=True, out=False)
+    return _vjp(pb, res, g, tau)
+
+
+def _vjp(pb: Problem, res: Any, g: Array, tau: Any) -> tuple[Array, Array]:
+    xp = pb.xp
+    grad_x, t = soft_backward(pb, res, g)
+    grad_x = pb.restore(xp.astype(grad_x, pb.dtype, copy=False))
     tau_dtype = pb.dtype if pb.tau_shape is None else tau.dtype
     return grad_x, reduce_to_tau(pb, t, tau_dtype)
 
@@ -398,13 +451,15 @@ def dftopk_and_vjp(
     array([ 0.1491,  0.    , -0.0746, -0.0746])
     """
     _check_hard(hard, output)
-    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output, group)
-    xp = pb.xp
-    out = _primal(pb, xc, a, z, output, hard)
-    out = pb.restore(xp.astype(out, pb.dtype))
+    pb, a, b = _soft_problem(x, k, tau, axis, mask, largest, output, group)
+    # straight-through: the hard mask from the same selection, the soft residuals
+    out, res = soft_forward(pb, a, b, output, keep=True, out=not hard)
+    if hard:
+        out = _hard_mask(pb, pb.x, a)
+    out = pb.restore(pb.xp.astype(out, pb.dtype, copy=False))
 
     def vjp(cotangent: Array) -> tuple[Array, Array]:
-        return _vjp(pb, xc, a, b, z, cotangent, output, tau)
+        return _vjp(pb, res, pb.in_layout(cotangent, "cotangent"), tau)
 
     return out, vjp
 

@@ -17,21 +17,31 @@ so that an axis split into shards (:mod:`topk_core._group`) sums across them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 Array = Any
 RowSum = Callable[[Array], Array] | None
 
 __all__ = [
+    "MASKED",
+    "NAN",
+    "TIE_A",
+    "TIE_B",
+    "SoftResiduals",
     "compute_dtype",
     "eager_cond",
     "hard_mask",
     "logits",
     "sigmoid",
     "sigmoid_grad",
+    "soft_backward",
+    "soft_forward",
     "threshold",
     "tie_weights",
     "jvp",
+    "jvp_from_code",
+    "tie_code",
     "vjp",
     "vjp_from_s",
 ]
@@ -360,3 +370,142 @@ def _hard_mask_ranked(
 def eager_cond(pred: Array, if_true: Any, if_false: Any) -> Array:
     """``cond`` for :func:`hard_mask` on arrays whose values the host can read."""
     return if_true() if bool(pred) else if_false()
+
+
+@dataclass
+class SoftResiduals:
+    """What the generic backward needs from the forward (normalised layout, compute dtype).
+
+    ``z`` are the logits (masked entries ``-inf``); ``d`` is ``p (1 - p)`` for
+    ``output="probs"`` (None for logits, or where the backward recomputes it
+    from ``z``).
+    """
+
+    x: Array
+    a: Array
+    b: Array
+    z: Array
+    d: Array | None
+    output: str
+
+
+def soft_forward(
+    xp: Any,
+    x: Array,
+    a: Array,
+    b: Array,
+    tau: float | Array,
+    valid: Array | None,
+    output: str,
+    *,
+    keep: bool,
+    eager: bool = False,
+    native_sigmoid: Any = None,
+) -> tuple[Array, SoftResiduals | None]:
+    """The forward after the selection: ``(out, residuals)`` in the compute dtype.
+
+    ``out`` is ``p`` (or ``z`` for logits) and never aliases the residuals;
+    the residuals are None unless ``keep``.
+    """
+    z = logits(xp, x, a, b, tau, valid, eager=eager)
+    if output == "logits":
+        if not keep:
+            return z, None
+        return xp.asarray(z, copy=True), SoftResiduals(x, a, b, z, None, output)
+    if not keep:
+        return (native_sigmoid(z) if native_sigmoid is not None else sigmoid(xp, z)), None
+    # the backward's p (1 - p) from the forward's one exponential: none recomputed
+    p, d = sigmoid_and_grad(xp, z)
+    return p, SoftResiduals(x, a, b, z, d, output)
+
+
+def sigmoid_and_grad(xp: Any, z: Array) -> tuple[Array, Array]:
+    """``(p, p (1 - p))`` from one exponential ``e = exp(-|z|)``, both tails relatively exact."""
+    e = xp.exp(-xp.abs(z))
+    r = 1 / (1 + e)
+    er = e * r
+    return xp.where(z >= 0, r, er), er * r
+
+
+def soft_backward(
+    xp: Any,
+    res: SoftResiduals,
+    g: Array,
+    tau: float | Array,
+    valid: Array | None,
+    *,
+    row_sum: RowSum = None,
+) -> tuple[Array, Array]:
+    """Closed-form VJP from the residuals: ``(grad_x, t)`` as :func:`vjp` returns them."""
+    zero = xp.asarray(0.0, dtype=res.z.dtype)
+    if res.d is not None:
+        s = g * res.d
+    elif res.output == "probs":
+        s = g * sigmoid_grad(xp, res.z)
+    else:
+        s = g
+    s, grad_x = vjp_from_s(xp, res.x, res.a, res.b, s, tau, valid, row_sum=row_sum)
+    # as in vjp: infinite z contributes 0, NaN entries of x are constants (NaN rule)
+    t = xp.where(xp.isnan(res.x), zero, -s * xp.where(xp.isinf(res.z), zero, res.z))
+    return grad_x, t
+
+
+# tie code bits (int8, per entry): tied with a, tied with b, masked out, NaN (valid)
+TIE_A, TIE_B, MASKED, NAN = 1, 2, 4, 8
+
+
+def tie_code(
+    xp: Any, x: Array, a: Array, b: Array, valid: Array | None, *, row_sum: RowSum = None
+) -> tuple[Array, Array, Array]:
+    """The tie weights as one int8 per entry plus two per row: ``(code, wa, wb)``.
+
+    ``code`` has bit :data:`TIE_A` on the valid entries equal to ``a``,
+    :data:`TIE_B` on those equal to ``b``, :data:`MASKED` on the masked ones
+    and :data:`NAN` on the valid NaN entries; ``wa``/``wb`` as in
+    :func:`tie_weights`.  A compact residual for a linearised JVP
+    (:func:`jvp_from_code`): 1 byte per entry instead of ``x``.
+    """
+    eq_a, eq_b, wa, wb = _tie_weights_for(xp, x, a, b, valid, row_sum)
+    i8 = xp.int8
+    code = xp.astype(eq_a, i8) + xp.astype(eq_b, i8) * xp.asarray(TIE_B, dtype=i8)
+    nan = xp.isnan(x)
+    if valid is not None:
+        code = code + xp.astype(~valid, i8) * xp.asarray(MASKED, dtype=i8)
+        nan = nan & valid
+    code = code + xp.astype(nan, i8) * xp.asarray(NAN, dtype=i8)
+    return code, wa, wb
+
+
+def jvp_from_code(
+    xp: Any,
+    code: Array,
+    wa: Array,
+    wb: Array,
+    scale: Array,
+    u: Array,
+    z_dtau: Array | None = None,
+    *,
+    row_sum: RowSum = None,
+) -> Array:
+    """The closed-form JVP from :func:`tie_code`'s residuals, linear in ``u`` and ``z_dtau``.
+
+    ``scale * ((u - w.u) - z dtau)`` on the valid entries, 0 on the masked
+    ones, with ``scale = p (1 - p) / tau`` (``1 / tau`` for logits) and
+    ``z_dtau = z * dtau`` (finite ``z`` only; None for a constant ``tau``):
+    the same tangent as :func:`jvp`, NaN rule included (a NaN entry keeps only
+    ``scale * u``, so the transpose sends nothing from it to the other entries
+    or to ``tau``).
+    """
+    zero_u = xp.zeros_like(u)
+    ok = (code & xp.asarray(MASKED, dtype=code.dtype)) == 0
+    u = xp.where(ok, u, zero_u)
+    on_a = (code & xp.asarray(TIE_A, dtype=code.dtype)) != 0
+    on_b = (code & xp.asarray(TIE_B, dtype=code.dtype)) != 0
+    dtheta = xp.astype(wa, u.dtype) * _row_sum(xp, xp.where(on_a, u, zero_u), row_sum)
+    dtheta = dtheta + xp.astype(wb, u.dtype) * _row_sum(xp, xp.where(on_b, u, zero_u), row_sum)
+    moved = u - dtheta  # x-sized before any select (see jvp)
+    if z_dtau is not None:
+        moved = moved - z_dtau
+    nan = (code & xp.asarray(NAN, dtype=code.dtype)) != 0
+    dz = xp.where(nan, u, moved)
+    return xp.where(ok, scale * dz, zero_u)

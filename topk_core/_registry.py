@@ -72,6 +72,14 @@ class Backend:
         API's ``group=g`` (``x``'s ``axis`` is one shard of a longer axis)
         into the library's collectives, raising a ``TypeError``/``ValueError``
         for a ``g`` it cannot use.  ``None``: the library has no ``group``.
+    soft : object, optional
+        The math after the selection, for libraries that can do it in fewer
+        passes than the generic Array API code: an object with
+        ``forward(problem, a, b, output, *, keep, out) -> (out, residuals)``
+        and ``backward(problem, residuals, g) -> (grad_x, t)``, with the
+        meaning of :func:`topk_core._api.soft_forward` and
+        :func:`topk_core._api.soft_backward`.  ``None`` uses the generic
+        :func:`topk_core._math.soft_forward` / :func:`topk_core._math.soft_backward`.
     """
 
     name: str
@@ -82,6 +90,7 @@ class Backend:
     compute_dtype: Callable[[Any, Any], Any] | None = None
     host_values: Callable[[Any], Any] | None = None
     group: Callable[[Any, Any, int], Any] | None = None
+    soft: Any = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily

@@ -258,6 +258,8 @@ def test_random_shapes_hypothesis(data, dtype, digit_bits):
 
 
 def test_numpy_backend_routes_per_row_k_through_driver(monkeypatch):
+    # per-row k: short rows are sorted, long rows take the sampled bracket, whose missed
+    # rows are redone by the driver (issue 11: the driver alone was 5-30x scalar k)
     calls = []
     real = numpy_backend.radix_select_pair
 
@@ -271,10 +273,14 @@ def test_numpy_backend_routes_per_row_k_through_driver(monkeypatch):
     short = x > -1.0
     short[0, 1:] = False  # a row with fewer valid entries than k: k becomes per-row
     tk.dftopk(x, 2, mask=short)
-    assert calls == [8, 8]
-    tk.dftopk(x, 2)  # scalar k, no mask: np.partition
-    tk.dftopk(x, 2, mask=np.ones_like(short))  # a mask that clips no row: np.partition too
-    assert len(calls) == 2
+    assert calls == []  # rows of 10: sorted
+    long = np.random.default_rng(7).normal(size=(3, 4096))
+    monkeypatch.setattr(numpy_backend, "_BRACKET_SD", -50.0)  # every bracket misses
+    a, b = numpy_backend.select_pair(np, long, np.array([[1], [400], [4096]]))
+    assert calls == [8]
+    srt = np.sort(long, axis=-1)
+    assert a.ravel().tolist() == [srt[0, -1], srt[1, -400], srt[2, 0]]
+    assert b.ravel().tolist() == [srt[0, -2], srt[1, -401], -np.inf]
     assert numpy_backend.digit_bits_for(10**6) == 11
 
 

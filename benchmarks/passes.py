@@ -1,0 +1,142 @@
+"""The pass budget: DFTopK's phases in units of one memory pass over the input.
+
+One *pass* is the time of ``x * 2`` (one read and one write of ``x``) with the
+same library, dtype, device and shape, measured in the same run: warmed up,
+then the minimum over many calls.  Each phase of ``ours`` (forward +
+backward, scalar ``k``, no mask) is timed the same way and divided by it:
+
+``select``
+    the ``(a, b)`` selection;
+``fwd_math``
+    the forward after the selection: the output and what the backward keeps;
+``bwd_math``
+    the backward from those residuals (gradient with respect to ``x``);
+``total``
+    the whole public call (the ``ours`` ``fwd+bwd`` case of the benchmark),
+    whose excess over the three phases (``other``) is validation, layout,
+    dispatch and allocation outside them.
+
+All callables are timed in interleaved rounds (each once per round), so that
+load from other processes hits them alike; minima are what is compared,
+because the question is what the code costs, not what the machine's
+neighbours cost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["PHASES", "measure", "targets"]
+
+PHASES = ("select", "fwd_math", "bwd_math")
+# the issue's pass targets (n = 1e6, k = n/10, float32, fwd+bwd)
+TOTAL_TARGET = {"jax": 10.0}
+MATH_TARGET = 12.0
+
+
+def measure(
+    unit: Callable[[], Any],
+    phases: dict[str, Callable[[], Any]],
+    total: Callable[[], Any] | None,
+    *,
+    rounds: int,
+    budget_s: float,
+    warmup: int = 2,
+) -> dict[str, Any]:
+    """Time ``unit`` (the pass), every phase and ``total``; minima and passes.
+
+    Stops after ``rounds`` rounds or once ``budget_s`` seconds are spent (at
+    least 5 rounds).  Returns seconds (``*_s``), ``passes`` (phase / unit) and
+    the number of rounds.
+    """
+    calls: dict[str, Callable[[], Any]] = {"unit": unit, **phases}
+    if total is not None:
+        calls["total"] = total
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: float("inf") for name in calls}
+    start = time.perf_counter()
+    done = 0
+    for r in range(rounds):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+        done = r + 1
+        if done >= 5 and time.perf_counter() - start > budget_s:
+            break
+    unit_s = best["unit"]
+    out: dict[str, Any] = {f"{name}_s": t for name, t in best.items()}
+    passes = {name: t / unit_s for name, t in best.items() if name != "unit"}
+    if all(p in passes for p in PHASES):
+        passes["math"] = passes["fwd_math"] + passes["bwd_math"]
+        if "total" in passes:
+            passes["other"] = passes["total"] - sum(passes[p] for p in PHASES)
+    out["passes"] = passes
+    out["rounds"] = done
+    return out
+
+
+def targets(entry: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
+    """``(what, passes, target, met)`` for the issue's pass targets that apply to ``entry``.
+
+    Applies at n closest to 1e6 (1-D), k = n/10, float32, like the other targets.
+    """
+    out = []
+    p = entry["passes"]
+    lim = TOTAL_TARGET.get(entry["backend"])
+    if lim is not None and "total" in p:
+        out.append(("passes, fwd+bwd in all", p["total"], lim, p["total"] <= lim))
+    if "math" in p:
+        met = p["math"] <= MATH_TARGET
+        out.append(("passes, math after the selection", p["math"], MATH_TARGET, met))
+    return out
+
+
+def torch_compile_kernels(x: Any, g: Any, k: int, tau: float) -> dict[str, Any]:
+    """Kernels inductor generates for ``ours`` forward + backward under ``torch.compile``.
+
+    A GPU proxy measured on any device: every generated kernel is one launch
+    (a Triton kernel on CUDA, a C++ function with ``loop_nests`` parallel loop
+    nests on the CPU), every extern call (``aten.topk``) another.  Returns the
+    counts, inductor's own ``generated_kernel_count`` and the compile time.
+    """
+    import re
+    import warnings
+
+    import torch
+    from torch._inductor import metrics
+    from torch._inductor.utils import run_and_get_code
+
+    import topk_core
+
+    topk_core.dftopk(x.detach()[..., :2], 1)  # registry warm-up outside the trace
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: topk_core.dftopk(t, k, tau=tau), fullgraph=True)
+
+    def step():
+        xr = x.detach().clone().requires_grad_(True)
+        f(xr).backward(g)
+        return xr.grad
+
+    metrics.reset()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, codes = run_and_get_code(step)
+    compile_s = time.perf_counter() - t0
+    extern = r"(torch\.ops\.aten\.[\w.]+|extern_kernels\.\w+)\("
+    out: dict[str, Any] = {
+        "graphs": len(codes),
+        "generated_kernel_count": int(metrics.generated_kernel_count),
+        "cpp_kernels": sum(len(re.findall(r'extern "C"', c)) for c in codes),
+        "triton_kernels": sum(len(re.findall(r"@triton\.jit", c)) for c in codes),
+        "loop_nests": sum(len(re.findall(r"\n\s*for\(int64_t x0", c)) for c in codes),
+        "extern_calls": sorted({m for c in codes for m in re.findall(extern, c)}),
+        "compile_s": round(compile_s, 2),
+    }
+    torch._dynamo.reset()
+    return out

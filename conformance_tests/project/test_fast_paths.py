@@ -1,0 +1,373 @@
+"""Issue 11's fast paths give the generic code's results.
+
+The NumPy ``soft`` hook (in-place ufunc chains, scratch pool, O(#ties)
+threshold term) against the generic Array API math of ``topk_core._math``
+on the same inputs; NumPy's selection paths (sampled bracket, short-row sort,
+quickselect, radix redo) against a full sort; the scratch pool's ownership
+rules.  Small shapes only: the whole file runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+from topk_core.backends import numpy_backend
+from topk_core.backends.numpy_soft import POOL, ScratchPool
+
+import topk_core as tk
+from topk_core import register_backend
+from topk_core._registry import get_backend
+
+
+@pytest.fixture
+def generic_numpy():
+    """Run a block with the NumPy backend's ``soft`` hook switched off."""
+    fast = get_backend("numpy")
+
+    class Switch:
+        def __enter__(self):
+            register_backend("numpy", dataclasses.replace(fast, soft=None))
+
+        def __exit__(self, *exc):
+            register_backend("numpy", fast)
+
+    yield Switch()
+    register_backend("numpy", fast)
+
+
+def _cases(rng):
+    """(x, k, kwargs) covering masks, per-row k and tau, axis, largest, infinities, overflow."""
+    f64 = np.float64
+    yield rng.standard_normal(300), 30, {}
+    yield rng.standard_normal((4, 50)), 7, {"tau": 0.3}
+    yield np.round(rng.standard_normal((5, 40))), 9, {"tau": 2.0}  # ties
+    yield rng.standard_normal((3, 60)), np.array([0, 5, 60]), {}
+    yield rng.standard_normal((4, 30)), 6, {"mask": rng.random((4, 30)) > 0.4}
+    yield rng.standard_normal((6, 5)), 2, {"axis": 0, "largest": False, "tau": 0.7}
+    yield rng.standard_normal((3, 20)), 4, {"tau": np.array([[0.3], [1.0], [2.5]])}
+    yield rng.standard_normal((3, 20)), 4, {"tau": rng.random((3, 20)) + 0.2}
+    yield np.array([np.inf, 1.0, 0.0, -np.inf, 2.0]), 1, {}
+    yield np.array([np.inf, np.inf, 0.0, 1.0]), 1, {"tau": 0.5}
+    yield np.array([-np.inf, 0.0, 1.0, -np.inf]), 3, {}
+    yield np.array([[3e38, -3e38, 1.0, 2e38]], dtype=np.float32), 2, {"tau": 10.0}  # overflow
+    yield rng.standard_normal(50), 10, {"tau": 1e-35}  # tiny tau: generic logits
+    yield np.array([1.0, np.nan, 3.0, 2.0]), 2, {}
+    yield rng.standard_normal((2, 3, 40)).astype(np.float16), 8, {"tau": 0.5}
+    yield rng.standard_normal((2, 40)).astype(np.float32), np.array([0, 40]), {}
+    yield rng.standard_normal(64).astype(f64) * 1e-300, 5, {}
+
+
+def _close(a, b, dtype):
+    tol = {np.float16: 2e-3, np.float32: 2e-6}.get(np.dtype(dtype).type, 1e-12)
+    np.testing.assert_allclose(
+        np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=tol, atol=tol
+    )
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_numpy_fast_path_matches_generic_math(rng, generic_numpy, output):
+    fwd = tk.dftopk if output == "probs" else tk.dftopk_logits
+    for x, k, kw in _cases(rng):
+        g = rng.standard_normal(x.shape).astype(x.dtype)
+        with np.errstate(all="ignore"):
+            out = fwd(x, k, **kw)
+            gx, gt = tk.dftopk_vjp(x, k, g, output=output, **kw)
+            out2, vjp = tk.dftopk_and_vjp(x, k, output=output, **kw)
+            gx2, gt2 = vjp(g)
+            with generic_numpy:
+                ref = fwd(x, k, **kw)
+                rgx, rgt = tk.dftopk_vjp(x, k, g, output=output, **kw)
+        assert out.dtype == x.dtype and gx.dtype == x.dtype and out.shape == x.shape
+        for got, want in ((out, ref), (out2, ref), (gx, rgx), (gx2, rgx), (gt, rgt), (gt2, rgt)):
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+            fin = np.isfinite(want)
+            _close(np.asarray(got)[fin], np.asarray(want)[fin], x.dtype)
+        if "mask" in kw:
+            masked = ~kw["mask"]
+            assert np.all(gx[masked] == 0)
+            assert np.all(out[masked] == (0.0 if output == "probs" else -np.inf))
+
+
+def test_and_vjp_residuals_do_not_alias_the_output(rng):
+    x = rng.standard_normal((3, 50))
+    g = rng.standard_normal(x.shape)
+    for output in ("probs", "logits"):
+        want = tk.dftopk_vjp(x, 5, g, tau=0.4, output=output)
+        out, vjp = tk.dftopk_and_vjp(x, 5, tau=0.4, output=output)
+        out[...] = 123.0  # the caller owns the output
+        got = vjp(g)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        gx_again = vjp(g)[0]  # a second call reads the same residuals
+        np.testing.assert_array_equal(gx_again, want[0])
+        assert not np.shares_memory(gx_again, got[0])
+
+
+def test_scratch_pool_bounds_and_reuse():
+    pool = ScratchPool(max_bytes=1000, max_each=600)
+    a = pool.take((10, 10), np.float32)  # 400 bytes
+    big = pool.take((200,), np.float32)  # 800 bytes: never kept
+    pool.give(a, big)
+    assert pool.held_bytes == 400
+    b = pool.take((100,), np.float32)
+    assert np.shares_memory(a, b) and pool.held_bytes == 0
+    pool.give(b)
+    c = pool.take((100,), np.float64)  # another dtype: fresh
+    assert not np.shares_memory(b, c)
+    pool.clear()
+    assert pool.held_bytes == 0
+
+
+def test_pool_buffers_come_back_when_the_vjp_dies(rng):
+    x = rng.standard_normal((4, 1000))
+    POOL.clear()
+    _out, vjp = tk.dftopk_and_vjp(x, 10)
+    held = POOL.held_bytes
+    del vjp
+    assert POOL.held_bytes > held  # residuals (-z and p(1-p)) returned to the pool
+    assert POOL.held_bytes <= POOL.max_bytes
+
+
+def test_threads_share_the_pool_safely(rng):
+    xs = [rng.standard_normal((8, 2000)) for _ in range(4)]
+    gs = [rng.standard_normal((8, 2000)) for _ in range(4)]
+    want = [tk.dftopk_vjp(x, 100, g, tau=0.5)[0] for x, g in zip(xs, gs)]
+    got: dict[int, list] = {i: [] for i in range(4)}
+
+    def work(i):
+        for _ in range(20):
+            got[i].append(tk.dftopk_vjp(xs[i], 100, gs[i], tau=0.5)[0])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for i in range(4):
+        assert len(got[i]) == 20
+        for r in got[i]:
+            np.testing.assert_array_equal(r, want[i])
+
+
+def _reference_pair(x, k):
+    n = x.shape[-1]
+    s = np.sort(x, axis=-1)  # NaN last: the largest
+    kk = np.broadcast_to(np.asarray(k), x.shape[:-1] + (1,))
+    a = np.where(kk == 0, np.inf, np.take_along_axis(s, np.clip(n - kk, 0, n - 1), -1))
+    b = np.where(kk == n, -np.inf, np.take_along_axis(s, np.clip(n - kk - 1, 0, n - 1), -1))
+    return a, b
+
+
+@pytest.mark.parametrize(
+    "shape", [(70000,), (2, 66000), (5, 3000), (3, 2048), (6, 300), (9, 17), (1, 1024)]
+)
+def test_numpy_selection_paths_match_a_sort(rng, shape):
+    n = shape[-1]
+    for trial in range(6):
+        x = rng.standard_normal(shape).astype(np.float32)
+        if trial == 1:
+            x = np.round(x * 2)  # heavy ties
+        if trial == 2:
+            x[..., ::7] = np.nan
+        if trial == 3:
+            x[..., ::3] = -np.inf
+        if trial == 4:
+            x = np.sort(x, axis=-1)  # sorted rows: the sample is stratified, still exact
+        # scalar k = n with NaN: np.min's NaN (the NaN rule is issue 13's)
+        ks = [1, n // 10, n // 2, n - 1, 0] + ([] if trial == 2 else [n])
+        for k in ks:
+            a, b = numpy_backend.select_pair(np, x, k)
+            ra, rb = _reference_pair(x, k)
+            np.testing.assert_array_equal(a, ra)
+            np.testing.assert_array_equal(b, rb)
+        kr = rng.integers(0, n + 1, size=shape[:-1] + (1,))
+        a, b = numpy_backend.select_pair(np, x, kr)
+        ra, rb = _reference_pair(x, kr)
+        np.testing.assert_array_equal(a, ra)
+        np.testing.assert_array_equal(b, rb)
+
+
+def test_sampled_bracket_misses_are_redone_exactly(rng, monkeypatch):
+    x = rng.standard_normal((4, 70000)).astype(np.float32)
+    for sd in (-50.0, 0.0):  # every bracket misses / many brackets miss
+        monkeypatch.setattr(numpy_backend, "_BRACKET_SD", sd)
+        for k in (1, 7000, 69999, np.array([[0], [5], [35000], [70000]])):
+            a, b = numpy_backend.select_pair(np, x, k)
+            ra, rb = _reference_pair(x, k)
+            np.testing.assert_array_equal(a, ra)
+            np.testing.assert_array_equal(b, rb)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "topk_core.backends.numpy_backend",
+        "topk_core.backends.numpy_soft",
+        "topk_core._radix",
+        "topk_core.backends.jax_backend",
+        "topk_core.backends.torch_backend",
+    ],
+)
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    pytest.importorskip({"jax_backend": "jax", "torch_backend": "torch"}.get(module[19:], "numpy"))
+    flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
+    result = doctest.testmod(importlib.import_module(module), optionflags=flags)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_torch_per_row_k_topk_path_matches_a_sort(rng):
+    torch = pytest.importorskip("torch")
+    from topk_core.backends import torch_backend
+
+    for trial in range(24):
+        shape = [(50, 37), (9, 256), (4, 1000), (1, 12)][trial % 4]
+        x = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+        if trial % 3 == 1:
+            x = torch.round(x * 2)  # ties
+        if trial % 5 == 2:
+            x[..., ::4] = float("nan")
+        n = shape[-1]
+        lo, hi = [(0, n + 1), (0, n // 3), (n // 2, n + 1), (n // 4, n // 4 + 1)][trial % 4]
+        k = torch.from_numpy(rng.integers(lo, hi, size=shape[:-1] + (1,)))
+        got = torch_backend._select_rowk_topk(x, k)
+        want = torch_backend._select_sorted(x, k)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, equal_nan=True, rtol=0, atol=0)
+
+
+def test_torch_eager_backward_matches_graph_safe_path(rng):
+    torch = pytest.importorskip("torch")
+    from topk_core.adapters import torch_adapter
+
+    cases = [
+        ((4, 50), 5, 0.3, None),
+        ((3, 40), 4, 1.0, rng.random((3, 40)) > 0.3),
+        ((2, 30), 30, 0.7, None),  # k = n: b = -inf, generic logits
+        ((5, 20), 3, 2.0, None),
+    ]
+    for shape, k, tau, mask in cases:
+        x = torch.from_numpy(np.round(rng.standard_normal(shape) * 2))  # with ties
+        g = torch.from_numpy(rng.standard_normal(shape))
+        valid = None if mask is None else torch.from_numpy(mask)
+        xm = x if valid is None else torch.where(valid, x, -np.inf)
+        a, b = torch_adapter.select_pair(None, xm, k)
+        out = torch_adapter.forward_math(x, a, b, tau, valid, "probs")
+        with torch.no_grad():
+            fast = torch_adapter.backward_math("probs", x, a, b, out, g, tau, valid, False)[0]
+        with torch.enable_grad():  # grad mode: the graph-safe path
+            slow = torch_adapter.backward_math("probs", x, a, b, out, g, tau, valid, False)[0]
+        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 70000), (3, 4096)])  # 16-bit and 11-bit digits
+def test_jax_wide_digit_selection_matches_a_sort(rng, shape):
+    jax = pytest.importorskip("jax")
+    from topk_core.backends import jax_backend
+
+    n = shape[-1]
+    assert jax_backend.digit_bits_for(shape[0], n) == (16 if n > 65536 else 11)
+    for trial in range(3):
+        x = rng.standard_normal(shape).astype(np.float32)
+        if trial == 1:
+            x = np.round(x * 2)
+        if trial == 2:
+            x[..., ::7] = np.nan
+        # per-row k arrays are traced (one compilation); one static k
+        for k in (
+            n // 10,
+            rng.integers(0, n + 1, size=shape[:-1] + (1,)),
+            np.full(shape[:-1] + (1,), n - 1),
+        ):
+            kk = k if isinstance(k, int) else jax.numpy.asarray(k)
+            a, b = jax_backend.select_pair(jax.numpy, jax.numpy.asarray(x), kk)
+            ra, rb = _reference_pair(x, k)
+            np.testing.assert_array_equal(np.asarray(a), ra)
+            np.testing.assert_array_equal(np.asarray(b), rb)
+
+
+def test_jax_residuals_are_p_and_one_byte_per_entry(rng):
+    jax = pytest.importorskip("jax")
+    x = jax.numpy.asarray(rng.standard_normal((4, 25000)).astype(np.float32))
+    _, pull = jax.vjp(jax.jit(lambda v: tk.dftopk(v, 2500, tau=0.5)), x)
+    saved = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(pull))
+    # p (4 bytes), the int8 tie code (1 byte) and a few values per row; the input is not kept
+    assert saved <= 5 * x.size + 4096, saved
+
+
+def test_torch_sampled_selection_candidates_hold_every_tie(rng):
+    torch = pytest.importorskip("torch")
+    from topk_core.adapters import torch_adapter
+    from topk_core.backends import torch_backend
+
+    for shape, k in (((70000,), 7000), ((2, 66000), np.array([5, 33000]))):
+        x = torch.from_numpy(np.round(rng.standard_normal(shape) * 40).astype(np.float32))
+        g = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+        valid = torch.from_numpy(rng.random(shape) > 0.2)
+        kk = k if isinstance(k, int) else torch.from_numpy(k).reshape(-1, 1)
+        if not isinstance(k, int):  # per-row k clipped to the valid count, as prepare does
+            kk = torch.minimum(kk, valid.sum(-1, keepdim=True))
+        xm = torch.where(valid, x, -np.inf)
+        a, b, cand = torch_backend.select_pair_and_candidates(xm, kk)
+        assert cand is not None and cand.numel() < x.numel() // 10
+        ra, rb = torch_backend._select_sorted(xm, torch.full(shape[:-1] + (1,), 0) + kk)
+        assert torch.equal(a, ra) and torch.equal(b, rb)
+        out = torch_adapter.forward_math(x, a, b, 0.5, valid, "probs")
+        with torch.no_grad():
+            got = torch_adapter.backward_math(
+                "probs", x, a, b, out, g, 0.5, valid, False, candidates=cand
+            )[0]
+            want = torch_adapter.backward_math("probs", x, a, b, out, g, 0.5, valid, False)[0]
+        assert torch.equal(got, want)
+
+
+def test_pass_budget_phases_and_report(tmp_path, rng):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: a checkout
+    from benchmarks import ops, passes, report
+
+    driver = ops.get_driver("numpy")
+    x, g = driver.make_input(
+        rng.standard_normal(4096).astype(np.float32), rng.standard_normal(4096), "float32", "cpu"
+    )
+    unit = driver.build("elementwise", "sel", x, g, 400, 1.0).run
+    total = driver.build("ours", "fwd+bwd", x, g, 400, 1.0).run
+    entry = passes.measure(
+        unit, driver.phases(x, g, 400, 1.0), total, rounds=5, budget_s=1.0, warmup=1
+    )
+    p = entry["passes"]
+    assert entry["rounds"] == 5 and entry["unit_s"] > 0
+    assert set(p) >= {"select", "fwd_math", "bwd_math", "math", "total", "other"}
+    assert p["math"] == pytest.approx(p["fwd_math"] + p["bwd_math"])
+    assert all(p[k] > 0 for k in ("select", "fwd_math", "bwd_math", "total"))
+    row = dict(backend="numpy", dtype="float32", batch=None, n=4096, kfrac=0.1, k=400, status="ok")
+    payload = {
+        "machine": {"cpu": "test", "cores": 1, "os": "", "python": "", "topk_core": ""},
+        "config": {
+            "command": "x",
+            "warmup": 1,
+            "repeats": 1,
+            "operators_all": list(ops.OPERATORS),
+            "pass_rounds": 5,
+            "pass_budget_s": 1.0,
+        },
+        "results": [
+            dict(row, op="ours", mode="fwd+bwd", median_s=entry["total_s"], min_s=entry["total_s"])
+        ],
+        "passes": [dict(row, **entry)],
+        "slopes": {},
+    }
+    payload["ratios"] = report.ratios(payload["results"])
+    report.write_markdown(tmp_path / "results.md", payload, None)
+    md = (tmp_path / "results.md").read_text()
+    assert "## Pass budget" in md and "## README table" in md
+    assert "| numpy | 4096 | passes, math after the selection |" in md
+    assert report.write_passes_plot(tmp_path / "passes.png", payload) in (True, False)
