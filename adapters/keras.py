@@ -16,10 +16,11 @@ Importing ``topk_core`` does not import this module (nor Keras): import it as
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import keras
+
+from .._layer_args import check_layer_args
 
 __all__ = ["SUPPORTED_BACKENDS", "SoftTopK"]
 
@@ -106,34 +107,15 @@ class SoftTopK(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         _check_backend()
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"k must be a non-negative int, got {type(k).__name__} {k!r}")
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
-        if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-            raise TypeError(f"tau must be a positive float, got {type(tau).__name__} {tau!r}")
-        if not (math.isfinite(tau) and tau > 0):
-            raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
-        if not isinstance(learnable_tau, bool):
-            raise TypeError(f"learnable_tau must be a bool, got {type(learnable_tau).__name__}")
-        if output not in ("probs", "logits"):
-            raise ValueError(f"output must be 'probs' or 'logits', got {output!r}")
-        if not isinstance(hard, bool):
-            raise TypeError(f"hard must be a bool, got {type(hard).__name__} {hard!r}")
-        if hard and output != "probs":
-            raise ValueError("hard=True needs output='probs' (the mask replaces p)")
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
-        if not isinstance(largest, bool):
-            raise TypeError(f"largest must be a bool, got {type(largest).__name__} {largest!r}")
+        args = check_layer_args(k, tau, learnable_tau, axis, largest, output, hard)
         super().__init__(**kwargs)
-        self.k = int(k)
-        self.tau_init = float(tau)
-        self.learnable_tau = learnable_tau
-        self.output_kind = output  # Layer.output is the symbolic output
-        self.hard = hard
-        self.axis = int(axis)
-        self.largest = largest
+        self.k = args.k
+        self.tau_init = args.tau
+        self.learnable_tau = args.learnable_tau
+        self.output_kind = args.output  # Layer.output is the symbolic output
+        self.hard = args.hard
+        self.axis = args.axis
+        self.largest = args.largest
         self.supports_masking = True
         self.log_tau = None
         if learnable_tau:

@@ -21,7 +21,6 @@ inductor fuses into one C++ kernel per direction plus the ``topk``.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import array_api_compat
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import _math
+from .._layer_args import check_layer_args
 from ..backends import torch_backend as _backend
 from ..backends.torch_backend import host_ok, select_pair
 
@@ -410,14 +410,6 @@ def apply_problem(pb: Any, output: str, hard: bool = False) -> torch.Tensor:
     return out
 
 
-def _check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be a non-negative int, got {type(k).__name__} {k!r}")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    return int(k)
-
-
 class SoftTopK(nn.Module):
     """Differentiable top-k layer (DFTopK): ``sigmoid((x - theta) / tau)``.
 
@@ -474,28 +466,13 @@ class SoftTopK(nn.Module):
         hard: bool = False,
     ) -> None:
         super().__init__()
-        self.k = _check_k(k)
-        if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-            raise TypeError(f"tau must be a positive float, got {type(tau).__name__} {tau!r}")
-        if not (math.isfinite(tau) and tau > 0):
-            raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
-        if not isinstance(learnable_tau, bool):
-            raise TypeError(f"learnable_tau must be a bool, got {type(learnable_tau).__name__}")
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
-        if not isinstance(largest, bool):
-            raise TypeError(f"largest must be a bool, got {type(largest).__name__} {largest!r}")
-        if output not in ("probs", "logits"):
-            raise ValueError(f"output must be 'probs' or 'logits', got {output!r}")
-        if not isinstance(hard, bool):
-            raise TypeError(f"hard must be a bool, got {type(hard).__name__} {hard!r}")
-        if hard and output != "probs":
-            raise ValueError("hard=True needs output='probs' (the mask replaces p)")
-        self.hard = hard
-        self.learnable_tau = learnable_tau
-        self.axis = int(axis)
-        self.largest = largest
-        self.output = output
+        args = check_layer_args(k, tau, learnable_tau, axis, largest, output, hard)
+        self.k = args.k
+        self.hard = args.hard
+        self.learnable_tau = args.learnable_tau
+        self.axis = args.axis
+        self.largest = args.largest
+        self.output = args.output
         if learnable_tau:
             self.log_tau = nn.Parameter(torch.tensor(math.log(float(tau))))
             self._tau = None

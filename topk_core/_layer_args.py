@@ -1,0 +1,66 @@
+"""Validation of the constructor arguments the framework layers share.
+
+``SoftTopK`` exists for PyTorch (:mod:`topk_core.adapters.torch_adapter`) and
+Keras 3 (:mod:`topk_core.adapters.keras`) with the same arguments; the checks,
+and their messages, live here once.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["LayerArgs", "check_layer_args"]
+
+
+@dataclass(frozen=True)
+class LayerArgs:
+    """The validated, normalised arguments of a ``SoftTopK`` layer."""
+
+    k: int
+    tau: float
+    learnable_tau: bool
+    axis: int
+    largest: bool
+    output: str
+    hard: bool
+
+
+def check_layer_args(
+    k: Any, tau: Any, learnable_tau: Any, axis: Any, largest: Any, output: Any, hard: Any
+) -> LayerArgs:
+    """Validate a layer's arguments; ``TypeError``/``ValueError`` naming the bad one.
+
+    Examples
+    --------
+    >>> from topk_core._layer_args import check_layer_args
+    >>> check_layer_args(5, 0.5, False, -1, True, "probs", True).k
+    5
+    >>> check_layer_args(5, 0.5, False, -1, True, "logits", True)
+    Traceback (most recent call last):
+    ...
+    ValueError: hard=True needs output='probs' (the mask replaces p)
+    """
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be a non-negative int, got {type(k).__name__} {k!r}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise TypeError(f"tau must be a positive float, got {type(tau).__name__} {tau!r}")
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
+    if not isinstance(learnable_tau, bool):
+        raise TypeError(f"learnable_tau must be a bool, got {type(learnable_tau).__name__}")
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest must be a bool, got {type(largest).__name__} {largest!r}")
+    if output not in ("probs", "logits"):
+        raise ValueError(f"output must be 'probs' or 'logits', got {output!r}")
+    if not isinstance(hard, bool):
+        raise TypeError(f"hard must be a bool, got {type(hard).__name__} {hard!r}")
+    if hard and output != "probs":
+        raise ValueError("hard=True needs output='probs' (the mask replaces p)")
+    return LayerArgs(int(k), float(tau), learnable_tau, int(axis), largest, output, hard)
