@@ -202,13 +202,8 @@ def vjp(
     ``grad_x = s - sum(s) * w`` with ``s = g * p (1 - p) / tau`` (``g / tau``
     for logits).
     """
-    zero = xp.asarray(0.0, dtype=z.dtype)
-    s = g * sigmoid_grad(xp, z) if output == "probs" else g
-    s, grad_x = vjp_from_s(xp, x, a, b, s, tau, valid, row_sum=row_sum)
-    # dz/dtau = -z/tau; infinite z (masked, or infinite x) stays infinite whatever tau is,
-    # so those entries contribute 0; NaN entries of x are constants (NaN rule)
-    t = xp.where(xp.isnan(x), zero, -s * xp.where(xp.isinf(z), zero, z))
-    return grad_x, t
+    res = SoftResiduals(x, a, b, z, None, output)
+    return soft_backward(xp, res, g, tau, valid, row_sum=row_sum)
 
 
 def vjp_from_s(
@@ -445,7 +440,8 @@ def soft_backward(
     else:
         s = g
     s, grad_x = vjp_from_s(xp, res.x, res.a, res.b, s, tau, valid, row_sum=row_sum)
-    # as in vjp: infinite z contributes 0, NaN entries of x are constants (NaN rule)
+    # dz/dtau = -z/tau; infinite z (masked, or infinite x) stays infinite whatever tau is,
+    # so those entries contribute 0; NaN entries of x are constants (NaN rule)
     t = xp.where(xp.isnan(res.x), zero, -s * xp.where(xp.isinf(res.z), zero, res.z))
     return grad_x, t
 
