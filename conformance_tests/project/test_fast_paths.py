@@ -327,6 +327,48 @@ def test_torch_sampled_selection_candidates_hold_every_tie(rng):
         assert torch.equal(got, want)
 
 
+def test_torch_short_row_candidates_hold_every_tie(rng):
+    torch = pytest.importorskip("torch")
+    from topk_core.adapters import torch_adapter
+    from topk_core.backends import torch_backend
+
+    # rows of integers (ties everywhere), of floats (ties in a few rows) and with NaN and
+    # infinities; k on the largest side and on the smallest side
+    shape = (64, 300)
+    ints = np.round(rng.standard_normal(shape) * 30).astype(np.float32)
+    floats = rng.standard_normal(shape).astype(np.float32)
+    floats[:3, :40] = floats[:3, :1]  # a tie block in three rows only
+    odd = floats.copy()
+    odd[5, :7] = np.nan
+    odd[6, :20] = np.inf
+    odd[7, 100:] = -np.inf
+    seen = {"clear": 0, "spill": 0, "none": 0}
+    for data in (ints, floats, odd):
+        for k in (2, 30, 150, 220, 298):
+            valid = torch.from_numpy(rng.random(shape) > 0.1)
+            x = torch.from_numpy(data)
+            g = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+            xm = torch.where(valid, x, -np.inf)
+            a, b, cand = torch_backend.select_pair_and_candidates(xm, k)
+            ra, rb = torch_backend._select_sorted(xm, torch.full((shape[0], 1), k))
+            same = {"rtol": 0, "atol": 0, "equal_nan": True}
+            torch.testing.assert_close(a, ra, **same)
+            torch.testing.assert_close(b, rb, **same)
+            if cand is None:
+                seen["none"] += 1
+                continue
+            seen["spill" if cand.numel() >= shape[1] else "clear"] += 1
+            out = torch_adapter.forward_math(x, a, b, 0.5, valid, "probs")
+            with torch.no_grad():
+                got = torch_adapter.backward_math(
+                    "probs", x, a, b, out, g, 0.5, valid, False, candidates=cand
+                )[0]
+                want = torch_adapter.backward_math("probs", x, a, b, out, g, 0.5, valid, False)[0]
+            torch.testing.assert_close(got, want, **same)
+    # every branch ran: no ties beyond the selection, a few tied rows spilled, too many
+    assert min(seen.values()) > 0, seen
+
+
 def test_pass_budget_phases_and_report(tmp_path, rng):
     import sys
     from pathlib import Path
