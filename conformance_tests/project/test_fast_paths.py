@@ -46,6 +46,8 @@ def _cases(rng):
     yield np.round(rng.standard_normal((5, 40))), 9, {"tau": 2.0}  # ties
     yield rng.standard_normal((3, 60)), np.array([0, 5, 60]), {}
     yield rng.standard_normal((4, 30)), 6, {"mask": rng.random((4, 30)) > 0.4}
+    # masked entries tied with a and b: not ties
+    yield np.round(rng.standard_normal((4, 30))), 6, {"mask": rng.random((4, 30)) > 0.4}
     yield rng.standard_normal((6, 5)), 2, {"axis": 0, "largest": False, "tau": 0.7}
     yield rng.standard_normal((3, 20)), 4, {"tau": np.array([[0.3], [1.0], [2.5]])}
     yield rng.standard_normal((3, 20)), 4, {"tau": rng.random((3, 20)) + 0.2}
