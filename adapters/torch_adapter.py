@@ -116,36 +116,62 @@ def _subtract_ties(
     each on this CPU, the candidates of a sampled selection ~2% of ``x``.
     """
     n = x.shape[-1]
+    n_rows = total.numel()
     # a NaN a (the row's k-th largest is a NaN) bounds nothing: b's ties are still found
-    top = torch.where(torch.isnan(a), math.inf, a)
+    top = torch.where(torch.isnan(a), math.inf, a).reshape(-1)
+    low = b.reshape(-1)
     if candidates is not None:
-        idx = torch.unravel_index(candidates, x.shape)
-        rows = candidates // n
-        xv = x[idx]
-        band = (xv <= top.reshape(-1)[rows]) & (xv >= b.reshape(-1)[rows])
+        rows = candidates // n if n_rows > 1 else None
+        xv = _flat_take(x, candidates)
+        band = (xv <= _at(top, rows)) & (xv >= _at(low, rows))
         if valid is not None:
-            band &= valid[idx]
-        pos = candidates[band]
+            band &= _flat_take(valid, candidates)
+        keep = band.nonzero().reshape(-1)
+        pos = candidates[keep]
+        xv = xv[keep]
+        rows = rows[keep] if rows is not None else None
     else:
-        band = (x <= top) & (x >= b)
+        band = (x <= top.reshape(a.shape)) & (x >= b)
         if valid is not None:
             band &= valid
         pos = torch.nonzero(band.reshape(-1)).reshape(-1)
+        rows = pos // n if n_rows > 1 else None
+        xv = _flat_take(x, pos)
     if pos.numel() == 0:
         return
-    rows = pos // n
-    idx = torch.unravel_index(pos, x.shape)
-    xv = x[idx]
-    n_rows = total.numel()
     flat_total = total.reshape(-1)
-    for v in (a.reshape(-1), b.reshape(-1)):
-        hit = xv == v[rows]
-        r = rows[hit]
-        count = torch.bincount(r, minlength=n_rows).to(total.dtype)
+    for v in (a.reshape(-1), low):
+        hit = (xv == _at(v, rows)).nonzero().reshape(-1)
+        if rows is None:
+            count = torch.full((1,), hit.numel(), dtype=total.dtype, device=total.device)
+            r = None
+        else:
+            r = rows[hit]
+            count = torch.bincount(r, minlength=n_rows).to(total.dtype)
         ok = torch.isfinite(v) & (count > 0)
         w = torch.where(ok, 0.5 / count.clamp(min=1), 0.0)
-        coef = (flat_total * w)[r]
-        s.index_put_(tuple(i[hit] for i in idx), -coef, accumulate=True)
+        coef = _at(flat_total * w, r).expand(hit.shape)
+        _flat_sub_(s, pos[hit], coef)
+
+
+def _at(v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``v[rows]``, or ``v`` itself (one value, broadcast) when there is one row."""
+    return v if rows is None else v[rows]
+
+
+def _flat_take(t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``t.reshape(-1)[pos]`` without copying a non-contiguous ``t``."""
+    if t.is_contiguous():
+        return t.view(-1)[pos]
+    return t[torch.unravel_index(pos, t.shape)]
+
+
+def _flat_sub_(s: torch.Tensor, pos: torch.Tensor, v: torch.Tensor) -> None:
+    """``s.reshape(-1)[pos] -= v`` in place, repeated positions accumulating."""
+    if s.is_contiguous():
+        s.view(-1).index_add_(0, pos, v, alpha=-1)
+    else:
+        s.index_put_(torch.unravel_index(pos, s.shape), -v, accumulate=True)
 
 
 def _tau_grad(
