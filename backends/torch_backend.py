@@ -404,8 +404,11 @@ def _select_sampled(
     b = torch.where(kk == n, -_INF, b)
     redo = miss.view(-1).nonzero().view(-1)
     if positions is not None and not redo.numel():
-        # every entry tied with a or b lies in its row's bracket: the backward's ties
-        positions.append(pos)
+        # every entry tied with a or b lies in its row's bracket and is among the
+        # gathered values: keep those in [b, a] (the ties; usually two per row)
+        row = lin // width if rows > 1 else 0
+        top = torch.where(a.isnan(), _INF, a).view(-1)[row]
+        positions.append(pos[(flat <= top) & (flat >= b.view(-1)[row])])
     if redo.numel():
         xr = x2.index_select(0, redo)
         if scalar_k is not None:
