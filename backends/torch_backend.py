@@ -39,7 +39,10 @@ So:
   least 2**16: the sampled bracket (:func:`_select_sampled`); otherwise
   ``torch.topk(m, sorted=False)`` on the smaller side (``m = k+1`` largest or
   ``n-k+1`` smallest) with ``a``/``b`` read off those ``m`` values by
-  elementwise ops.  On CUDA ``kthvalue`` and ``topk`` are both radix selects and
+  elementwise ops; where the backward will run (eager CPU,
+  :func:`select_pair_and_candidates`), ``m + 1`` values and the positions
+  ``topk`` returns, so that the backward finds the tied entries among those
+  (issue 11: 1024 x 4096 fwd+bwd 30.5 -> 27 ms).  On CUDA ``kthvalue`` and ``topk`` are both radix selects and
   ``topk`` also has a multi-block path for one long row; that CUDA choice is
   NOT measured here (no GPU).
 * per-row ``k`` tensor (also what a mask produces: k is clipped to each row's
