@@ -139,19 +139,62 @@ def _subtract_ties(
         xv = _flat_take(x, pos)
     if pos.numel() == 0:
         return
-    flat_total = total.reshape(-1)
+    if pos.numel() <= _HOST_TIES:
+        # the usual two ties per row: a dozen tiny kernels cost more than the list work
+        at, coef = _tie_coefs_host(pos, xv, rows, a.reshape(-1), low, total.reshape(-1))
+        if at:
+            _flat_sub_(s, torch.tensor(at), torch.tensor(coef, dtype=s.dtype))
+        return
+    # coefficients in float64, rounded once: the same values as the host branch
+    flat_total = total.reshape(-1).to(torch.float64)
     for v in (a.reshape(-1), low):
         hit = (xv == _at(v, rows)).nonzero().reshape(-1)
         if rows is None:
-            count = torch.full((1,), hit.numel(), dtype=total.dtype, device=total.device)
+            count = torch.full((1,), hit.numel(), dtype=torch.float64)
             r = None
         else:
             r = rows[hit]
-            count = torch.bincount(r, minlength=n_rows).to(total.dtype)
+            count = torch.bincount(r, minlength=n_rows).to(torch.float64)
         ok = torch.isfinite(v) & (count > 0)
         w = torch.where(ok, 0.5 / count.clamp(min=1), 0.0)
-        coef = _at(flat_total * w, r).expand(hit.shape)
+        coef = _at(flat_total * w, r).expand(hit.shape).to(s.dtype)
         _flat_sub_(s, pos[hit], coef)
+
+
+# at most this many tied entries are weighed on the host (Python floats)
+_HOST_TIES = 256
+
+
+def _tie_coefs_host(
+    pos: torch.Tensor,
+    xv: torch.Tensor,
+    rows: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    total: torch.Tensor,
+) -> tuple[list[int], list[float]]:
+    """Positions and ``total * w`` of the tied entries, from a few host values.
+
+    ``w`` is 1/2 split evenly among a row's entries equal to ``a`` (and to
+    ``b``); an infinite or NaN ``a``/``b`` weighs nothing.  Float64
+    arithmetic, as the tensor branch of :func:`_subtract_ties`.
+    """
+    ps = pos.tolist()
+    xs = xv.tolist()
+    rs = rows.tolist() if rows is not None else [0] * len(ps)
+    tv = total.tolist()
+    at: list[int] = []
+    coef: list[float] = []
+    for vals in (a.tolist(), b.tolist()):
+        hits: dict[int, list[int]] = {}
+        for p, xval, r in zip(ps, xs, rs):
+            if xval == vals[r]:
+                hits.setdefault(r, []).append(p)
+        for r, where in hits.items():
+            if math.isfinite(vals[r]):
+                at += where
+                coef += [tv[r] * (0.5 / len(where))] * len(where)
+    return at, coef
 
 
 def _at(v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:

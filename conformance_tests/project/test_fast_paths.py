@@ -371,6 +371,30 @@ def test_torch_short_row_candidates_hold_every_tie(rng):
     assert min(seen.values()) > 0, seen
 
 
+def test_torch_tie_weights_on_host_match_the_tensor_branch(rng, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from topk_core.adapters import torch_adapter
+
+    for dtype in (np.float32, np.float64):
+        x = torch.from_numpy(np.round(rng.standard_normal((6, 40)) * 3).astype(dtype))
+        x[0, :3] = np.inf  # an infinite a weighs nothing
+        x[1, :] = np.nan  # NaN a and b
+        g = torch.from_numpy(rng.standard_normal((6, 40)).astype(dtype))
+        valid = torch.from_numpy(rng.random((6, 40)) > 0.2)
+        for k in (1, 5, 20):
+            xm = torch.where(valid, x, -np.inf)
+            a, b = torch_adapter.select_pair(None, xm, k)
+            out = torch_adapter.forward_math(x, a, b, 0.5, valid, "probs")
+            grads = []
+            for host in (256, 0):
+                monkeypatch.setattr(torch_adapter, "_HOST_TIES", host)
+                with torch.no_grad():
+                    grads.append(
+                        torch_adapter.backward_math("probs", x, a, b, out, g, 0.5, valid, False)[0]
+                    )
+            torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0, equal_nan=True)
+
+
 def test_pass_budget_phases_and_report(tmp_path, rng):
     import sys
     from pathlib import Path
