@@ -303,9 +303,22 @@ def test_jax_residuals_are_p_and_one_byte_per_entry(rng):
     assert saved <= 5 * x.size + 4096, saved
 
 
+def _backward_with_and_without(x, a, b, g, valid, cand):
+    """The torch eager backward (tau 0.5) with the tie candidates and with full comparisons."""
+    import torch
+    from topk_core.adapters import torch_adapter
+
+    out = torch_adapter.forward_math(x, a, b, 0.5, valid, "probs")
+    with torch.no_grad():
+        got = torch_adapter.backward_math(
+            "probs", x, a, b, out, g, 0.5, valid, False, candidates=cand
+        )[0]
+        want = torch_adapter.backward_math("probs", x, a, b, out, g, 0.5, valid, False)[0]
+    return got, want
+
+
 def test_torch_sampled_selection_candidates_hold_every_tie(rng):
     torch = pytest.importorskip("torch")
-    from topk_core.adapters import torch_adapter
     from topk_core.backends import torch_backend
 
     for shape, k in (((70000,), 7000), ((2, 66000), np.array([5, 33000]))):
@@ -320,18 +333,12 @@ def test_torch_sampled_selection_candidates_hold_every_tie(rng):
         assert cand is not None and cand.numel() < x.numel() // 10
         ra, rb = torch_backend._select_sorted(xm, torch.full(shape[:-1] + (1,), 0) + kk)
         assert torch.equal(a, ra) and torch.equal(b, rb)
-        out = torch_adapter.forward_math(x, a, b, 0.5, valid, "probs")
-        with torch.no_grad():
-            got = torch_adapter.backward_math(
-                "probs", x, a, b, out, g, 0.5, valid, False, candidates=cand
-            )[0]
-            want = torch_adapter.backward_math("probs", x, a, b, out, g, 0.5, valid, False)[0]
+        got, want = _backward_with_and_without(x, a, b, g, valid, cand)
         assert torch.equal(got, want)
 
 
 def test_torch_short_row_candidates_hold_every_tie(rng):
     torch = pytest.importorskip("torch")
-    from topk_core.adapters import torch_adapter
     from topk_core.backends import torch_backend
 
     # rows of integers (ties everywhere), of floats (ties in a few rows) and with NaN and
@@ -360,12 +367,7 @@ def test_torch_short_row_candidates_hold_every_tie(rng):
                 seen["none"] += 1
                 continue
             seen["spill" if cand.numel() >= shape[1] else "clear"] += 1
-            out = torch_adapter.forward_math(x, a, b, 0.5, valid, "probs")
-            with torch.no_grad():
-                got = torch_adapter.backward_math(
-                    "probs", x, a, b, out, g, 0.5, valid, False, candidates=cand
-                )[0]
-                want = torch_adapter.backward_math("probs", x, a, b, out, g, 0.5, valid, False)[0]
+            got, want = _backward_with_and_without(x, a, b, g, valid, cand)
             torch.testing.assert_close(got, want, **same)
     # every branch ran: no ties beyond the selection, a few tied rows spilled, too many
     assert min(seen.values()) > 0, seen
