@@ -42,9 +42,9 @@ So:
   elementwise ops; where the backward will run (eager CPU,
   :func:`select_pair_and_candidates`), ``m + 1`` values and the positions
   ``topk`` returns, so that the backward finds the tied entries among those
-  (issue 11: 1024 x 4096 fwd+bwd 30.5 -> 27 ms).  On CUDA ``kthvalue`` and ``topk`` are both radix selects and
-  ``topk`` also has a multi-block path for one long row; that CUDA choice is
-  NOT measured here (no GPU).
+  (issue 11: 1024 x 4096 fwd+bwd 30.5 -> 27 ms).  On CUDA ``kthvalue`` and
+  ``topk`` are both radix selects and ``topk`` also has a multi-block path for
+  one long row; that CUDA choice is NOT measured here (no GPU).
 * per-row ``k`` tensor (also what a mask produces: k is clipped to each row's
   valid count): the sampled bracket on host tensors with rows of at least 2048;
   shorter host rows take one sorted ``topk`` of the ``max(k) + 1`` largest (or
