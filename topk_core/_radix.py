@@ -2,11 +2,13 @@
 
 The driver finds, per row, the k-th largest entry by MSB-first digit narrowing
 over order-preserving unsigned integer keys, then the (k+1)-th largest from it
-with one masked max.  It uses only Array API operations on ``xp`` plus three
-tiny per-library shims (bitcast to keys and back, per-row histogram), so the
-same code runs eagerly (NumPy, CuPy) and under tracing (JAX): the only Python
-loop is static, over the digit passes; nothing branches on array values, reads
-values on the host or mutates in place.  O(n * key_bits / digit_bits) work.
+with one masked max (or, with ``track_b``, narrows the (k+1)-th in the same
+passes, histogramming both ranks' candidates).  It uses only Array API
+operations on ``xp`` plus three tiny per-library shims (bitcast to keys and
+back, per-row histogram), so the same code runs eagerly (NumPy, CuPy) and under
+tracing (JAX): the only Python loop is static, over the digit passes; nothing
+branches on array values, reads values on the host or mutates in place.
+O(n * key_bits / digit_bits) work.
 
 Key mapping (``float_to_keys``): with ``mag`` the bits without the sign,
 ``key = S - mag`` for negative non-zero non-NaN ``x``, else ``key = S + mag``,
@@ -19,7 +21,8 @@ without usable unsigned integers (PyTorch) use the same keys shifted down by
 
 Scale-out: with ``group`` (a :class:`topk_core._group.Group`) ``x`` is one
 shard of a longer axis.  Each pass histograms the local entries and sums the
-histograms over the group; the final key maximum is a group maximum.  Every
+histograms over the group; the final key maximum (without ``track_b``) is a
+group maximum.  Every
 shard then narrows with the same global digit, so all of them end with the
 same ``(a, b)``; the communication is ``passes x 2**digit_bits`` counts per
 row plus one key per row, whatever the axis length.
@@ -311,6 +314,7 @@ def radix_select_pair(
     *,
     digit_bits: int = 8,
     group: Any = None,
+    track_b: bool = False,
 ) -> tuple[Array, Array]:
     """k-th and (k+1)-th largest along the last axis by radix select.
 
@@ -339,6 +343,13 @@ def radix_select_pair(
         ``x`` is one shard of a longer axis split across ``group`` (``k`` and
         the result are global); its ``sum``/``max`` combine the per-pass
         histograms and the final key maximum.  None: ``x`` is the whole axis.
+    track_b : bool, default False
+        Narrow the (k+1)-th largest's digits alongside the k-th's, in the same
+        passes (after the first, each pass histograms both sets of candidates
+        into ``2 * 2**digit_bits`` bins), instead of one masked key maximum
+        after the last pass.  The same ``(a, b)``; it pays where a full read
+        of the keys costs more than doubling the later histograms (JAX on
+        one long row: :mod:`topk_core.backends.jax_backend`).
 
     Returns
     -------
@@ -398,34 +409,62 @@ def radix_select_pair(
     widths = digit_widths(key_bits, min(digit_bits, key_bits - 1) if signed else digit_bits)
     shift = key_bits
     n_equal = one_i
+    if track_b:
+        # the (k+1)-th's rank, prefix and candidates; they stay equal to the k-th's
+        # until a pass puts the two ranks in different bins
+        rem_b = kk + one_i
+        prefix_b = prefix
+        active_b = active
+        same = prefix == prefix
+        b_none = kk < zero_i  # replaced after the first pass, which sees every entry
     for p, w in enumerate(widths):
         shift -= w
         nbins = 1 << w
         digits = (keys >> shift) & xp.asarray(nbins - 1, dtype=keys.dtype)
         if signed and p == 0:
             digits = digits ^ xp.asarray(nbins >> 1, dtype=keys.dtype)
-        hist = xp.astype(shims.row_histogram(digits, active, nbins), idx)
-        if group is not None:
-            hist = group.sum(hist)
+        if track_b and p:
+            # b's own candidates (disjoint from a's once the prefixes differ) in the
+            # upper half; digit + nbins fits the key type for every width after the first
+            in_b = active_b & ~active
+            both = xp.where(in_b, digits + xp.asarray(nbins, dtype=keys.dtype), digits)
+            hist2 = xp.astype(shims.row_histogram(both, active | active_b, 2 * nbins), idx)
+            if group is not None:
+                hist2 = group.sum(hist2)
+            hist = hist2[..., :nbins]
+            hist_b = xp.where(same, hist, hist2[..., nbins:])
+        else:
+            hist = xp.astype(shims.row_histogram(digits, active, nbins), idx)
+            if group is not None:
+                hist = group.sum(hist)
+            hist_b = hist
+            if track_b:
+                total = xp.sum(hist, axis=-1, keepdims=True)
+                b_none = kk >= total  # k = n: no (k+1)-th entry
+                rem_b = xp.minimum(rem_b, xp.maximum(total, one_i))
         digit, gt, in_bin = _locate(xp, hist, remaining, w)
         remaining = remaining - gt
         above = above + gt
         d = xp.astype(digit, keys.dtype)
-        if signed and p == 0:
-            # the top digit's bit pattern with its sign flipped, as (digit - nbins/2) * 2**shift
-            # in two steps: 2**shift alone overflows the type when shift = key_bits - 1
-            prefix = xp.astype(digit - (nbins >> 1), keys.dtype)
-            if shift:
-                prefix = prefix * xp.asarray(1 << (shift - 1), dtype=keys.dtype)
-                prefix = prefix * xp.asarray(2, dtype=keys.dtype)
-        else:
-            prefix = prefix | (d << shift)
+        prefix = _put_digit(xp, prefix, digit, p, shift, nbins, signed)
+        if track_b:
+            digit_b, gt_b, _ = _locate(xp, hist_b, rem_b, w)
+            rem_b = rem_b - gt_b
+            d_b = xp.astype(digit_b, keys.dtype)
+            prefix_b = _put_digit(xp, prefix_b, digit_b, p, shift, nbins, signed)
         if p + 1 < len(widths):
+            if track_b:
+                active_b = active_b & (digits == d_b)
+                same = prefix == prefix_b
             active = active & (digits == d)
         else:
             n_equal = in_bin  # entries equal to the k-th key
     top = shims.from_keys(prefix, x.dtype)
     inf = xp.full_like(top, xp.inf)
+    k_zero = kk == zero_i
+    if track_b:
+        b = xp.where(b_none, xp.full_like(top, -xp.inf), shims.from_keys(prefix_b, x.dtype))
+        return xp.where(k_zero, inf, top), b
     # (k+1)-th largest: tied with the k-th, else the largest entry below it.  The max runs
     # over the integer keys: XLA on CPU flushes subnormals in a float max
     tied = above + n_equal >= kk + one_i
@@ -444,7 +483,21 @@ def radix_select_pair(
         shims.from_keys(below_key, x.dtype),
     )
     b = xp.where(tied, top, below)
-    k_zero = kk == zero_i
     a = xp.where(k_zero, inf, top)
     b = xp.where(k_zero, top, b)
     return a, b
+
+
+def _put_digit(
+    xp: Any, prefix: Array, digit: Array, p: int, shift: int, nbins: int, signed: bool
+) -> Array:
+    """``prefix`` with pass ``p``'s ``digit`` written at bit ``shift``."""
+    if signed and p == 0:
+        # the top digit's bit pattern with its sign flipped, as (digit - nbins/2) * 2**shift
+        # in two steps: 2**shift alone overflows the type when shift = key_bits - 1
+        prefix = xp.astype(digit - (nbins >> 1), prefix.dtype)
+        if shift:
+            prefix = prefix * xp.asarray(1 << (shift - 1), dtype=prefix.dtype)
+            prefix = prefix * xp.asarray(2, dtype=prefix.dtype)
+        return prefix
+    return prefix | (xp.astype(digit, prefix.dtype) << shift)

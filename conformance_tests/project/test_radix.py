@@ -82,12 +82,14 @@ def sort_pair(x, k):
 
 
 def check_pair(x, k, digit_bits, shims):
-    a, b = radix_select_pair(np, x, k, shims, digit_bits=digit_bits)
     ea, eb = sort_pair(x, k)
-    assert a.dtype == x.dtype and b.dtype == x.dtype
-    assert a.shape == x.shape[:-1] + (1,) and b.shape == a.shape
-    np.testing.assert_array_equal(a, ea)
-    np.testing.assert_array_equal(b, eb)
+    # b from a final masked max, and b narrowed alongside a (track_b)
+    for track_b in (False, True):
+        a, b = radix_select_pair(np, x, k, shims, digit_bits=digit_bits, track_b=track_b)
+        assert a.dtype == x.dtype and b.dtype == x.dtype
+        assert a.shape == x.shape[:-1] + (1,) and b.shape == a.shape
+        np.testing.assert_array_equal(a, ea)
+        np.testing.assert_array_equal(b, eb)
 
 
 # ---------------------------------------------------------------- key mapping
@@ -221,15 +223,17 @@ def test_one_dimensional_x():
     assert a[0] == 3.0 and b[0] == 1.0
 
 
-def test_nan_rows_no_hang_and_nan_largest():
+@pytest.mark.parametrize("track_b", (False, True))
+def test_nan_rows_no_hang_and_nan_largest(track_b):
     x = np.array([[1.0, np.nan, 3.0, -np.nan, 2.0], [np.nan] * 5, [0.0, 1.0, 2.0, 3.0, 4.0]])
     for digit_bits in (1, 8, 11):
-        a, b = radix_select_pair(np, x, np.array([[1], [3], [2]]), SHIMS, digit_bits=digit_bits)
+        kw = {"digit_bits": digit_bits, "track_b": track_b}
+        a, b = radix_select_pair(np, x, np.array([[1], [3], [2]]), SHIMS, **kw)
         # NaN ranks above +inf (like a descending sort that puts NaN first)
         assert np.isnan(a[0, 0]) and np.isnan(b[0, 0])
         assert np.isnan(a[1, 0]) and np.isnan(b[1, 0])
         assert a[2, 0] == 3.0 and b[2, 0] == 2.0
-        a, b = radix_select_pair(np, x, np.array([[3], [5], [5]]), SHIMS, digit_bits=digit_bits)
+        a, b = radix_select_pair(np, x, np.array([[3], [5], [5]]), SHIMS, **kw)
         assert a[0, 0] == 3.0 and b[0, 0] == 2.0 and b[1, 0] == -np.inf
 
 
@@ -334,10 +338,13 @@ def test_driver_uses_only_array_api(digit_bits):
     x = rng.choice(adversarial_values(np.float32), size=(3, 13))
     k = rng.integers(0, 14, size=(3, 1))
     shims = GenericShims(xps, _strict_bitcast)
-    a, b = radix_select_pair(xps, xps.asarray(x), xps.asarray(k), shims, digit_bits=digit_bits)
     ea, eb = sort_pair(x, k)
-    np.testing.assert_array_equal(np.from_dlpack(a), ea)
-    np.testing.assert_array_equal(np.from_dlpack(b), eb)
+    for track_b in (False, True):
+        a, b = radix_select_pair(
+            xps, xps.asarray(x), xps.asarray(k), shims, digit_bits=digit_bits, track_b=track_b
+        )
+        np.testing.assert_array_equal(np.from_dlpack(a), ea)
+        np.testing.assert_array_equal(np.from_dlpack(b), eb)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
@@ -373,3 +380,36 @@ def test_numpy_shims_module_parameter():
     x = np.array([[1.0, 5.0, 3.0]], dtype=np.float32)
     a, b = radix_select_pair(np, x, np.array([[2]]), shims)
     assert a[0, 0] == 3.0 and b[0, 0] == 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+def test_jax_backend_long_rows_track_b():
+    # rows of >= 2**16 entries: 16-bit digits with b narrowed alongside a (track_b),
+    # the JAX backend's own scatter histogram that drops inactive entries
+    import jax.numpy as jnp
+    from topk_core.backends import jax_backend
+
+    n = 1 << 16
+    assert jax_backend.digit_bits_for(3, n) == 16
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((3, n)).astype(np.float32)
+    x[0] = np.round(x[0] * 4)  # wide ties: a and b tied, b one key below a's run
+    x[1, ::5] = -np.inf  # masked-like entries
+    x[1, 7] = np.inf
+    x[2, :] = np.float32(1.0) + rng.integers(-2, 3, n) * np.finfo(np.float32).eps
+    x[2, 9] = np.nan
+    for k in (0, 1, 2, 6553, n - 1, n):
+        a, b = jax_backend.select_pair(jnp, jnp.asarray(x), k)
+        ea, eb = sort_pair(np.where(np.isnan(x), np.inf, x), k)
+        nan_top = np.isnan(x).any(-1, keepdims=True)
+        if k in (0, 1):  # the NaN is the largest entry of row 2
+            if k == 1:
+                ea = np.where(nan_top, np.nan, ea)
+            eb = np.where(nan_top, np.nan, eb) if k == 0 else eb
+        np.testing.assert_array_equal(np.asarray(a), ea)
+        np.testing.assert_array_equal(np.asarray(b), eb)
+    kk = np.array([[0], [n // 5], [n]])
+    a, b = jax_backend.select_pair(jnp, jnp.asarray(x), jnp.asarray(kk, dtype=jnp.int32))
+    want = radix_select_pair(np, x, kk, SHIMS, digit_bits=8)
+    np.testing.assert_array_equal(np.asarray(a), want[0])
+    np.testing.assert_array_equal(np.asarray(b), want[1])

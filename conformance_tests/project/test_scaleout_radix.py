@@ -119,7 +119,8 @@ def _data(rng, rows, n, dtype):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("digit_bits", [3, 8, 11])
 @pytest.mark.parametrize("signed", [False, True])
-def test_radix_group_matches_unsharded(dtype, digit_bits, signed):
+@pytest.mark.parametrize("track_b", [False, True])
+def test_radix_group_matches_unsharded(dtype, digit_bits, signed, track_b):
     rng = np.random.default_rng(digit_bits)
     n = 300
     x = _data(rng, 4, n, dtype)
@@ -133,7 +134,9 @@ def test_radix_group_matches_unsharded(dtype, digit_bits, signed):
     for n_total in (n, None):  # None: counts in int64, as when the length is unknown
 
         def fn(member, shard):
-            return radix_select_pair(np, shard, k, shims, digit_bits=digit_bits, group=member)
+            return radix_select_pair(
+                np, shard, k, shims, digit_bits=digit_bits, group=member, track_b=track_b
+            )
 
         for a, b in run_sharded(fn, shards, n_total):
             np.testing.assert_array_equal(a, want[0])
