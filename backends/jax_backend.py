@@ -47,6 +47,19 @@ n = 1e6            6.2    5.6     **4.2**
 
 So :func:`digit_bits_for`: 16 bits for a few long rows (at most 2**21
 counters), 11 bits while rows * 2048 counters stay within 2**21, else 8.
+Later issue 11 work (same machine, idle; min ms of 20-40 calls, ``jit``, n = 1e6): a
+scatter that drops inactive entries (their index points past the counters) costs
+~0.46 ms where adding zeros for them cost ~0.83 ms, and with 16-bit digits the
+(k+1)-th largest is narrowed in the second pass alongside the k-th
+(``track_b``: 2**17 counters) instead of by a final masked maximum over every
+key (~0.45 ms): the selection went from ~2.4 to ~1.3-1.6 ms.  For batches
+``track_b`` measured the same (1024 x 4096, 11 bits) or 1.5x slower (8192 x 256,
+8 bits: twice the counters to clear and scan), so it is used with 16-bit digits
+only.  Batched scatters are 3-4x slower per entry than one long row's here
+(~13 ms for the first 8-bit pass over 1024 x 4096, 4-5 ms for the same indices
+in one process and 13 ms in another: store-forwarding conflicts on the few hot
+bins of normal data and the allocation's placement both seem to matter);
+splitting the counters into 2-16 interleaved copies did not help.
 Multi-threshold counting passes (several compare-and-sum reductions over
 one read) compile to far slower loops on XLA's CPU backend (3 thresholds:
 4x one), and a compaction (``nonzero``/``cumsum``: 6.5-8 ms per million) costs
@@ -125,11 +138,12 @@ class JaxShims:
         idx = jnp.reshape(digits, (rows, n)).astype(idx_t)
         if rows > 1:
             idx = idx + jnp.arange(rows, dtype=idx_t)[:, None] * nbins
+        # inactive entries point past the end and are dropped: cheaper than adding
+        # zeros for them (a later pass keeps few entries; 1e6: 0.46 vs 0.83 ms here)
+        idx = jnp.where(jnp.reshape(active, (rows, n)), idx, rows * nbins)
         counts = jnp.zeros(rows * nbins, dtype=jnp.int32)
         counts = counts.at[jnp.reshape(idx, (-1,))].add(
-            jnp.reshape(active, (-1,)).astype(jnp.int32),
-            indices_are_sorted=False,
-            unique_indices=False,
+            1, indices_are_sorted=False, unique_indices=False, mode="drop"
         )
         return jnp.reshape(counts, lead + (nbins,))
 
@@ -168,7 +182,8 @@ def select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
     Exact, O(n): ``32 / digit_bits_for(...)`` histogram passes for float32
     (two 16-bit passes for one long row, four 8-bit ones for many short rows;
     float16/float64 scale accordingly), then one masked max for the (k+1)-th
-    value.
+    value, except with 16-bit digits, where the (k+1)-th is narrowed in the
+    second pass alongside the k-th.
     Traceable: ``k`` may be a Python int or a (traced) integer array.
 
     Examples
@@ -187,7 +202,9 @@ def select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
 
 def _radix(x: Any, k: Any) -> tuple[Any, Any]:
     bits = digit_bits_for(math.prod(x.shape[:-1]), x.shape[-1])
-    return radix_select_pair(jnp, x, k, SHIMS, digit_bits=bits)
+    # few long rows: b's digits ride along in the second pass (2**17 counters a row)
+    # instead of a last read of every key for the masked maximum
+    return radix_select_pair(jnp, x, k, SHIMS, digit_bits=bits, track_b=bits == 16)
 
 
 # One compiled program per shape instead of dozens of op-by-op dispatches when
