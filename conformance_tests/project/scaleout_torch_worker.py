@@ -39,6 +39,7 @@ CASES = [
     "empty_shard",
     "communication_independent_of_n",
     "errors",
+    "torch_compile",
 ]
 
 # shard boundaries of a length-100 axis: unequal on purpose
@@ -413,6 +414,34 @@ def check_errors(c):
 
 
 # ---------------------------------------------------------------- launcher
+
+
+def check_torch_compile(c):
+    import torch
+
+    import topk_core as tk
+
+    x = _data((3, 100), 21)
+    x[1, :60] = torch.round(x[1, :60])  # ties across shards
+    w = _data((3, 100), 22)
+    xf = x.clone().requires_grad_(True)
+    (tk.dftopk(xf, 30, tau=0.4) * w).sum().backward()
+
+    def loss(xs, ws):
+        return (tk.dftopk(xs, 30, tau=0.4, group=c.group) * ws).sum()
+
+    # dynamo + AOT autograd without inductor's code generation (minutes per rank here)
+    for backend in ("eager", "aot_eager"):
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, backend=backend)
+        xs = c.shard(x).requires_grad_(True)
+        value = compiled(xs, c.shard(w))
+        value.backward()
+        _close(value.detach().reshape(1), loss(c.shard(x), c.shard(w)).reshape(1), 1e-5, "value")
+        _close(xs.grad, c.shard(xf.grad), 2e-5, f"torch.compile(backend={backend!r}) grad")
+    gx = torch.func.grad(loss)(c.shard(x), c.shard(w))
+    _close(gx, c.shard(xf.grad), 2e-5, "torch.func.grad")
+    return "torch.compile (eager, aot_eager backends) and torch.func.grad with group="
 
 
 def _rank_main(rank, port, out_dir, only):
