@@ -605,10 +605,12 @@ class SoftTopK(nn.Module):
         if self.log_tau is None:
             tau = self._tau
         else:
-            try:
-                tau = round(float(self.log_tau.detach().exp()), 6)
-            except (RuntimeError, NotImplementedError):  # e.g. meta tensors
+            log_tau = self.log_tau.detach()
+            # a meta or fake (subclass) parameter has no value to print
+            if log_tau.device.type == "meta" or type(log_tau) is not torch.Tensor:
                 tau = "exp(log_tau)"
+            else:
+                tau = round(float(log_tau.exp()), 6)
         return (
             f"k={self.k}, tau={tau}, learnable_tau={self.learnable_tau}, axis={self.axis}, "
             f"largest={self.largest}, output={self.output!r}"

@@ -367,6 +367,9 @@ def test_soft_topk_module_repr_and_forward():
     assert "learnable_tau=False" in repr(fixed)
     hard = fixed.hard_mask(_t([1.0, 3.0, 3.0]))
     assert hard.tolist() == [0.0, 1.0, 0.0]
+    # a parameter without values (meta device, e.g. before to_empty) prints the formula
+    meta = SoftTopK(2, tau=0.5, learnable_tau=True).to("meta")
+    assert "tau=exp(log_tau), learnable_tau=True" in repr(meta)
 
 
 def test_soft_topk_learnable_tau_gradient_and_positivity():
