@@ -415,7 +415,7 @@ def radix_select_pair(
         rem_b = kk + one_i
         prefix_b = prefix
         active_b = active
-        same = prefix == prefix
+        same = xp.ones_like(kk, dtype=xp.bool)
         b_none = kk < zero_i  # replaced after the first pass, which sees every entry
     for p, w in enumerate(widths):
         shift -= w
@@ -424,10 +424,10 @@ def radix_select_pair(
         if signed and p == 0:
             digits = digits ^ xp.asarray(nbins >> 1, dtype=keys.dtype)
         if track_b and p:
-            # b's own candidates (disjoint from a's once the prefixes differ) in the
-            # upper half; digit + nbins fits the key type for every width after the first
-            in_b = active_b & ~active
-            both = xp.where(in_b, digits + xp.asarray(nbins, dtype=keys.dtype), digits)
+            # b's candidates in the upper half: disjoint from a's once the prefixes differ,
+            # the same set (all in the lower half) while they agree; digit + nbins fits the
+            # key type for every width after the first
+            both = xp.where(active, digits, digits + xp.asarray(nbins, dtype=keys.dtype))
             hist2 = xp.astype(shims.row_histogram(both, active | active_b, 2 * nbins), idx)
             if group is not None:
                 hist2 = group.sum(hist2)
