@@ -158,8 +158,7 @@ def _subtract_ties(
         else:
             r = rows[hit]
             count = torch.bincount(r, minlength=n_rows).to(torch.float64)
-        ok = torch.isfinite(v) & (count > 0)
-        w = torch.where(ok, 0.5 / count.clamp(min=1), 0.0)
+        w = _math.tie_share(_XP, v, count)
         coef = _at(flat_total * w, r).expand(hit.shape).to(s.dtype)
         _flat_sub_(s, pos[hit], coef)
 
@@ -178,9 +177,10 @@ def _tie_coefs_host(
 ) -> tuple[list[int], list[float]]:
     """Positions and ``total * w`` of the tied entries, from a few host values.
 
-    ``w`` is 1/2 split evenly among a row's entries equal to ``a`` (and to
-    ``b``); an infinite or NaN ``a``/``b`` weighs nothing.  Float64
-    arithmetic, as the tensor branch of :func:`_subtract_ties`.
+    ``w`` is :func:`topk_core._math.tie_share` in Python floats (1/2 split
+    evenly among a row's entries equal to ``a``, and to ``b``; an infinite or
+    NaN ``a``/``b`` weighs nothing): float64 arithmetic, as the tensor branch
+    of :func:`_subtract_ties`, which calls it (tested bit-equal).
     """
     ps = pos.tolist()
     xs = xv.tolist()

@@ -473,6 +473,6 @@ def _subtract_ties(s: np.ndarray, res: _Residuals, total: np.ndarray) -> None:
         hit = xv == v[rows]
         r = rows[hit]
         count = _tie_counts(r, n_rows)
-        w = np.where(np.isfinite(v) & (count > 0), 0.5 / np.maximum(count, 1.0), 0.0)
+        w = _math.tie_share(np, v, count)
         coef = (flat_total * w).astype(s.dtype, copy=False)
         flat_s[pos[hit]] -= coef[r]

@@ -38,6 +38,7 @@ __all__ = [
     "soft_backward",
     "soft_forward",
     "threshold",
+    "tie_share",
     "tie_weights",
     "jvp",
     "jvp_from_code",
@@ -160,11 +161,26 @@ def tie_weights(
     dtype = a.dtype if xp.isdtype(a.dtype, "real floating") else xp.float32
     ca = _row_sum(xp, xp.astype(eq_a, dtype), row_sum)
     cb = _row_sum(xp, xp.astype(eq_b, dtype), row_sum)
-    zero = xp.asarray(0.0, dtype=dtype)
-    one = xp.asarray(1.0, dtype=dtype)
-    wa = xp.where(xp.isfinite(a) & (ca > 0), 0.5 / xp.maximum(ca, one), zero)
-    wb = xp.where(xp.isfinite(b) & (cb > 0), 0.5 / xp.maximum(cb, one), zero)
-    return eq_a, eq_b, wa, wb
+    return eq_a, eq_b, tie_share(xp, a, ca), tie_share(xp, b, cb)
+
+
+def tie_share(xp: Any, v: Array, count: Array) -> Array:
+    """The weight of each of ``count`` entries tied with ``v``: ``1/2`` split evenly.
+
+    0 where ``v`` is infinite or NaN, or nothing is tied; ``count``'s dtype
+    (floating).  The one definition behind :func:`tie_weights` and the
+    backends' fast paths, which count the ties among a few positions.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core._math import tie_share
+    >>> tie_share(np, np.array([2.0, 2.0, np.inf]), np.array([1.0, 4.0, 3.0]))
+    array([0.5  , 0.125, 0.   ])
+    """
+    zero = xp.asarray(0.0, dtype=count.dtype)
+    one = xp.asarray(1.0, dtype=count.dtype)
+    return xp.where(xp.isfinite(v) & (count > 0), 0.5 / xp.maximum(count, one), zero)
 
 
 def _tie_weights_for(
