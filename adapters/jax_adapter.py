@@ -11,10 +11,13 @@ higher order).
 
 Two rules:
 
-* ``_pair`` (the selection ``(a, b)``): ``da`` = mean of the tangent over
-  the entries tied with ``a`` (0 for an infinite ``a``), same for ``b``.
-  Hence ``d theta = w . u``, the spec's weights.  Only used when the outer
-  rule is itself differentiated (second order).
+* ``_pair`` (the selection ``(a, b)``, plus the tie counts of both read
+  from its last histogram, so that the forward's tie weights need no
+  reduction over ``x``; issue 11): ``da`` = mean of the tangent over the
+  entries tied with ``a`` (0 for an infinite ``a``), same for ``b``; the
+  integer counts have ``float0`` tangents.  Hence ``d theta = w . u``, the
+  spec's weights.  Only used when the outer rule is itself differentiated
+  (second order).
 * ``_core`` (the whole forward ``x -> p`` or ``x -> z``): its JVP is the
   closed form of :func:`topk_core._math.jvp`, written on compact residuals
   (:func:`topk_core._math.jvp_from_code`): ``p``, one int8 tie code per
@@ -48,8 +51,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
-from topk_core.backends.jax_backend import select_pair
+from topk_core.backends.jax_backend import select_pair_counts
 
 from topk_core import _math
 from topk_core._group import row_sum_of
@@ -58,22 +62,34 @@ __all__ = ["apply", "backward_math", "forward_math", "tangent_math"]
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _pair(sel: tuple, xs: Any, k_arr: Any) -> tuple[Any, Any]:
-    """``(a, b)`` of ``xs`` (masked entries already ``-inf``); ``sel = (k_static, group)``."""
+def _pair(sel: tuple, xs: Any, k_arr: Any) -> tuple[Any, Any, Any, Any]:
+    """``(a, b, count_a, count_b)`` of ``xs`` (masked entries already ``-inf``).
+
+    ``sel = (k_static, group)``.  The int32 tie counts come from the
+    selection's last histogram (``count_b`` None where it is not known there):
+    the forward's tie weights then need no reduction over ``x``.
+    """
     k_static, group = sel
     k = k_static if k_arr is None else k_arr
     if group is not None:
-        return group.select_pair(jnp, xs, k)
-    return select_pair(jnp, xs, k)
+        return group.select_pair_counts(xs, k)
+    return select_pair_counts(xs, k)
 
 
 @_pair.defjvp
 def _pair_jvp(sel, primals, tangents):
     xs, k_arr = primals
     dxs = tangents[0]
-    a, b = _pair(sel, xs, k_arr)
+    a, b, ca, cb = _pair(sel, xs, k_arr)
     group = sel[1]
-    return (a, b), (_tie_mean(xs, a, dxs, group), _tie_mean(xs, b, dxs, group))
+    da = _tie_mean(xs, a, dxs, group)
+    db = _tie_mean(xs, b, dxs, group)
+    return (a, b, ca, cb), (da, db, _int_zero(ca), None if cb is None else _int_zero(cb))
+
+
+def _int_zero(c: Any) -> Any:
+    """The (symbolic) tangent of an integer output: zeros of ``float0``."""
+    return np.zeros(c.shape, dtype=jax.dtypes.float0)
 
 
 def _tie_mean(xs: Any, v: Any, dxs: Any, group: Any = None) -> Any:
@@ -92,10 +108,16 @@ def _compute_dtype(dtype: Any) -> Any:
     return _math.compute_dtype(jnp, dtype)
 
 
-def _select(sel: tuple, x: Any, k_arr: Any, valid: Any) -> tuple[Any, Any]:
-    """``(a, b)`` of the valid entries of ``x`` (differentiable through :func:`_pair`)."""
+def _select(sel: tuple, x: Any, k_arr: Any, valid: Any) -> tuple[Any, Any, Any]:
+    """``(a, b, counts)`` of the valid entries of ``x`` (``a``, ``b`` differentiable).
+
+    ``counts``: the tie counts for :func:`topk_core._math.tie_code`.  Masked
+    entries are ``-inf`` in the selection, so a count can include them only
+    for an infinite value, which gets no weight.
+    """
     xs = x if valid is None else jnp.where(valid, x, jnp.asarray(-jnp.inf, dtype=x.dtype))
-    return _pair(sel, xs, k_arr)
+    a, b, ca, cb = _pair(sel, xs, k_arr)
+    return a, b, (ca, cb)
 
 
 def forward_math(
@@ -109,6 +131,7 @@ def forward_math(
     keep_z: bool = False,
     k: Any = None,
     group: Any = None,
+    counts: Any = None,
 ) -> tuple[Any, Any]:
     """The forward after the selection: ``(out, residuals)``, ``out`` in x's dtype.
 
@@ -119,7 +142,9 @@ def forward_math(
     ``keep_z`` (a differentiated ``tau``).  ``tau`` is None for 1.  For
     ``output="hard"`` (needs ``k``) ``out`` is the hard top-k mask from the same
     ``a`` and the residuals are ``"probs"``'s.  ``group``: the shards'
-    collectives (tie counts summed over them).
+    collectives (tie counts summed over them).  ``counts``: ``(count_a,
+    count_b)`` from the selection (:func:`_select`), either None to count it
+    here with a row sum.
     """
     cdt = _compute_dtype(x.dtype)
     xc = x.astype(cdt)
@@ -127,7 +152,9 @@ def forward_math(
     b = b.astype(cdt)
     t = 1.0 if tau is None else tau  # None: tau = 1, the division is skipped
     z = _math.logits(jnp, xc, a, b, t, valid)
-    code, wa, wb = _math.tie_code(jnp, xc, a, b, valid, row_sum=row_sum_of(jnp, group))
+    code, wa, wb = _math.tie_code(
+        jnp, xc, a, b, valid, row_sum=row_sum_of(jnp, group), counts=counts
+    )
     zf = jnp.where(jnp.isfinite(z), z, jnp.zeros_like(z)) if keep_z else None
     if output == "logits":
         return z.astype(x.dtype), (None, code, wa, wb, t, zf)
@@ -181,9 +208,9 @@ def backward_math(output: str, res: Any, g: Any, group: Any = None) -> Any:
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _core(static: tuple, x: Any, tau: Any, k_arr: Any, valid: Any) -> Any:
     k_static, output, group = static
-    a, b = _select((k_static, group), x, k_arr, valid)
+    a, b, counts = _select((k_static, group), x, k_arr, valid)
     k = k_static if k_arr is None else k_arr
-    return forward_math(output, x, a, b, tau, valid, k=k, group=group)[0]
+    return forward_math(output, x, a, b, tau, valid, k=k, group=group, counts=counts)[0]
 
 
 def _core_jvp(static, primals, tangents):
@@ -194,9 +221,11 @@ def _core_jvp(static, primals, tangents):
     dt = None
     if tau is not None and not isinstance(dtau, SymbolicZero):
         dt = dtau.astype(cdt)
-    a, b = _select((k_static, group), x, k_arr, valid)
+    a, b, counts = _select((k_static, group), x, k_arr, valid)
     k = k_static if k_arr is None else k_arr
-    out, res = forward_math(output, x, a, b, tau, valid, keep_z=dt is not None, k=k, group=group)
+    out, res = forward_math(
+        output, x, a, b, tau, valid, keep_z=dt is not None, k=k, group=group, counts=counts
+    )
     if output == "hard":
         # a transformation that differentiates this primal again sees the soft p
         out = out + _straight_through_zero(res[0]).astype(out.dtype)

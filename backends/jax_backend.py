@@ -60,6 +60,14 @@ only.  Batched scatters are 3-4x slower per entry than one long row's here
 in one process and 13 ms in another: store-forwarding conflicts on the few hot
 bins of normal data and the allocation's placement both seem to matter);
 splitting the counters into 2-16 interleaved copies did not help.
+Later still (issue 11; idle machine, min of 30-60 interleaved calls, ``jit``):
+
+* **tie counts for free** (:func:`select_pair_counts`): the last pass's bin of
+  ``a`` (and of ``b`` with ``track_b``) holds exactly the entries equal to it,
+  so the forward's tie weights need no reduction over ``x``: the two
+  count reductions cost 0.31-0.46 ms at 1e6 (about two passes of ``x * 2``);
+  forward math after the selection 0.99 -> 0.49 ms.
+
 Multi-threshold counting passes (several compare-and-sum reductions over
 one read) compile to far slower loops on XLA's CPU backend (3 thresholds:
 4x one), and a compaction (``nonzero``/``cumsum``: 6.5-8 ms per million) costs
@@ -88,6 +96,7 @@ __all__ = [
     "digit_bits_for",
     "resolve_group",
     "select_pair",
+    "select_pair_counts",
 ]
 
 DIGIT_BITS = 8  # the default width (batches of many rows)
@@ -200,17 +209,45 @@ def select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
     return _select_array_k(x, k)
 
 
-def _radix(x: Any, k: Any) -> tuple[Any, Any]:
+def select_pair_counts(x: Any, k: Any) -> tuple[Any, Any, Any, Any]:
+    """:func:`select_pair` plus the tie counts of ``a`` and ``b`` from its histograms.
+
+    ``(a, b, count_a, count_b)``: int32 counts of the entries equal to ``a`` and
+    to ``b`` (``-0.0 == 0.0``; meaningless where the value is infinite or NaN),
+    read from the last histogram pass instead of two more reductions over
+    ``x`` (what the DFTopK forward's tie weights need).  ``count_b`` is None
+    where ``b`` comes from a key maximum (digits narrower than 16 bits).
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from topk_core.backends.jax_backend import select_pair_counts
+    >>> a, b, ca, cb = select_pair_counts(jnp.array([[4.0, 3.0, 3.0, 2.0]]), 1)
+    >>> float(a[0, 0]), float(b[0, 0]), int(ca[0, 0]), cb
+    (4.0, 3.0, 1, None)
+    """
+    if isinstance(k, int):
+        return _counts_static_k(x, k)
+    return _counts_array_k(x, k)
+
+
+def _radix(x: Any, k: Any, counts: bool = False) -> tuple[Any, ...]:
     bits = digit_bits_for(math.prod(x.shape[:-1]), x.shape[-1])
     # few long rows: b's digits ride along in the second pass (2**17 counters a row)
     # instead of a last read of every key for the masked maximum
-    return radix_select_pair(jnp, x, k, SHIMS, digit_bits=bits, track_b=bits == 16)
+    return radix_select_pair(jnp, x, k, SHIMS, digit_bits=bits, track_b=bits == 16, counts=counts)
+
+
+def _radix_counts(x: Any, k: Any) -> tuple[Any, ...]:
+    return _radix(x, k, counts=True)
 
 
 # One compiled program per shape instead of dozens of op-by-op dispatches when
 # called eagerly; inside an outer jit/vmap/grad these are simply inlined.
 _select_static_k = jax.jit(_radix, static_argnums=1)
 _select_array_k = jax.jit(_radix)
+_counts_static_k = jax.jit(_radix_counts, static_argnums=1)
+_counts_array_k = jax.jit(_radix_counts)
 
 
 def _apply(pb: Any, output: str, hard: bool = False) -> Any:
@@ -280,6 +317,10 @@ class JaxGroup:
     def select_pair(self, xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
         del xp
         return radix_select_pair(jnp, x, k, SHIMS, digit_bits=DIGIT_BITS, group=self)
+
+    def select_pair_counts(self, x: Any, k: Any) -> tuple[Any, Any, Any, Any]:
+        """:meth:`select_pair` plus the global tie counts (:func:`select_pair_counts`)."""
+        return radix_select_pair(jnp, x, k, SHIMS, digit_bits=DIGIT_BITS, group=self, counts=True)
 
     def apply(self, pb: Any, output: str, hard: bool = False) -> Any:
         return _apply(pb, output, hard=hard)

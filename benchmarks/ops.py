@@ -698,17 +698,19 @@ class JaxDriver(Driver):
         import jax
         import jax.numpy as jnp
         from topk_core.adapters import jax_adapter as ja
-        from topk_core.backends.jax_backend import select_pair
+        from topk_core.backends.jax_backend import select_pair_counts
 
         tau_arg = None if tau == 1.0 else jnp.asarray(tau, dtype=jnp.float32)
-        sel = jax.jit(lambda t: select_pair(jnp, t, k))
-        fwd = jax.jit(lambda t, a, b, tt: ja.forward_math("probs", t, a, b, tt, None))
+        # what the adapter runs: the selection also returns the tie counts
+        sel = jax.jit(lambda t: select_pair_counts(t, k))
+        fwd = jax.jit(lambda t, a, b, tt, c: ja.forward_math("probs", t, a, b, tt, None, counts=c))
         bwd = jax.jit(lambda res, gg: ja.backward_math("probs", res, gg))
-        a, b = sel(x)
-        _, res = fwd(x, a, b, tau_arg)
+        a, b, *counts = sel(x)
+        counts = tuple(counts)
+        _, res = fwd(x, a, b, tau_arg, counts)
         return {
             "select": lambda: jax.block_until_ready(sel(x)),
-            "fwd_math": lambda: jax.block_until_ready(fwd(x, a, b, tau_arg)),
+            "fwd_math": lambda: jax.block_until_ready(fwd(x, a, b, tau_arg, counts)),
             "bwd_math": lambda: jax.block_until_ready(bwd(res, g)),
         }
 

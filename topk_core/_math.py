@@ -22,6 +22,8 @@ from typing import Any
 
 Array = Any
 RowSum = Callable[[Array], Array] | None
+# (count_a, count_b) from the selection; a None one is counted from the masks
+TieCounts = tuple[Array | None, Array | None] | None
 
 __all__ = [
     "MASKED",
@@ -144,14 +146,25 @@ def sigmoid_grad(xp: Any, z: Array) -> Array:
 
 
 def tie_weights(
-    xp: Any, x: Array, a: Array, b: Array, valid: Array | None, *, row_sum: RowSum = None
+    xp: Any,
+    x: Array,
+    a: Array,
+    b: Array,
+    valid: Array | None,
+    *,
+    row_sum: RowSum = None,
+    counts: TieCounts = None,
 ) -> tuple[Array, Array, Array, Array]:
     """Entries tied with ``a`` / ``b`` and their per-row weights.
 
     Returns ``(eq_a, eq_b, wa, wb)``: boolean masks of the valid entries equal
     to ``a`` and to ``b``, and the per-row weight each such entry carries
     (``1/2`` split evenly among the ties; 0 for an infinite ``a`` or ``b``).
-    The spec's ``w`` is ``eq_a * wa + eq_b * wb``.
+    The spec's ``w`` is ``eq_a * wa + eq_b * wb``.  ``counts``: ``(count_a,
+    count_b)``, the number of valid entries equal to each (per row, over the
+    whole group), where the selection already knows them
+    (:func:`topk_core._radix.radix_select_pair` with ``counts=True``); a None
+    one is counted here, with a row sum.
     """
     eq_a = x == a
     eq_b = x == b
@@ -159,9 +172,16 @@ def tie_weights(
         eq_a = eq_a & valid
         eq_b = eq_b & valid
     dtype = a.dtype if xp.isdtype(a.dtype, "real floating") else xp.float32
-    ca = _row_sum(xp, xp.astype(eq_a, dtype), row_sum)
-    cb = _row_sum(xp, xp.astype(eq_b, dtype), row_sum)
+    known_a, known_b = (None, None) if counts is None else counts
+    ca = _tie_count(xp, eq_a, known_a, dtype, row_sum)
+    cb = _tie_count(xp, eq_b, known_b, dtype, row_sum)
     return eq_a, eq_b, tie_share(xp, a, ca), tie_share(xp, b, cb)
+
+
+def _tie_count(xp: Any, eq: Array, known: Array | None, dtype: Any, row_sum: RowSum) -> Array:
+    if known is not None:
+        return xp.astype(known, dtype)
+    return _row_sum(xp, xp.astype(eq, dtype), row_sum)
 
 
 def tie_share(xp: Any, v: Array, count: Array) -> Array:
@@ -184,9 +204,17 @@ def tie_share(xp: Any, v: Array, count: Array) -> Array:
 
 
 def _tie_weights_for(
-    xp: Any, x: Array, a: Array, b: Array, valid: Array | None, row_sum: RowSum
+    xp: Any,
+    x: Array,
+    a: Array,
+    b: Array,
+    valid: Array | None,
+    row_sum: RowSum,
+    counts: TieCounts = None,
 ) -> tuple[Array, Array, Array, Array]:
     # the 5-argument call when there is no group: code that wraps tie_weights keeps working
+    if counts is not None:
+        return tie_weights(xp, x, a, b, valid, row_sum=row_sum, counts=counts)
     if row_sum is None:
         return tie_weights(xp, x, a, b, valid)
     return tie_weights(xp, x, a, b, valid, row_sum=row_sum)
@@ -467,7 +495,14 @@ TIE_A, TIE_B, MASKED, NAN = 1, 2, 4, 8
 
 
 def tie_code(
-    xp: Any, x: Array, a: Array, b: Array, valid: Array | None, *, row_sum: RowSum = None
+    xp: Any,
+    x: Array,
+    a: Array,
+    b: Array,
+    valid: Array | None,
+    *,
+    row_sum: RowSum = None,
+    counts: TieCounts = None,
 ) -> tuple[Array, Array, Array]:
     """The tie weights as one int8 per entry plus two per row: ``(code, wa, wb)``.
 
@@ -475,9 +510,10 @@ def tie_code(
     :data:`TIE_B` on those equal to ``b``, :data:`MASKED` on the masked ones
     and :data:`NAN` on the valid NaN entries; ``wa``/``wb`` as in
     :func:`tie_weights`.  A compact residual for a linearised JVP
-    (:func:`jvp_from_code`): 1 byte per entry instead of ``x``.
+    (:func:`jvp_from_code`): 1 byte per entry instead of ``x``.  ``counts``
+    as in :func:`tie_weights`.
     """
-    eq_a, eq_b, wa, wb = _tie_weights_for(xp, x, a, b, valid, row_sum)
+    eq_a, eq_b, wa, wb = _tie_weights_for(xp, x, a, b, valid, row_sum, counts)
     i8 = xp.int8
     code = xp.astype(eq_a, i8) + xp.astype(eq_b, i8) * xp.asarray(TIE_B, dtype=i8)
     nan = xp.isnan(x)

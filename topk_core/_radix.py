@@ -315,7 +315,8 @@ def radix_select_pair(
     digit_bits: int = 8,
     group: Any = None,
     track_b: bool = False,
-) -> tuple[Array, Array]:
+    counts: bool = False,
+) -> tuple[Array, ...]:
     """k-th and (k+1)-th largest along the last axis by radix select.
 
     The :class:`topk_core.Backend` ``select_pair`` contract: ``x`` has the
@@ -350,11 +351,21 @@ def radix_select_pair(
         after the last pass.  The same ``(a, b)``; it pays where a full read
         of the keys costs more than doubling the later histograms (JAX on
         one long row: :mod:`topk_core.backends.jax_backend`).
+    counts : bool, default False
+        Also return how many entries equal ``a`` and ``b`` (their tie counts,
+        summed over ``group``), read from the last pass's histogram: no extra
+        pass over ``x``.  Keys are compared, so ``-0.0`` and ``+0.0`` count as
+        one value, like ``==``; the counts are meaningless where the value is
+        infinite or NaN (the spec gives those no weight).  ``b``'s count is
+        known only with ``track_b`` (else it is None): without it ``b`` comes
+        from a key maximum, which does not count.
 
     Returns
     -------
     a, b : arrays
         k-th and (k+1)-th largest values, ``(..., 1)``.
+    count_a, count_b : integer arrays or None
+        Only with ``counts``: the entries equal to ``a`` and to ``b``, ``(..., 1)``.
 
     Examples
     --------
@@ -373,10 +384,14 @@ def radix_select_pair(
         # only k = 0 is possible: both sentinels
         from array_api_compat import device
 
-        return (
+        pair = (
             xp.full(lead + (1,), xp.inf, dtype=x.dtype, device=device(x)),
             xp.full(lead + (1,), -xp.inf, dtype=x.dtype, device=device(x)),
         )
+        if not counts:
+            return pair
+        none = xp.zeros(lead + (1,), dtype=xp.int32, device=device(x))
+        return pair + (none, none)
     n_bound = n if group is None else group.total(n)
     idx = xp.int32 if n_bound is not None and n_bound < 2**31 - 1 else xp.int64
     if group is None:
@@ -448,7 +463,7 @@ def radix_select_pair(
         d = xp.astype(digit, keys.dtype)
         prefix = _put_digit(xp, prefix, digit, p, shift, nbins, signed)
         if track_b:
-            digit_b, gt_b, _ = _locate(xp, hist_b, rem_b, w)
+            digit_b, gt_b, n_equal_b = _locate(xp, hist_b, rem_b, w)
             rem_b = rem_b - gt_b
             d_b = xp.astype(digit_b, keys.dtype)
             prefix_b = _put_digit(xp, prefix_b, digit_b, p, shift, nbins, signed)
@@ -464,7 +479,9 @@ def radix_select_pair(
     k_zero = kk == zero_i
     if track_b:
         b = xp.where(b_none, xp.full_like(top, -xp.inf), shims.from_keys(prefix_b, x.dtype))
-        return xp.where(k_zero, inf, top), b
+        a = xp.where(k_zero, inf, top)
+        # the last pass's bins hold single keys: their counts are the ties
+        return (a, b, n_equal, n_equal_b) if counts else (a, b)
     # (k+1)-th largest: tied with the k-th, else the largest entry below it.  The max runs
     # over the integer keys: XLA on CPU flushes subnormals in a float max
     tied = above + n_equal >= kk + one_i
@@ -485,7 +502,9 @@ def radix_select_pair(
     b = xp.where(tied, top, below)
     a = xp.where(k_zero, inf, top)
     b = xp.where(k_zero, top, b)
-    return a, b
+    # a's bin in the last pass holds one key: its count is a's ties (for k = 0, the
+    # maximum's, which is b); b's is only known when it is a's key
+    return (a, b, n_equal, None) if counts else (a, b)
 
 
 def _put_digit(

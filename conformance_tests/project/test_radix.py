@@ -90,6 +90,25 @@ def check_pair(x, k, digit_bits, shims):
         assert a.shape == x.shape[:-1] + (1,) and b.shape == a.shape
         np.testing.assert_array_equal(a, ea)
         np.testing.assert_array_equal(b, eb)
+        check_counts(x, k, digit_bits, shims, track_b, ea, eb)
+
+
+def check_counts(x, k, digit_bits, shims, track_b, ea, eb):
+    """``counts=True``: the same pair, and the tie counts of every finite ``a``/``b``."""
+    a, b, ca, cb = radix_select_pair(
+        np, x, k, shims, digit_bits=digit_bits, track_b=track_b, counts=True
+    )
+    np.testing.assert_array_equal(a, ea)
+    np.testing.assert_array_equal(b, eb)
+    assert ca.shape == a.shape and np.issubdtype(ca.dtype, np.integer)
+    fa = np.isfinite(ea)
+    np.testing.assert_array_equal(ca[fa], np.sum(x == ea, axis=-1, keepdims=True)[fa])
+    if not track_b:
+        assert cb is None  # b from a key maximum: not counted
+        return
+    assert cb.shape == b.shape and np.issubdtype(cb.dtype, np.integer)
+    fb = np.isfinite(eb)
+    np.testing.assert_array_equal(cb[fb], np.sum(x == eb, axis=-1, keepdims=True)[fb])
 
 
 # ---------------------------------------------------------------- key mapping

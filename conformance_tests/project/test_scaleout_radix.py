@@ -143,6 +143,22 @@ def test_radix_group_matches_unsharded(dtype, digit_bits, signed, track_b):
             np.testing.assert_array_equal(b, want[1])
             assert a.dtype == x.dtype
 
+    # counts=True: every shard holds the global tie counts (what the JAX adapter uses)
+    def fn_counts(member, shard):
+        return radix_select_pair(
+            np, shard, k, shims, digit_bits=digit_bits, group=member, track_b=track_b, counts=True
+        )
+
+    for a, b, ca, cb in run_sharded(fn_counts, shards, n):
+        np.testing.assert_array_equal(a, want[0])
+        np.testing.assert_array_equal(b, want[1])
+        for v, c in ((a, ca), (b, cb)):
+            if c is None:
+                assert not track_b and v is b
+                continue
+            fin = np.isfinite(v)
+            np.testing.assert_array_equal(c[fin], np.sum(x == v, axis=-1, keepdims=True)[fin])
+
 
 def test_radix_group_static_k_and_nan():
     x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
