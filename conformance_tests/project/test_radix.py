@@ -432,3 +432,46 @@ def test_jax_backend_long_rows_track_b():
     want = radix_select_pair(np, x, kk, SHIMS, digit_bits=8)
     np.testing.assert_array_equal(np.asarray(a), want[0])
     np.testing.assert_array_equal(np.asarray(b), want[1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+@pytest.mark.parametrize(
+    "rows, n",
+    [
+        (1, (1 << 18) + 3),  # one long row: two halves with their own counters
+        (3, 1 << 16),  # a few long rows, 16-bit digits, one scatter per row
+        (37, 4100),  # 11-bit digits, two uneven row blocks
+        (1030, 300),  # 8-bit digits, three row blocks
+    ],
+)
+def test_jax_backend_counts_and_row_blocks(rows, n):
+    # the histogram the JAX selection uses (split into independent scatters) and the
+    # tie counts select_pair_counts reads from it, against NumPy
+    import jax.numpy as jnp
+    from topk_core.backends import jax_backend
+
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    x[0, : n // 2] = np.round(x[0, : n // 2] * 2)  # long runs of ties
+    x[-1, :6] = [0.0, -0.0, 0.0, np.inf, -np.inf, -np.inf]
+    bits = jax_backend.digit_bits_for(rows, n)
+    digits = np.asarray(SHIMS.to_keys(x) >> np.uint32(32 - bits), dtype=np.int32)
+    active = rng.random((rows, n)) < 0.7
+    got = np.asarray(jax_backend.SHIMS.row_histogram(jnp.asarray(digits), active, 1 << bits))
+    np.testing.assert_array_equal(got, SHIMS.row_histogram(digits, active, 1 << bits))
+    ks = [rng.integers(0, n + 1, (rows, 1)).astype(np.int32), 0, 1, n // 10, n]
+    for k in ks:
+        kj = k if isinstance(k, int) else jnp.asarray(k)
+        a, b, ca, cb = jax_backend.select_pair_counts(jnp.asarray(x), kj)
+        ea, eb = sort_pair(x, k)
+        np.testing.assert_array_equal(np.asarray(a), ea)
+        np.testing.assert_array_equal(np.asarray(b), eb)
+        fin = np.isfinite(ea)
+        want = np.sum(x == ea, axis=-1, keepdims=True)
+        np.testing.assert_array_equal(np.asarray(ca)[fin], want[fin])
+        if bits < 16:
+            assert cb is None
+            continue
+        fin = np.isfinite(eb)
+        want = np.sum(x == eb, axis=-1, keepdims=True)
+        np.testing.assert_array_equal(np.asarray(cb)[fin], want[fin])
