@@ -74,6 +74,16 @@ Later still (issue 11; idle machine, min of 30-60 interleaved calls, ``jit``):
   where its time goes: first touches of n-sized temporaries (the keys and the
   scatter's all-ones updates, 16 MB each at 1024 x 4096, ~6 ms each), i.e.
   page faults of freshly mapped memory, not the counting itself.
+* **batches in lax.map steps** (:func:`map_steps`): a batch's selection runs over
+  blocks of about :data:`MAP_ENTRIES` entries.  In one program its temporaries
+  (keys, indices, the scatters' all-ones updates, counters) took 52-58 MiB, and
+  every call page-faulted all of them afresh (13,000-15,000 minor faults per
+  call: glibc maps allocations that large anew each time); in steps they take
+  4-7 MiB and are reused.  Selection 1024 x 4096: 28-32 -> 12 ms, 8192 x 256:
+  29-31 -> 13-15 ms (steps of 2^17-2^20 entries all measured 12-20 ms;
+  ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` on the one-program version got
+  17.6 / 19.7 ms, the same effect from outside).  One long row has no such
+  temporaries (4 MiB at 1e6) and is not split.
 * **tie counts for free** (:func:`select_pair_counts`): the last pass's bin of
   ``a`` (and of ``b`` with ``track_b``) holds exactly the entries equal to it,
   so the forward's tie weights need no reduction over ``x``: the two
@@ -283,10 +293,59 @@ def select_pair_counts(x: Any, k: Any) -> tuple[Any, Any, Any, Any]:
 
 
 def _radix(x: Any, k: Any, counts: bool = False) -> tuple[Any, ...]:
+    lead = tuple(x.shape[:-1])
+    n = x.shape[-1]
+    rows = math.prod(lead)
+    steps = map_steps(rows, n)
+    if steps == 1 or _explicitly_sharded(x):
+        return _radix_rows(x, k, counts)
+    # a batch in steps of `per` rows (lax.map), so that each step's temporaries stay
+    # small enough to be reused between calls instead of freshly mapped (module docstring)
+    per = rows // steps
+    main = per * steps
+    x2 = jnp.reshape(x, (rows, n))
+    k2 = k if isinstance(k, int) else jnp.reshape(k, (rows, 1))
+
+    def step(args: Any) -> tuple[Any, ...]:
+        xb, kb = args
+        out = _radix_rows(xb, k if kb is None else kb, counts)
+        return tuple(o for o in out if o is not None)
+
+    kb = None if isinstance(k, int) else jnp.reshape(k2[:main], (steps, per, 1))
+    outs = lax.map(step, (jnp.reshape(x2[:main], (steps, per, n)), kb))
+    outs = [jnp.reshape(o, (main, 1)) for o in outs]
+    if main < rows:  # the last rows % steps rows in one more call
+        tail = _radix_rows(x2[main:], k if isinstance(k, int) else k2[main:], counts)
+        tail = [o for o in tail if o is not None]
+        outs = [jnp.concatenate([o, t], axis=0) for o, t in zip(outs, tail)]
+    outs = [jnp.reshape(o, lead + (1,)) for o in outs]
+    if counts and len(outs) == 3:
+        outs.append(None)  # b's count unknown with digits narrower than 16 bits
+    return tuple(outs)
+
+
+def _radix_rows(x: Any, k: Any, counts: bool) -> tuple[Any, ...]:
     bits = digit_bits_for(math.prod(x.shape[:-1]), x.shape[-1])
     # few long rows: b's digits ride along in the second pass (2**17 counters a row)
     # instead of a last read of every key for the masked maximum
     return radix_select_pair(jnp, x, k, SHIMS, digit_bits=bits, track_b=bits == 16, counts=counts)
+
+
+MAP_ENTRIES = 1 << 18  # entries per lax.map step of a batch (measured, module docstring)
+
+
+def map_steps(rows: int, n: int) -> int:
+    """How many ``lax.map`` steps a batch's selection takes: about :data:`MAP_ENTRIES` each.
+
+    Examples
+    --------
+    >>> from topk_core.backends.jax_backend import map_steps
+    >>> map_steps(1, 10**6), map_steps(1024, 4096), map_steps(8192, 256), map_steps(3, 1000)
+    (1, 16, 8, 1)
+    """
+    if rows < 2:
+        return 1
+    return max(1, min(rows, (rows * n) // MAP_ENTRIES))
 
 
 def _radix_counts(x: Any, k: Any) -> tuple[Any, ...]:

@@ -475,3 +475,49 @@ def test_jax_backend_counts_and_row_blocks(rows, n):
         fin = np.isfinite(eb)
         want = np.sum(x == eb, axis=-1, keepdims=True)
         np.testing.assert_array_equal(np.asarray(cb)[fin], want[fin])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+@pytest.mark.parametrize("rows, n", [(37, 100), (40, 128)])
+def test_jax_backend_batches_in_map_steps(monkeypatch, rows, n):
+    # a batch is selected in lax.map steps of a few rows (plus a tail call when the
+    # steps do not divide the rows): same pairs and counts as NumPy, int and per-row k
+    import jax
+    import jax.numpy as jnp
+    from topk_core.backends import jax_backend
+
+    monkeypatch.setattr(jax_backend, "MAP_ENTRIES", 1 << 10)
+    steps = jax_backend.map_steps(rows, n)
+    assert steps > 1
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    x[::3, : n // 2] = np.round(x[::3, : n // 2])  # ties
+    x[-1, :4] = [np.inf, -np.inf, 0.0, -0.0]
+    kk = rng.integers(0, n + 1, (rows, 1)).astype(np.int32)
+    # fresh jit wrappers: the backend's own cache may hold these shapes from other tests
+    select = jax.jit(jax_backend._radix, static_argnums=(1, 2))
+    select_k = jax.jit(jax_backend._radix, static_argnums=2)
+    for k in (kk, 0, 7, n):
+        ea, eb = sort_pair(x, k)
+        if isinstance(k, int):
+            a, b, ca, cb = select(jnp.asarray(x), k, True)
+            a2, b2 = select(jnp.asarray(x), k, False)
+        else:
+            a, b, ca, cb = select_k(jnp.asarray(x), jnp.asarray(k), True)
+            a2, b2 = select_k(jnp.asarray(x), jnp.asarray(k), False)
+        for got_a, got_b in ((a, b), (a2, b2)):
+            np.testing.assert_array_equal(np.asarray(got_a), ea)
+            np.testing.assert_array_equal(np.asarray(got_b), eb)
+        assert cb is None  # 8-bit digits: b from a key maximum
+        fin = np.isfinite(ea)
+        want = np.sum(x == ea, axis=-1, keepdims=True)
+        np.testing.assert_array_equal(np.asarray(ca)[fin], want[fin])
+    # a leading batch axis of its own, and vmap over it, take the same path
+    x3 = np.stack([x, x[::-1]])
+    a, b = jax.jit(jax_backend._radix, static_argnums=(1, 2))(jnp.asarray(x3), 5, False)
+    ea, eb = sort_pair(x3, 5)
+    np.testing.assert_array_equal(np.asarray(a), ea)
+    np.testing.assert_array_equal(np.asarray(b), eb)
+    a, b = jax.vmap(lambda t: jax_backend._radix(t, 5))(jnp.asarray(x3))
+    np.testing.assert_array_equal(np.asarray(a), ea)
+    np.testing.assert_array_equal(np.asarray(b), eb)
