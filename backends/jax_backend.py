@@ -83,7 +83,9 @@ Later still (issue 11; idle machine, min of 30-60 interleaved calls, ``jit``):
   29-31 -> 13-15 ms (steps of 2^17-2^20 entries all measured 12-20 ms;
   ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` on the one-program version got
   17.6 / 19.7 ms, the same effect from outside).  One long row has no such
-  temporaries (4 MiB at 1e6) and is not split.
+  temporaries (4 MiB at 1e6) and is not split.  Only where JAX's default backend
+  is the CPU: on an accelerator the steps would serialise the batch for a problem
+  it does not have (unmeasured, no GPU here).
 * **tie counts for free** (:func:`select_pair_counts`): the last pass's bin of
   ``a`` (and of ``b`` with ``track_b``) holds exactly the entries equal to it,
   so the forward's tie weights need no reduction over ``x``: the two
@@ -297,7 +299,9 @@ def _radix(x: Any, k: Any, counts: bool = False) -> tuple[Any, ...]:
     n = x.shape[-1]
     rows = math.prod(lead)
     steps = map_steps(rows, n)
-    if steps == 1 or _explicitly_sharded(x):
+    # the steps fix the CPU runtime's per-call page faults; on an accelerator they
+    # would only serialise the batch (not measured: no GPU here), so one program there
+    if steps == 1 or _explicitly_sharded(x) or jax.default_backend() != "cpu":
         return _radix_rows(x, k, counts)
     # a batch in steps of `per` rows (lax.map), so that each step's temporaries stay
     # small enough to be reused between calls instead of freshly mapped (module docstring)

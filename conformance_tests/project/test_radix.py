@@ -521,3 +521,30 @@ def test_jax_backend_batches_in_map_steps(monkeypatch, rows, n):
     a, b = jax.vmap(lambda t: jax_backend._radix(t, 5))(jnp.asarray(x3))
     np.testing.assert_array_equal(np.asarray(a), ea)
     np.testing.assert_array_equal(np.asarray(b), eb)
+    # the steps are a loop in the program on the CPU, and only there
+    assert "scan" in str(jax.make_jaxpr(lambda t: jax_backend._radix(t, 5))(jnp.asarray(x)))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "scan" not in str(jax.make_jaxpr(lambda t: jax_backend._radix(t, 5))(jnp.asarray(x)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_jax_backend_counts_half_precision_one_pass(dtype):
+    # 16-bit keys with 16-bit digits: a single histogram pass, whose bins hold single keys
+    import jax.numpy as jnp
+    from topk_core.backends import jax_backend
+
+    n = 1 << 16
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((2, n)) * 4, dtype=dtype)  # many ties in 16 bits
+    x = x.at[1, :3].set(jnp.asarray([0.0, -0.0, jnp.inf], dtype=dtype))
+    xf = np.asarray(x.astype(jnp.float32))  # exact: every 16-bit float is a float32
+    for k in (0, 1, n // 10, n // 2, n):
+        a, b, ca, cb = jax_backend.select_pair_counts(x, k)
+        ea, eb = sort_pair(xf, k)
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), ea)
+        np.testing.assert_array_equal(np.asarray(b.astype(jnp.float32)), eb)
+        for v, c in ((ea, ca), (eb, cb)):
+            fin = np.isfinite(v)
+            want = np.sum(xf == v, axis=-1, keepdims=True)
+            np.testing.assert_array_equal(np.asarray(c)[fin], want[fin])
