@@ -162,9 +162,7 @@ class JaxShims:
         so a block of rows is one XLA scatter (no vmap, no loop).  Batches are
         cut into blocks of about :data:`CHUNK_ENTRIES` entries, one long row
         into two halves with their own counters (summed): XLA's CPU runtime
-        runs independent scatters on different threads, and a block's
-        indices stay in cache between their computation and the scatter
-        (module docstring).
+        runs independent scatters on different threads (module docstring).
         """
         lead = tuple(digits.shape[:-1])
         n = digits.shape[-1]
