@@ -310,20 +310,16 @@ def _radix(x: Any, k: Any, counts: bool = False) -> tuple[Any, ...]:
 
     def step(args: Any) -> tuple[Any, ...]:
         xb, kb = args
-        out = _radix_rows(xb, k if kb is None else kb, counts)
-        return tuple(o for o in out if o is not None)
+        return _radix_rows(xb, k if kb is None else kb, counts)
 
     kb = None if isinstance(k, int) else jnp.reshape(k2[:main], (steps, per, 1))
+    # a None result (b's count with narrow digits) is an empty pytree: it stays None
     outs = lax.map(step, (jnp.reshape(x2[:main], (steps, per, n)), kb))
-    outs = [jnp.reshape(o, (main, 1)) for o in outs]
+    outs = jax.tree.map(lambda o: jnp.reshape(o, (main, 1)), outs)
     if main < rows:  # the last rows % steps rows in one more call
         tail = _radix_rows(x2[main:], k if isinstance(k, int) else k2[main:], counts)
-        tail = [o for o in tail if o is not None]
-        outs = [jnp.concatenate([o, t], axis=0) for o, t in zip(outs, tail)]
-    outs = [jnp.reshape(o, lead + (1,)) for o in outs]
-    if counts and len(outs) == 3:
-        outs.append(None)  # b's count unknown with digits narrower than 16 bits
-    return tuple(outs)
+        outs = jax.tree.map(lambda o, t: jnp.concatenate([o, t], axis=0), outs, tail)
+    return jax.tree.map(lambda o: jnp.reshape(o, lead + (1,)), outs)
 
 
 def _radix_rows(x: Any, k: Any, counts: bool) -> tuple[Any, ...]:

@@ -212,12 +212,10 @@ def _tie_weights_for(
     row_sum: RowSum,
     counts: TieCounts = None,
 ) -> tuple[Array, Array, Array, Array]:
-    # the 5-argument call when there is no group: code that wraps tie_weights keeps working
-    if counts is not None:
-        return tie_weights(xp, x, a, b, valid, row_sum=row_sum, counts=counts)
-    if row_sum is None:
-        return tie_weights(xp, x, a, b, valid)
-    return tie_weights(xp, x, a, b, valid, row_sum=row_sum)
+    # only the keywords in use: code that wraps tie_weights with the 5-argument call keeps
+    # working wherever there is no group and no counts
+    kw = {k: v for k, v in (("row_sum", row_sum), ("counts", counts)) if v is not None}
+    return tie_weights(xp, x, a, b, valid, **kw)
 
 
 def _apply_w(xp: Any, eq_a: Array, eq_b: Array, wa: Array, wb: Array, scale: Array) -> Array:
