@@ -531,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{e['backend']:6s} {report._shape_label(e['batch'], e['n']):10s} passes: "
             f"select {p['select']:.1f}, fwd math {p['fwd_math']:.1f}, bwd math "
             f"{p['bwd_math']:.1f}, total {p.get('total', float('nan')):.1f} "
-            f"(1 pass = {e['unit_s'] * 1e3:.3f} ms; back to back "
+            f"(median {e.get('passes_median', {}).get('total', float('nan')):.1f}; "
+            f"1 pass = {e['unit_s'] * 1e3:.3f} ms; back to back "
             f"{report._fmt_hot(e.get('unit_hot_s'))} ms)"
         )
     written = [out / "results.md", out / "results.json"] + ([out / plot] if plot else [])

@@ -23,11 +23,14 @@ but where it is far below the unit, pass counts lean on the context.
 All callables are timed in interleaved rounds (each once per round), so that
 load from other processes hits them alike; minima are what is compared,
 because the question is what the code costs, not what the machine's
-neighbours cost.
+neighbours cost.  The medians are recorded beside them (``passes_median``:
+median time / median unit): where the two differ much, the minimum is not
+what a typical call costs.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,8 +56,9 @@ def measure(
     """Time ``unit`` (the pass), every phase and ``total``; minima and passes.
 
     Stops after ``rounds`` rounds or once ``budget_s`` seconds are spent (at
-    least 5 rounds).  Returns seconds (``*_s``), ``passes`` (phase / unit) and
-    the number of rounds.
+    least 5 rounds).  Returns minimum seconds (``*_s``), ``passes`` (phase /
+    unit, minima), ``passes_median`` (the same from medians) and the number
+    of rounds.
     """
     calls: dict[str, Callable[[], Any]] = {"unit": unit, **phases}
     if total is not None:
@@ -62,18 +66,19 @@ def measure(
     for fn in calls.values():
         for _ in range(warmup):
             fn()
-    best = {name: float("inf") for name in calls}
+    times: dict[str, list[float]] = {name: [] for name in calls}
     start = time.perf_counter()
     done = 0
     for r in range(rounds):
         for name, fn in calls.items():
             t0 = time.perf_counter()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            times[name].append(time.perf_counter() - t0)
         done = r + 1
         if done >= 5 and time.perf_counter() - start > budget_s:
             break
-    unit_s = best["unit"]
+    best = {name: min(t) for name, t in times.items()}
+    middle = {name: statistics.median(t) for name, t in times.items()}
     out: dict[str, Any] = {f"{name}_s": t for name, t in best.items()}
     # the same pass back to back (caches and worker threads warm): not the unit, but
     # it shows how much the interleaved unit owes to its neighbours
@@ -83,14 +88,22 @@ def measure(
         unit()
         hot = min(hot, time.perf_counter() - t0)
     out["unit_hot_s"] = hot
-    passes = {name: t / unit_s for name, t in best.items() if name != "unit"}
+    out["passes"] = _in_passes(best)
+    out["unit_median_s"] = middle["unit"]
+    out["passes_median"] = _in_passes(middle)
+    out["rounds"] = done
+    return out
+
+
+def _in_passes(seconds: dict[str, float]) -> dict[str, float]:
+    """Each timing over the unit's, plus ``math`` and ``other`` where the phases are there."""
+    unit_s = seconds["unit"]
+    passes = {name: t / unit_s for name, t in seconds.items() if name != "unit"}
     if all(p in passes for p in PHASES):
         passes["math"] = passes["fwd_math"] + passes["bwd_math"]
         if "total" in passes:
             passes["other"] = passes["total"] - sum(passes[p] for p in PHASES)
-    out["passes"] = passes
-    out["rounds"] = done
-    return out
+    return passes
 
 
 def targets(entry: dict[str, Any]) -> list[tuple[str, float, float, bool]]:

@@ -459,11 +459,13 @@ def write_markdown(path: Path, payload: dict[str, Any], plot_name: str | None) -
             "`load` is the 1-minute load average when the shape finished. "
             "`back to back` is not the unit: the minimum of the same `x * 2` called 20 "
             "times in a row (caches and worker threads warm); where it is far below the "
-            "unit, the pass counts lean on the interleaved context.",
+            "unit, the pass counts lean on the interleaved context. `total (median)`: the "
+            "median total call over the median pass, from the same rounds; where it is "
+            "far above `total`, the minimum was a lucky call rather than a typical one.",
             "",
             "| backend | dtype | k | shape | 1 pass (ms) | back to back (ms) | select | "
-            "fwd math | bwd math | math | other | total | total (ms) | load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "fwd math | bwd math | math | other | total | total (median) | total (ms) | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for e in sorted(
             entries, key=lambda e: (e["backend"], e["dtype"], e["kfrac"], e["batch"] or 0, e["n"])
@@ -475,8 +477,9 @@ def write_markdown(path: Path, payload: dict[str, Any], plot_name: str | None) -
                 f"{_fmt_hot(e.get('unit_hot_s'))} | {p['select']:.1f} | "
                 f"{p['fwd_math']:.1f} | {p['bwd_math']:.1f} | "
                 f"{p['math']:.1f} | {p.get('other', float('nan')):.1f} | "
-                f"{p.get('total', float('nan')):.1f} | {_fmt_ms(e.get('total_s'))} | "
-                f"{e.get('loadavg', '')} |"
+                f"{p.get('total', float('nan')):.1f} | "
+                f"{e.get('passes_median', {}).get('total', float('nan')):.1f} | "
+                f"{_fmt_ms(e.get('total_s'))} | {e.get('loadavg', '')} |"
             )
         lines += ["", "![pass budget](passes.png)", ""]
         comp = [e for e in entries if isinstance(e.get("compile"), dict)]

@@ -151,6 +151,39 @@ def test_ratios_and_targets():
     assert report.fit_slope([(2**10, 1.0), (2**12, 4.0)]) is None  # below SLOPE_MIN_N
 
 
+def test_pass_budget_minima_and_medians(monkeypatch):
+    # a fake clock: each call advances it by the next scripted duration of that callable
+    from benchmarks import passes
+
+    now = [0.0]
+    script = {
+        "unit": iter([2.0, 1.0, 1.0, 4.0, 1.0] + [1.0] * passes.HOT_CALLS + [0.5]),
+        "select": iter([6.0, 5.0, 9.0, 5.0, 7.0]),
+        "fwd_math": iter([2.0] * 5),
+        "bwd_math": iter([3.0, 3.0, 3.0, 1.0, 3.0]),
+        "total": iter([12.0, 9.0, 30.0, 10.0, 11.0]),
+    }
+
+    def timed(name):
+        def run():
+            now[0] += next(script[name])
+
+        return run
+
+    monkeypatch.setattr(passes.time, "perf_counter", lambda: now[0])
+    phases = {p: timed(p) for p in passes.PHASES}
+    out = passes.measure(timed("unit"), phases, timed("total"), rounds=5, budget_s=1e9, warmup=0)
+    assert out["rounds"] == 5 and out["unit_s"] == 1.0 and out["unit_median_s"] == 1.0
+    assert out["unit_hot_s"] == 1.0
+    p, m = out["passes"], out["passes_median"]
+    assert (p["select"], p["fwd_math"], p["bwd_math"], p["total"]) == (5.0, 2.0, 1.0, 9.0)
+    assert p["math"] == 3.0 and p["other"] == 1.0
+    assert (m["select"], m["bwd_math"], m["total"]) == (6.0, 3.0, 11.0)
+    assert m["math"] == 5.0 and m["other"] == 0.0
+    row = {"backend": "jax", "n": 10**6, "passes": p}
+    assert ("passes, fwd+bwd in all", 9.0, 10.0, True) in passes.targets(row)
+
+
 def _run_cli(tmp_path, *args):
     env = dict(os.environ, MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
     env.pop("JAX_ENABLE_X64", None)
