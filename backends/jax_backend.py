@@ -62,7 +62,7 @@ bins of normal data and the allocation's placement both seem to matter);
 splitting the counters into 2-16 interleaved copies did not help.
 Later still (issue 11; idle machine, min of 30-60 interleaved calls, ``jit``):
 
-* **independent scatters.**  XLA's CPU runtime runs independent scatters on
+* **independent scatters.**  XLA's CPU runtime can run independent scatters on
   different threads: one long row is histogrammed as two halves with their own
   counters (summed), batches as up to :data:`MAX_BLOCKS` blocks of rows with
   disjoint counters.  A bare 16-bit histogram of 1e6 entries: 0.73 ms in one
@@ -70,7 +70,19 @@ Later still (issue 11; idle machine, min of 30-60 interleaved calls, ``jit``):
   clears and sums its own 65536 counters).  The whole selection, same process
   A/B: 1e6 1.29 -> 1.18 ms; 1024 x 4096 31.9 -> 30.2 ms with 4 blocks (25.4 ms
   with 32, but compiling went from 0.6 to 2.1 s); 64 x 16384 3.0 -> 2.4 ms;
-  8192 x 256 unchanged within noise.  A profile of the batched selection shows
+  8192 x 256 unchanged within noise.  But inside the whole selection the two
+  halves of a long row overlap only in some calls: a profile of 30 calls at
+  1e6 found them on two threads in 4 (each half ~0.3 ms), and over 150
+  interleaved calls the halves gave the best call (1.0-1.1 vs 1.3 ms in one
+  scatter) but the same median (1.7-2.0 ms).  XLA's thunk executor runs a
+  thunk inline and offloads ready ones to another worker only when more than
+  a few (8 in XLA's source) are ready at once; otherwise overlap comes only
+  from a partitioned fusion finishing on another thread.  Batches, min of 30
+  interleaved selections: one block per pass instead of several was slower
+  (8192 x 256: 15.3 vs 13.0 ms), and so were counters from distinct zero
+  arrays or scatters chained into one buffer, which avoid the counters'
+  copies and the concatenation (8192 x 256: 14.1-15.4 vs 12.5-13.1 ms;
+  1024 x 4096: 12.7-13.9 vs 11.7 ms).  A profile of the batched selection shows
   where its time goes: first touches of n-sized temporaries (the keys and the
   scatter's all-ones updates, 16 MB each at 1024 x 4096, ~6 ms each), i.e.
   page faults of freshly mapped memory, not the counting itself.
@@ -162,7 +174,8 @@ class JaxShims:
         so a block of rows is one XLA scatter (no vmap, no loop).  Batches are
         cut into blocks of about :data:`CHUNK_ENTRIES` entries, one long row
         into two halves with their own counters (summed): XLA's CPU runtime
-        runs independent scatters on different threads (module docstring).
+        can run independent scatters on different threads, though inside the
+        selection it does so only in some calls (module docstring).
         """
         lead = tuple(digits.shape[:-1])
         n = digits.shape[-1]
