@@ -76,8 +76,9 @@ Later still (issue 11; idle machine, min of 30-60 interleaved calls, ``jit``):
   interleaved calls the halves gave the best call (1.0-1.1 vs 1.3 ms in one
   scatter) but the same median (1.7-2.0 ms).  XLA's thunk executor runs a
   thunk inline and offloads ready ones to another worker only when more than
-  a few (8 in XLA's source) are ready at once; otherwise overlap comes only
-  from a partitioned fusion finishing on another thread.  Batches, min of 30
+  a few are ready at once (``kSplitThreshold``, 8 in the XLA source read);
+  otherwise overlap comes only from a partitioned fusion finishing on another
+  thread.  Batches, min of 30
   interleaved selections: one block per pass instead of several was slower
   (8192 x 256: 15.3 vs 13.0 ms), and so were counters from distinct zero
   arrays or scatters chained into one buffer, which avoid the counters'
