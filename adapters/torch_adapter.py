@@ -45,6 +45,7 @@ def _logits(
     valid: torch.Tensor | None,
     *,
     differentiable: bool,
+    row_sum: Any = None,
 ) -> torch.Tensor:
     """``z`` from the saved ``x, a, b`` (compute dtype).
 
@@ -52,14 +53,16 @@ def _logits(
     differentiable (double backward, forward-over-reverse), a zero-valued
     straight-through term ``theta_lin - theta_lin.detach()`` with
     ``theta_lin = sum(w * x)`` restores d theta / dx = w, the derivative of the
-    selected threshold (the selection is piecewise linear in x).
+    selected threshold (the selection is piecewise linear in x).  ``row_sum``:
+    a group's per-row sum (:func:`topk_core._group.row_sum_of`; autograd-aware
+    for tensors that require grad), where ``x`` is one shard of the row.
     """
     z = _math.logits(_XP, x, a, b, tau, valid, eager=host_ok(x))
     if differentiable:
-        eq_a, eq_b, wa, wb = _math.tie_weights(_XP, x, a, b, valid)
+        eq_a, eq_b, wa, wb = _math.tie_weights(_XP, x, a, b, valid, row_sum=row_sum)
         # w * x, summed per row
         theta = _math._apply_w(_XP, eq_a, eq_b, wa.to(x.dtype), wb.to(x.dtype), x)
-        theta = theta.sum(-1, keepdim=True)
+        theta = theta.sum(-1, keepdim=True) if row_sum is None else row_sum(theta)
         shift = theta - theta.detach()
         if not (isinstance(tau, float) and tau == 1.0):
             shift = shift / tau
@@ -227,9 +230,13 @@ def _tau_grad(
     b: torch.Tensor,
     tau: torch.Tensor,
     valid: torch.Tensor | None,
+    row_sum: Any = None,
 ) -> torch.Tensor:
-    """``grad_tau = -sum(s z)`` over the finite ``z`` (recomputed: no exponential)."""
-    z = _logits(x, a, b, tau, valid, differentiable=torch.is_grad_enabled())
+    """``grad_tau = -sum(s z)`` over the finite ``z`` (recomputed: no exponential).
+
+    This shard's share where ``row_sum`` is a group's (see :func:`_logits`).
+    """
+    z = _logits(x, a, b, tau, valid, differentiable=torch.is_grad_enabled(), row_sum=row_sum)
     # infinite z contributes 0; NaN entries of x are constants (NaN rule)
     t = torch.where(torch.isnan(x), 0.0, -s * torch.where(torch.isfinite(z), z, 0.0))
     return t.sum_to_size(tau.shape).to(tau.dtype)

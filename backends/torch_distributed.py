@@ -21,7 +21,9 @@ sums as the VJP (``sum(s)`` and the tie counts), so ``x.grad`` is the
 gradient of the sum of every rank's loss; it also has a forward-mode ``jvp``.
 A ``tau`` tensor's gradient is this rank's contribution, as for any parameter
 (all-reduce it, or let DistributedDataParallel do so, when ``tau`` is shared by
-the ranks).  Double backward is not supported.
+the ranks).  With ``create_graph=True`` the backward is built from
+differentiable ops and autograd-aware all-reduces, so double backward (e.g.
+Hessian-vector products) works across the ranks too.
 
 Checks: on CPU tensors (gloo) every call first all-gathers each rank's axis
 length, dtype and batch shape (one small message), so shards of different
@@ -105,6 +107,9 @@ class TorchGroup:
         return t
 
     def sum(self, v: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and v.requires_grad:
+            # on a graph (double backward): differentiable, see _GroupSum
+            return _GroupSum.apply(v, self)
         return self._reduce(v, dist.ReduceOp.SUM)
 
     def max(self, v: torch.Tensor) -> torch.Tensor:
@@ -130,6 +135,28 @@ class TorchGroup:
         kind = "hard" if hard else output
         out, _, _ = GroupDFTopKFunction.apply(pb.x, pb.tau, pb.k, pb.valid, kind, self)
         return out
+
+
+class _GroupSum(torch.autograd.Function):
+    """All-reduce (SUM) that autograd can differentiate, to any order.
+
+    Every rank holds the same sum of every rank's ``v``, so the adjoint of one
+    rank's ``v`` is the sum of every rank's cotangent: another all-reduce.
+    (``torch.distributed.nn.functional.all_reduce`` does the same, but as an
+    old-style Function that ``torch.func`` transforms refuse.)
+    """
+
+    @staticmethod
+    def forward(v: torch.Tensor, group: TorchGroup) -> torch.Tensor:
+        return group._reduce(v, dist.ReduceOp.SUM)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _GroupSum.apply(grad, ctx.group), None
 
 
 def resolve_group(group: Any, x: torch.Tensor, axis: int) -> TorchGroup:
@@ -191,6 +218,35 @@ def _handshake(group: Any, x: torch.Tensor, axis: int) -> int:
     return int(sum(int(e[0]) for e in every))
 
 
+def _graph_backward(
+    kind: str,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    g: torch.Tensor,
+    tau: float | torch.Tensor,
+    valid: torch.Tensor | None,
+    row_sum: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The backward as differentiable ops (``create_graph=True``): double backward.
+
+    ``z`` carries d theta / dx = w, with ``theta``'s linearisation summed over
+    the group, and every per-row sum is the autograd-aware all-reduce
+    (:meth:`TorchGroup.sum`), so a second backward on every rank sees all the
+    ranks' terms; ``w`` is locally constant.  Returns ``(grad_x, grad_tau)``
+    (this rank's share of ``grad_tau``, None for a float ``tau``), compute dtype.
+    """
+    from topk_core.adapters.torch_adapter import _logits, _tau_grad
+
+    z = _logits(x, a, b, tau, valid, differentiable=True, row_sum=row_sum)
+    s = g if kind == "logits" else g * _math.sigmoid_grad(_XP, z)
+    s, grad_x = _math.vjp_from_s(_XP, x, a, b, s, tau, valid, row_sum=row_sum)
+    grad_tau = None
+    if isinstance(tau, torch.Tensor):
+        grad_tau = _tau_grad(s, x, a, b, tau, valid, row_sum=row_sum)
+    return grad_x, grad_tau
+
+
 def _unpack(ctx: Any) -> tuple:
     x, tau_t, valid, a, b = ctx.saved_tensors[:5]
     tau = tau_t if tau_t is not None else ctx.tau_float
@@ -236,19 +292,19 @@ class GroupDFTopKFunction(torch.autograd.Function):
         ctx.save_for_forward(x, tau_t, valid, a, b)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_a, _grad_b):
         x, xc, tau, valid, a, b = _unpack(ctx)
-        group = ctx.group
-        z = _math.logits(_XP, xc, a, b, tau, valid, eager=x.device.type == "cpu")
+        row_sum = row_sum_of(_XP, ctx.group)
         g = grad_out.to(xc.dtype)
-        grad_x, t = _math.vjp(
-            _XP, xc, a, b, z, g, tau, valid, ctx.kind, row_sum=row_sum_of(_XP, group)
-        )
-        grad_tau = None
-        if isinstance(tau, torch.Tensor) and ctx.needs_input_grad[1]:
+        want_tau = isinstance(tau, torch.Tensor) and ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            grad_x, grad_tau = _graph_backward(ctx.kind, xc, a, b, g, tau, valid, row_sum)
+            grad_tau = grad_tau if want_tau else None
+        else:
+            z = _math.logits(_XP, xc, a, b, tau, valid, eager=x.device.type == "cpu")
+            grad_x, t = _math.vjp(_XP, xc, a, b, z, g, tau, valid, ctx.kind, row_sum=row_sum)
             # this rank's contribution, like any parameter's gradient under DDP
-            grad_tau = t.sum_to_size(tau.shape).to(tau.dtype)
+            grad_tau = t.sum_to_size(tau.shape).to(tau.dtype) if want_tau else None
         grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_tau, None, None, None, None
 
