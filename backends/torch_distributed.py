@@ -227,6 +227,7 @@ def _graph_backward(
     tau: float | torch.Tensor,
     valid: torch.Tensor | None,
     row_sum: Any,
+    want_tau: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The backward as differentiable ops (``create_graph=True``): double backward.
 
@@ -234,7 +235,8 @@ def _graph_backward(
     the group, and every per-row sum is the autograd-aware all-reduce
     (:meth:`TorchGroup.sum`), so a second backward on every rank sees all the
     ranks' terms; ``w`` is locally constant.  Returns ``(grad_x, grad_tau)``
-    (this rank's share of ``grad_tau``, None for a float ``tau``), compute dtype.
+    (this rank's share of ``grad_tau`` where ``want_tau``, else None), compute
+    dtype.
     """
     from topk_core.adapters.torch_adapter import _logits, _tau_grad
 
@@ -242,7 +244,7 @@ def _graph_backward(
     s = g if kind == "logits" else g * _math.sigmoid_grad(_XP, z)
     s, grad_x = _math.vjp_from_s(_XP, x, a, b, s, tau, valid, row_sum=row_sum)
     grad_tau = None
-    if isinstance(tau, torch.Tensor):
+    if want_tau and isinstance(tau, torch.Tensor):
         grad_tau = _tau_grad(s, x, a, b, tau, valid, row_sum=row_sum)
     return grad_x, grad_tau
 
@@ -298,8 +300,7 @@ class GroupDFTopKFunction(torch.autograd.Function):
         g = grad_out.to(xc.dtype)
         want_tau = isinstance(tau, torch.Tensor) and ctx.needs_input_grad[1]
         if torch.is_grad_enabled():
-            grad_x, grad_tau = _graph_backward(ctx.kind, xc, a, b, g, tau, valid, row_sum)
-            grad_tau = grad_tau if want_tau else None
+            grad_x, grad_tau = _graph_backward(ctx.kind, xc, a, b, g, tau, valid, row_sum, want_tau)
         else:
             z = _math.logits(_XP, xc, a, b, tau, valid, eager=x.device.type == "cpu")
             grad_x, t = _math.vjp(_XP, xc, a, b, z, g, tau, valid, ctx.kind, row_sum=row_sum)
