@@ -23,7 +23,8 @@ A ``tau`` tensor's gradient is this rank's contribution, as for any parameter
 (all-reduce it, or let DistributedDataParallel do so, when ``tau`` is shared by
 the ranks).  With ``create_graph=True`` the backward is built from
 differentiable ops and autograd-aware all-reduces, so double backward (e.g.
-Hessian-vector products) works across the ranks too.
+Hessian-vector products) and forward over reverse (``torch.func.jvp`` of
+``torch.func.grad``) work across the ranks too.
 
 Checks: on CPU tensors (gloo) every call first all-gathers each rank's axis
 length, dtype and batch shape (one small message), so shards of different
@@ -141,9 +142,10 @@ class _GroupSum(torch.autograd.Function):
     """All-reduce (SUM) that autograd can differentiate, to any order.
 
     Every rank holds the same sum of every rank's ``v``, so the adjoint of one
-    rank's ``v`` is the sum of every rank's cotangent: another all-reduce.
-    (``torch.distributed.nn.functional.all_reduce`` does the same, but as an
-    old-style Function that ``torch.func`` transforms refuse.)
+    rank's ``v`` is the sum of every rank's cotangent: another all-reduce; so is
+    the tangent (forward mode).  (``torch.distributed.nn.functional.all_reduce``
+    differentiates the same way in reverse mode, but as an old-style Function
+    that ``torch.func`` transforms refuse, and without a ``jvp``.)
     """
 
     @staticmethod
@@ -157,6 +159,11 @@ class _GroupSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _GroupSum.apply(grad, ctx.group), None
+
+    @staticmethod
+    def jvp(ctx: Any, v_t: torch.Tensor, _group_t: Any) -> torch.Tensor:
+        # linear: the tangent of the sum is the sum of every rank's tangent
+        return _GroupSum.apply(v_t, ctx.group)
 
 
 def resolve_group(group: Any, x: torch.Tensor, axis: int) -> TorchGroup:

@@ -322,6 +322,23 @@ def check_double_backward(c):
             _close(hx, c.shard(hxf), 1e-10, f"Hessian-vector product in x, {what}")
             _close(ht, htf, 1e-10, f"Hessian-vector product in tau, {what}")
             n += 1
+    # forward over reverse (torch.func.jvp of torch.func.grad), the same product in x
+    ms, ws = c.shard(mask), c.shard(w)
+    for k in (1, 30):
+        _, hv = torch.func.jvp(
+            torch.func.grad(
+                lambda t, k=k: (tk.dftopk(t, k, tau=tau, mask=ms, group=c.group) * ws).sum()
+            ),
+            (c.shard(x),),
+            (c.shard(v),),
+        )
+        xf = x.clone().requires_grad_(True)
+        (gxf,) = torch.autograd.grad(
+            (tk.dftopk(xf, k, tau=tau, mask=mask) * w).sum(), xf, create_graph=True
+        )
+        (hxf,) = torch.autograd.grad((gxf * v).sum(), xf)
+        _close(hv, c.shard(hxf), 1e-10, f"forward-over-reverse product k={k}")
+        n += 1
     # float tau, float32
     x32 = _data((2, 100), 20)
     xs = c.shard(x32).requires_grad_(True)
@@ -333,7 +350,10 @@ def check_double_backward(c):
     (gxf,) = torch.autograd.grad(tk.dftopk(xf, 25, tau=0.5).pow(2).sum(), xf, create_graph=True)
     (hxf,) = torch.autograd.grad(gxf.sum(), xf)
     _close(hx, c.shard(hxf), 1e-4, "float32, float tau")
-    return f"{n + 1} Hessian-vector products (ties across ranks, mask, per-row tau) match"
+    return (
+        f"{n + 1} Hessian-vector products (ties across ranks, mask, per-row tau; reverse over "
+        f"reverse and forward over reverse) match"
+    )
 
 
 def check_dtypes(c):
