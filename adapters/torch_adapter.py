@@ -59,10 +59,10 @@ def _logits(
     """
     z = _math.logits(_XP, x, a, b, tau, valid, eager=host_ok(x))
     if differentiable:
-        eq_a, eq_b, wa, wb = _math.tie_weights(_XP, x, a, b, valid, row_sum=row_sum)
+        eq_a, eq_b, wa, wb = _math._tie_weights_for(_XP, x, a, b, valid, row_sum)
         # w * x, summed per row
         theta = _math._apply_w(_XP, eq_a, eq_b, wa.to(x.dtype), wb.to(x.dtype), x)
-        theta = theta.sum(-1, keepdim=True) if row_sum is None else row_sum(theta)
+        theta = _math._row_sum(_XP, theta, row_sum)
         shift = theta - theta.detach()
         if not (isinstance(tau, float) and tau == 1.0):
             shift = shift / tau
@@ -271,6 +271,28 @@ def forward_math(
     return out.to(x.dtype)
 
 
+def graph_vjp(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    s: torch.Tensor,
+    tau: float | torch.Tensor,
+    valid: torch.Tensor | None,
+    tau_grad: bool,
+    row_sum: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(grad_x, grad_tau or None)`` from ``s = g dout/dz`` as differentiable ops.
+
+    :func:`topk_core._math.vjp_from_s` and :func:`_tau_grad`, nothing done in
+    place or on the host, so autograd can differentiate it again (double
+    backward).  ``row_sum``: a group's per-row sum (see :func:`_logits`), for
+    one shard of the rows.  Compute dtype in and out.
+    """
+    s, grad_x = _math.vjp_from_s(_XP, x, a, b, s, tau, valid, row_sum=row_sum)
+    grad_tau = _tau_grad(s, x, a, b, tau, valid, row_sum=row_sum) if tau_grad else None
+    return grad_x, grad_tau
+
+
 def backward_math(
     kind: str,
     x: torch.Tensor,
@@ -307,8 +329,7 @@ def backward_math(
     probs = kind == "probs"
     s = torch.ops.aten.sigmoid_backward(g, out.to(cdt)) if probs else g
     if torch.is_grad_enabled() or not (host_ok(x) and host_ok(s)):
-        s, grad_x = _math.vjp_from_s(_XP, xc, a, b, s, tau, valid)
-        grad_tau = _tau_grad(s, xc, a, b, tau, valid) if tau_grad else None
+        grad_x, grad_tau = graph_vjp(xc, a, b, s, tau, valid, tau_grad)
         return grad_x.to(x.dtype), grad_tau
     fresh = probs  # s may be written in place
     if not _is_one(tau):

@@ -245,15 +245,11 @@ def _graph_backward(
     (this rank's share of ``grad_tau`` where ``want_tau``, else None), compute
     dtype.
     """
-    from topk_core.adapters.torch_adapter import _logits, _tau_grad
+    from topk_core.adapters.torch_adapter import _logits, graph_vjp
 
     z = _logits(x, a, b, tau, valid, differentiable=True, row_sum=row_sum)
     s = g if kind == "logits" else g * _math.sigmoid_grad(_XP, z)
-    s, grad_x = _math.vjp_from_s(_XP, x, a, b, s, tau, valid, row_sum=row_sum)
-    grad_tau = None
-    if want_tau and isinstance(tau, torch.Tensor):
-        grad_tau = _tau_grad(s, x, a, b, tau, valid, row_sum=row_sum)
-    return grad_x, grad_tau
+    return graph_vjp(x, a, b, s, tau, valid, want_tau, row_sum=row_sum)
 
 
 def _unpack(ctx: Any) -> tuple:
