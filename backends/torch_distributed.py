@@ -24,7 +24,12 @@ A ``tau`` tensor's gradient is this rank's contribution, as for any parameter
 the ranks).  With ``create_graph=True`` the backward is built from
 differentiable ops and autograd-aware all-reduces, so double backward (e.g.
 Hessian-vector products) and forward over reverse (``torch.func.jvp`` of
-``torch.func.grad``) work across the ranks too.
+``torch.func.grad``) work across the ranks too.  ``torch.func.vmap`` (and so
+``jacrev``, ``jacfwd``, ``hessian``) works through batching rules of the
+selection, the forward and every collective: the mapped slices become one
+more batch axis of the physical call, the same on every rank (checked on CPU
+tensors, so ranks that map over different sizes, e.g. ``jacrev`` over shards of
+unequal length, raise a ``ValueError`` instead of aborting in gloo).
 
 Checks: on CPU tensors (gloo) every call first all-gathers each rank's axis
 length, dtype and batch shape (one small message), so shards of different
@@ -108,16 +113,42 @@ class TorchGroup:
         return t
 
     def sum(self, v: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and v.requires_grad:
-            # on a graph (double backward): differentiable, see _GroupSum
-            return _GroupSum.apply(v, self)
-        return self._reduce(v, dist.ReduceOp.SUM)
+        # through the Function always: on a graph (double backward) it is differentiable,
+        # under torch.func.vmap it has a batching rule (c10d collectives have none)
+        return _GroupSum.apply(v, self)
+
+    def check_batch(self, size: int, device: Any) -> None:
+        """Under ``torch.func.vmap`` every rank must map over the same number of slices.
+
+        The batched collectives would otherwise mismatch between ranks (an
+        error or a hang); one small all-gather, on CPU tensors (gloo) only, like
+        the call's handshake.
+        """
+        if device.type != "cpu":
+            return
+        t = torch.tensor([size], dtype=torch.int64)
+        every = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(every, t, group=self.pg)
+        sizes = [int(e) for e in every]
+        if len(set(sizes)) > 1:
+            raise ValueError(
+                f"torch.func.vmap over a call with group=: the ranks map over different "
+                f"batch sizes (by rank: {sizes}); every rank must vmap over as many slices "
+                f"(torch.func.jacrev/jacfwd/hessian map over this rank's outputs or inputs: "
+                f"shards of equal length)"
+            )
 
     def max(self, v: torch.Tensor) -> torch.Tensor:
+        return _GroupOp.apply(v, self, "max")
+
+    def exclusive_sum(self, v: torch.Tensor) -> torch.Tensor:
+        return _GroupOp.apply(v, self, "exclusive_sum")
+
+    def _max(self, v: torch.Tensor) -> torch.Tensor:
         # gloo has no int16 reductions: widening keeps the signed keys' order
         return self._reduce(v.to(torch.int64), dist.ReduceOp.MAX).to(v.dtype)
 
-    def exclusive_sum(self, v: torch.Tensor) -> torch.Tensor:
+    def _exclusive_sum(self, v: torch.Tensor) -> torch.Tensor:
         t = v.detach().contiguous()
         every = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(every, t, group=self.pg)
@@ -130,7 +161,7 @@ class TorchGroup:
         return self.n_total
 
     def select_pair(self, xp: Any, x: torch.Tensor, k: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return radix_select_pair(_XP, x.detach(), k, SHIMS, digit_bits=DIGIT_BITS, group=self)
+        return _GroupSelect.apply(x.detach(), k, self)
 
     def apply(self, pb: Any, output: str, hard: bool = False) -> torch.Tensor:
         kind = "hard" if hard else output
@@ -164,6 +195,63 @@ class _GroupSum(torch.autograd.Function):
     def jvp(ctx: Any, v_t: torch.Tensor, _group_t: Any) -> torch.Tensor:
         # linear: the tangent of the sum is the sum of every rank's tangent
         return _GroupSum.apply(v_t, ctx.group)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, v: torch.Tensor, group: TorchGroup) -> tuple:
+        # the mapped slices are one more batch axis of the all-reduced tensor
+        v = _batched(v, in_dims[0], info.batch_size)
+        group.check_batch(info.batch_size, v.device)
+        return _GroupSum.apply(v, group), 0
+
+
+class _GroupOp(torch.autograd.Function):
+    """A collective without a gradient (a key maximum, exclusive sums of tie counts),
+    with a batching rule for ``torch.func.vmap``."""
+
+    @staticmethod
+    def forward(v: torch.Tensor, group: TorchGroup, op: str) -> torch.Tensor:
+        return group._max(v) if op == "max" else group._exclusive_sum(v)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.mark_non_differentiable(output)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, v: torch.Tensor, group: TorchGroup, op: str) -> tuple:
+        v = _batched(v, in_dims[0], info.batch_size)
+        group.check_batch(info.batch_size, v.device)
+        return _GroupOp.apply(v, group, op), 0
+
+
+class _GroupSelect(torch.autograd.Function):
+    """The group's (a, b) selection, with a batching rule for ``torch.func.vmap``: the
+    mapped slices are one more batch axis of one physical selection (the radix
+    driver's compaction and collectives cannot take batched tensors)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, k: Any, group: TorchGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        return radix_select_pair(_XP, x, k, SHIMS, digit_bits=DIGIT_BITS, group=group)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.mark_non_differentiable(*output)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, k: Any, group: TorchGroup) -> tuple:
+        size = info.batch_size
+        group.check_batch(size, x.device)
+        x, k = _batched(x, in_dims[0], size), _batched(k, in_dims[1], size)
+        a, b = _GroupSelect.apply(x, k, group)
+        return (a, b), (0, 0)
+
+
+def _batched(t: Any, dim: int | None, size: int) -> Any:
+    """``t`` with its vmapped axis first (an unmapped tensor expanded to ``size``)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if dim is None:
+        return t.unsqueeze(0).expand((size,) + tuple(t.shape))
+    return t.movedim(dim, 0)
 
 
 def resolve_group(group: Any, x: torch.Tensor, axis: int) -> TorchGroup:
@@ -322,3 +410,18 @@ class GroupDFTopKFunction(torch.autograd.Function):
             _XP, xc, a, b, z, u, tau, dtau, valid, ctx.kind, row_sum=row_sum_of(_XP, ctx.group)
         )
         return d.to(x.dtype), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, tau, k, valid, output, group):
+        # the mapped slices become one more leading batch axis of every shard (the
+        # collectives cannot take batched tensors): same shapes on every rank
+        size = info.batch_size
+        group.check_batch(size, x.device)
+        x_dim, tau_dim, k_dim, valid_dim = in_dims[:4]
+        if isinstance(tau, torch.Tensor) and tau_dim is None:
+            tau = tau.unsqueeze(0)  # broadcasts; its gradient flows back through the view
+        else:
+            tau = _batched(tau, tau_dim, size)
+        args = (_batched(x, x_dim, size), tau, _batched(k, k_dim, size))
+        out = GroupDFTopKFunction.apply(*args, _batched(valid, valid_dim, size), output, group)
+        return out, (0, 0, 0)

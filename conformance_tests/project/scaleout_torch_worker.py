@@ -41,6 +41,7 @@ CASES = [
     "communication_independent_of_n",
     "errors",
     "torch_compile",
+    "torch_func_transforms",
 ]
 
 # shard boundaries of a length-100 axis: unequal on purpose
@@ -508,6 +509,80 @@ def check_torch_compile(c):
     gx = torch.func.grad(loss)(c.shard(x), c.shard(w))
     _close(gx, c.shard(xf.grad), 2e-5, "torch.func.grad")
     return "torch.compile (eager, aot_eager backends) and torch.func.grad with group="
+
+
+def check_torch_func_transforms(c):
+    import torch
+
+    import topk_core as tk
+
+    g = c.group
+    vmap = torch.func.vmap
+    x = _data((3, 2, 100), 23, torch.float64)
+    x[0, 0, :40] = torch.round(x[0, 0, :40])  # ties across shards
+    w = _data((3, 2, 100), 24, torch.float64)
+    mask = _data((3, 2, 100), 25) > -1
+    k = torch.tensor([[1, 30], [0, 99], [100, 50]])
+    tau = torch.tensor([0.3, 0.8, 1.5], dtype=torch.float64).reshape(3, 1, 1)
+    xs, ws, ms = c.shard(x), c.shard(w), c.shard(mask)
+    # vmap over a leading axis (unequal shards): x, per-row k, mask and tau all mapped
+    for fn in (tk.dftopk, tk.dftopk_logits, tk.topk_mask):
+        got = vmap(lambda r, kk, mm, fn=fn: fn(r, kk, mask=mm, group=g))(xs, k, ms)
+        _close(got, c.shard(fn(x, k, mask=mask)), 1e-12, f"vmap {fn.__name__}")
+    # mapped over axis 2 of 4: x, k and the mask each with the mapped axis not first
+    x4, m4 = _data((2, 3, 2, 100), 26, torch.float64), _data((2, 3, 2, 100), 27) > -1
+    k4 = torch.arange(12).reshape(2, 3, 2) * 8
+    f4 = vmap(lambda r, kk, mm: tk.dftopk(r, kk, mask=mm, group=g), in_dims=2, out_dims=2)
+    got = f4(c.shard(x4), k4, c.shard(m4))
+    _close(got, c.shard(tk.dftopk(x4, k4, mask=m4)), 1e-12, "vmap over axis 2")
+    got = vmap(lambda r, kk: tk.topk_threshold(r, kk, group=g))(xs, k)
+    _close(got, tk.topk_threshold(x, k), 0, "vmap topk_threshold")
+    got = vmap(lambda r, t: tk.dftopk(r, 30, tau=t, hard=True, group=g))(xs, tau)
+    _close(got, c.shard(tk.dftopk(x, 30, tau=tau, hard=True)), 0, "vmap hard=True")
+    got = vmap(lambda t: tk.dftopk(xs[0], 30, tau=t, group=g))(tau)  # only tau mapped
+    _close(got, c.shard(tk.dftopk(x[0].expand(3, 2, 100), 30, tau=tau)), 1e-12, "vmap tau")
+    got = vmap(lambda r, v: tk.dftopk_vjp(r, k[0], v, tau=0.4, group=g)[0])(xs, ws)
+    _close(got, c.shard(tk.dftopk_vjp(x, k[0], w, tau=0.4)[0]), 1e-12, "vmap dftopk_vjp")
+    got = vmap(lambda r, v: tk.dftopk_jvp(r, 30, v, tau=0.4, group=g)[1])(xs, ws)
+    _close(got, c.shard(tk.dftopk_jvp(x, 30, w, tau=0.4)[1]), 1e-12, "vmap dftopk_jvp")
+    # per-example gradients: vmap of grad, the gradient of every rank's loss summed
+    xf = x.clone().requires_grad_(True)
+    (tk.dftopk(xf, 30, tau=tau) * w).sum().backward()
+    per = vmap(torch.func.grad(lambda r, v, t: (tk.dftopk(r, 30, tau=t, group=g) * v).sum()))
+    _close(per(xs, ws, tau), c.shard(xf.grad), 1e-12, "vmap of grad")
+
+    # Jacobians and Hessians map over this rank's outputs or inputs: equal shards.  Every
+    # rank maps at once, so rank r's jacrev row i is the gradient of the sum of every
+    # rank's output i (sum over r' of J[r' m + i, r m + j]), and a jacfwd column j moves
+    # entry j of every shard (sum over r' of J[r m + i, r' m + j])
+    cuts, m = [0, 25, 50, 75, 100], 25
+    x1, w1 = x[0, 0], w[0, 0]
+    s1 = c.shard(x1, cuts=cuts)
+    r = c.rank
+
+    def blocks(mat, rows_of_rank):
+        parts = [mat[q * m : (q + 1) * m, r * m : (r + 1) * m] for q in range(4)]
+        if not rows_of_rank:
+            return sum(parts)
+        return sum(mat[r * m : (r + 1) * m, q * m : (q + 1) * m] for q in range(4))
+
+    for fn in (tk.dftopk, tk.dftopk_logits):
+        jac = torch.func.jacrev(lambda t, fn=fn: fn(t, 30, tau=0.4))(x1)
+        f = lambda t, fn=fn: fn(t, 30, tau=0.4, group=g)  # noqa: E731
+        _close(torch.func.jacrev(f)(s1), blocks(jac, False), 1e-12, f"jacrev {fn.__name__}")
+        _close(torch.func.jacfwd(f)(s1), blocks(jac, True), 1e-12, f"jacfwd {fn.__name__}")
+    hess = torch.func.hessian(lambda t: (tk.dftopk(t, 30, tau=0.4) * w1).sum())(x1)
+    loss = lambda t: (tk.dftopk(t, 30, tau=0.4, group=g) * c.shard(w1, cuts=cuts)).sum()  # noqa: E731
+    _close(torch.func.hessian(loss)(s1), blocks(hess, True), 1e-12, "hessian")
+    # unequal shards: the ranks would map over different sizes; every rank raises
+    try:
+        torch.func.jacrev(lambda t: tk.dftopk(t, 30, group=g))(c.shard(x1))
+    except ValueError as e:
+        if "different batch sizes" not in str(e):
+            _MISMATCHES.append(f"jacrev on unequal shards: {e}")
+    else:
+        _MISMATCHES.append("jacrev on unequal shards did not raise")
+    return "vmap (every public function), vmap of grad, jacrev, jacfwd, hessian with group="
 
 
 def _rank_main(rank, port, out_dir, only):

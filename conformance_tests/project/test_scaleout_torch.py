@@ -7,8 +7,10 @@ ties across shard boundaries, masks, per-row k, autograd backward (x and a
 shared tau), the closed-form VJP/JVP, forward-mode AD, dtypes, infinities, an
 empty shard, communication independent of n, the errors (including a
 dtype mismatch between ranks, raised on every rank instead of hanging), and
-``torch.compile`` (``eager``/``aot_eager`` backends) plus ``torch.func.grad``.
-NCCL/CUDA is not tested here (no GPU).  About 50-60 s on 2 shared cores.
+``torch.compile`` (``eager``/``aot_eager`` backends) plus ``torch.func.grad``, and
+``torch.func.vmap``/``jacrev``/``jacfwd``/``hessian`` (ranks mapping over different
+sizes raise on every rank).  NCCL/CUDA is not tested here (no GPU).  About 60-70 s
+on 2 shared cores.
 """
 
 from __future__ import annotations
