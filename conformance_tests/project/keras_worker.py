@@ -135,9 +135,26 @@ def main(out_dir: str) -> dict:
     for h in heads:
         np.testing.assert_allclose(again[h], pred[h], atol=1e-6, rtol=0)
     assert float(np.asarray(loaded.get_layer("probs").log_tau.numpy())) == log_tau
+    # jit_compile=True: XLA on JAX, torch.compile (dynamo + inductor) on torch
+    inp2 = keras.Input((n, d))
+    s2 = keras.layers.Reshape((n,))(keras.layers.Dense(1, name="score2")(inp2))
+    jm = keras.Model(inp2, SoftTopK(k, tau=1.0, learnable_tau=True, name="jit")(s2))
+    jm.compile(optimizer=keras.optimizers.Adam(0.05), loss="binary_crossentropy", jit_compile=True)
+    jit_losses = jm.fit(feats, labels, epochs=4, batch_size=16, verbose=0, shuffle=False).history[
+        "loss"
+    ]
+    assert jm.jit_compile is True, "Keras did not keep jit_compile=True"
+    assert jit_losses[-1] < 0.8 * jit_losses[0], f"jit_compile: no training: {jit_losses}"
+    kernel2 = np.asarray(jm.get_layer("score2").kernel.numpy(), dtype=np.float64)
+    bias2 = np.asarray(jm.get_layer("score2").bias.numpy(), dtype=np.float64)
+    tau2 = math.exp(float(np.asarray(jm.get_layer("jit").log_tau.numpy())))
+    want = topk_core.dftopk((feats.astype(np.float64) @ kernel2 + bias2)[..., 0], k, tau=tau2)
+    err["jit_compile"] = float(np.abs(np.asarray(jm.predict(feats, verbose=0)) - want).max())
+    assert err["jit_compile"] < 1e-4, err
     return {
         "backend": backend,
         "losses": [round(v, 5) for v in losses],
+        "jit_losses": [round(v, 5) for v in jit_losses],
         "tau": math.exp(log_tau),
         "max_err": err,
         "seconds": round(time.perf_counter() - start, 1),

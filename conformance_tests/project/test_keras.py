@@ -3,8 +3,9 @@
 Keras fixes its backend at import, so each backend runs in its own process
 (:mod:`conformance_tests.project.keras_worker`, bounded by a timeout and ended by
 ``subprocess.run``): it trains a small model in ``model.fit``, compares it with
-``topk_core`` on the same weights, and saves / reloads it.  About 10 s (torch)
-and 20 s (JAX) on 2 shared cores.
+``topk_core`` on the same weights, and saves / reloads it; a second model trains
+with ``jit_compile=True``.  About 50 s (torch, mostly ``torch.compile``) and 25 s
+(JAX) on 2 shared cores.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def test_keras_layer_trains_and_matches_topk_core(backend, tmp_path):
     assert losses[-1] < 0.8 * losses[0]
     assert result["max_err"]["probs"] < 1e-4
     assert result["max_err"]["hard_grad"] < 1e-5
+    # model.compile(jit_compile=True): XLA on JAX, torch.compile on torch
+    assert result["jit_losses"][-1] < 0.8 * result["jit_losses"][0]
+    assert result["max_err"]["jit_compile"] < 1e-4
     assert (tmp_path / f"model-{backend}.keras").is_file()
 
 
