@@ -96,6 +96,37 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+def _cpu_id() -> dict[str, int]:
+    """``cpu family`` and ``model`` from /proc/cpuinfo (a VM's model name can hide the
+    generation: AMD family 25 is model 1 for Zen 3, 17 for Zen 4)."""
+    found: dict[str, int] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("cpu family", "model") and key not in found:
+                    found[key] = int(value.strip())
+                if len(found) == 2 or not line.strip():
+                    break
+    except (OSError, ValueError):
+        pass
+    names = {"cpu family": "cpu_family", "model": "cpu_model_id"}
+    return {names[k]: v for k, v in found.items()}
+
+
+def cpu_label(m: dict[str, Any]) -> str:
+    """``AMD EPYC (family 25, model 1; AVX2)``: the CPU as results.md names it."""
+    flags = m.get("cpu_flags") or []
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    ident = []
+    if "cpu_family" in m:
+        ident.append(f"family {m['cpu_family']}, model {m.get('cpu_model_id', '?')}")
+    if isa:
+        ident.append(isa)
+    return m["cpu"] + (f" ({'; '.join(ident)})" if ident else "")
+
+
 def machine_info(versions: dict[str, str]) -> dict[str, Any]:
     """CPU model, cores, memory, OS, Python and library versions, load average."""
     import numpy
@@ -110,6 +141,7 @@ def machine_info(versions: dict[str, str]) -> dict[str, Any]:
     info = {
         "cpu": _cpu_model(),
         "cpu_flags": _cpu_flags(),
+        **_cpu_id(),
         "cores": os.cpu_count(),
         "memory_bytes": mem,
         "os": platform.platform(),
@@ -388,7 +420,7 @@ def write_markdown(path: Path, payload: dict[str, Any], plot_name: str | None) -
         "",
         f"Command: `{cfg['command']}`",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores"
+        f"Machine: {cpu_label(m)}, {m['cores']} cores"
         + (f", {m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else "")
         + f"; {m['os']}; Python {m['python']}; "
         + ", ".join(f"{k} {m[k]}" for k in ("numpy", "torch", "jax") if k in m)

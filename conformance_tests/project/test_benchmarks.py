@@ -201,6 +201,20 @@ def _run_cli(tmp_path, *args):
     return proc, payload, md
 
 
+def test_cpu_label_names_generation_and_vector_width():
+    zen3 = {"cpu": "AMD EPYC", "cpu_flags": ["avx", "avx2"], "cpu_family": 25, "cpu_model_id": 1}
+    assert report.cpu_label(zen3) == "AMD EPYC (family 25, model 1; AVX2)"
+    zen4 = dict(zen3, cpu_flags=["avx2", "avx512f"], cpu_model_id=17)
+    assert report.cpu_label(zen4) == "AMD EPYC (family 25, model 17; AVX-512)"
+    # older results.json files have neither the ids nor (before them) the flags
+    assert report.cpu_label({"cpu": "AMD EPYC", "cpu_flags": ["avx512f"]}) == "AMD EPYC (AVX-512)"
+    assert report.cpu_label({"cpu": "arm64"}) == "arm64"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "cpu family" in cpuinfo.read_text():
+        ids = report._cpu_id()
+        assert isinstance(ids["cpu_family"], int) and isinstance(ids["cpu_model_id"], int)
+
+
 def test_cli_smoke_numpy_torch(tmp_path):
     pytest.importorskip("torch")
     proc, payload, md = _run_cli(
@@ -232,6 +246,7 @@ def test_cli_smoke_numpy_torch(tmp_path):
     ]
     assert len(saved) == 4 and all(s >= 256 * 4 for s in saved)  # at least x itself
     assert payload["machine"]["cores"] >= 1 and "torch" in payload["machine"]
+    assert f"Machine: {report.cpu_label(payload['machine'])}, " in md
     assert "## Targets" in md and "| torch | 256 | official / ours |" in md
     assert {r["baseline"] for r in payload["ratios"] if r["backend"] == "torch"} >= {
         "official",
