@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 import pytest
-from topk_core.backends import numpy_backend
+from topk_core.backends import numpy_backend, numpy_soft
 from topk_core.backends.numpy_soft import POOL, ScratchPool
 
 import topk_core as tk
@@ -69,8 +69,11 @@ def _close(a, b, dtype):
     )
 
 
+@pytest.mark.parametrize("exponential", ["exp", "exp2"])
 @pytest.mark.parametrize("output", ["probs", "logits"])
-def test_numpy_fast_path_matches_generic_math(rng, generic_numpy, output):
+def test_numpy_fast_path_matches_generic_math(rng, generic_numpy, output, exponential, monkeypatch):
+    # both exponential chains, whichever one NumPy has a SIMD loop for on this CPU
+    monkeypatch.setattr(numpy_soft, "exp2_is_simd", lambda dtype: exponential == "exp2")
     fwd = tk.dftopk if output == "probs" else tk.dftopk_logits
     for x, k, kw in _cases(rng):
         g = rng.standard_normal(x.shape).astype(x.dtype)
@@ -92,6 +95,15 @@ def test_numpy_fast_path_matches_generic_math(rng, generic_numpy, output):
             masked = ~kw["mask"]
             assert np.all(gx[masked] == 0)
             assert np.all(out[masked] == (0.0 if output == "probs" else -np.inf))
+
+
+def test_exp2_only_where_numpy_has_a_simd_loop_for_it():
+    introspect = pytest.importorskip("numpy.lib.introspect")  # NumPy >= 2.0
+    for dtype in (np.float32, np.float64):
+        char = np.dtype(dtype).char
+        loops = introspect.opt_func_info(func_name="^exp2$", signature=np.dtype(dtype).name)
+        current = loops["exp2"][char + char]["current"]
+        assert numpy_soft.exp2_is_simd(np.dtype(dtype)) is (not current.startswith("baseline"))
 
 
 def test_and_vjp_residuals_do_not_alias_the_output(rng):
