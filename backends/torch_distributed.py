@@ -198,10 +198,7 @@ class _GroupSum(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, v: torch.Tensor, group: TorchGroup) -> tuple:
-        # the mapped slices are one more batch axis of the all-reduced tensor
-        v = _batched(v, in_dims[0], info.batch_size)
-        group.check_batch(info.batch_size, v.device)
-        return _GroupSum.apply(v, group), 0
+        return _vmap_collective(_GroupSum, info, in_dims, v, group)
 
 
 class _GroupOp(torch.autograd.Function):
@@ -218,9 +215,7 @@ class _GroupOp(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, v: torch.Tensor, group: TorchGroup, op: str) -> tuple:
-        v = _batched(v, in_dims[0], info.batch_size)
-        group.check_batch(info.batch_size, v.device)
-        return _GroupOp.apply(v, group, op), 0
+        return _vmap_collective(_GroupOp, info, in_dims, v, group, op)
 
 
 class _GroupSelect(torch.autograd.Function):
@@ -243,6 +238,14 @@ class _GroupSelect(torch.autograd.Function):
         x, k = _batched(x, in_dims[0], size), _batched(k, in_dims[1], size)
         a, b = _GroupSelect.apply(x, k, group)
         return (a, b), (0, 0)
+
+
+def _vmap_collective(fn: Any, info: Any, in_dims: tuple, v: torch.Tensor, *args: Any) -> tuple:
+    """The batching rule of a one-tensor collective ``fn.apply(v, group, ...)``: the
+    mapped slices are one more batch axis of the reduced tensor, the same on every rank."""
+    v = _batched(v, in_dims[0], info.batch_size)
+    args[0].check_batch(info.batch_size, v.device)
+    return fn.apply(v, *args), 0
 
 
 def _batched(t: Any, dim: int | None, size: int) -> Any:
@@ -417,11 +420,7 @@ class GroupDFTopKFunction(torch.autograd.Function):
         # collectives cannot take batched tensors): same shapes on every rank
         size = info.batch_size
         group.check_batch(size, x.device)
-        x_dim, tau_dim, k_dim, valid_dim = in_dims[:4]
-        if isinstance(tau, torch.Tensor) and tau_dim is None:
-            tau = tau.unsqueeze(0)  # broadcasts; its gradient flows back through the view
-        else:
-            tau = _batched(tau, tau_dim, size)
-        args = (_batched(x, x_dim, size), tau, _batched(k, k_dim, size))
-        out = GroupDFTopKFunction.apply(*args, _batched(valid, valid_dim, size), output, group)
-        return out, (0, 0, 0)
+        # an unmapped tau tensor is expanded like the rest: a view, whose gradient autograd
+        # sums back to tau's own shape
+        x, tau, k, valid = (_batched(t, d, size) for t, d in zip((x, tau, k, valid), in_dims))
+        return GroupDFTopKFunction.apply(x, tau, k, valid, output, group), (0, 0, 0)

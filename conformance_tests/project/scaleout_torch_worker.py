@@ -513,6 +513,7 @@ def check_torch_compile(c):
 
 def check_torch_func_transforms(c):
     import torch
+    import torch.distributed as dist
 
     import topk_core as tk
 
@@ -539,6 +540,16 @@ def check_torch_func_transforms(c):
     _close(got, tk.topk_threshold(x, k), 0, "vmap topk_threshold")
     got = vmap(lambda r, t: tk.dftopk(r, 30, tau=t, hard=True, group=g))(xs, tau)
     _close(got, c.shard(tk.dftopk(x, 30, tau=tau, hard=True)), 0, "vmap hard=True")
+    # an unmapped per-row tau tensor: the value and tau's gradient (this rank's share)
+    tr = torch.tensor([[0.5], [1.2]], dtype=torch.float64, requires_grad=True)
+    got = vmap(lambda r: tk.dftopk(r, 30, tau=tr, group=g))(xs)
+    (gt,) = torch.autograd.grad((got * ws).sum(), tr)
+    dist.all_reduce(gt, group=g)
+    tf = tr.detach().clone().requires_grad_(True)
+    ref = tk.dftopk(x, 30, tau=tf)
+    (gtf,) = torch.autograd.grad((ref * w).sum(), tf)
+    _close(got, c.shard(ref), 1e-12, "vmap, unmapped tau tensor")
+    _close(gt, gtf, 1e-10, "vmap, unmapped tau tensor: its gradient")
     got = vmap(lambda t: tk.dftopk(xs[0], 30, tau=t, group=g))(tau)  # only tau mapped
     _close(got, c.shard(tk.dftopk(x[0].expand(3, 2, 100), 30, tau=tau)), 1e-12, "vmap tau")
     got = vmap(lambda r, v: tk.dftopk_vjp(r, k[0], v, tau=0.4, group=g)[0])(xs, ws)
