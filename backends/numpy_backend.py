@@ -244,17 +244,28 @@ def _select_sampled(x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
     kl = np.maximum(kk, 1)  # rank of a, or of b for k = 0
     kh = np.minimum(kk + 1, n)  # rank of b, or of a for k = n
     lo, hi = _bracket(x2, kl, kh, k if scalar else None)
-    le = POOL.take(x2.shape, np.bool_)
-    cand = POOL.take(x2.shape, np.bool_)
+    # masks in buffers padded to whole 8-byte words (pad False) for _row_count
+    width8 = -(-n // 8) * 8
+    le_buf = POOL.take((rows, width8), np.bool_)
+    cand_buf = POOL.take((rows, width8), np.bool_)
     try:
+        if width8 > n:
+            le_buf[:, n:] = False
+            cand_buf[:, n:] = False
+        le = le_buf[:, :n]
+        cand = cand_buf[:, :n]
         np.less_equal(x2, hi, out=le)
         np.greater_equal(x2, lo, out=cand)
         np.logical_and(cand, le, out=cand)
-        above = n - _row_count(le)
-        ncand = _row_count(cand)
-        flat = x2[cand]
+        above = n - _row_count(le_buf)
+        ncand = _row_count(cand_buf)
+        if x2.flags.c_contiguous:
+            # the positions first: boolean indexing of a 2-D array is several times slower
+            flat = x2.reshape(-1)[np.flatnonzero(cand)]
+        else:
+            flat = x2[cand]
     finally:
-        POOL.give(le, cand)
+        POOL.give(le_buf, cand_buf)
     miss = (above >= kl) | (above + ncand < kh)
     # descending rank of b among the row's candidates
     rb = np.where(miss, 1, np.maximum(kh - above, 1))
@@ -295,14 +306,26 @@ def _select_sampled(x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _row_count(mask: np.ndarray) -> np.ndarray:
-    """Per-row number of True of a C-contiguous bool ``(rows, n)``, ``(rows, 1)`` int64.
+    """Per-row number of True of a C-contiguous bool ``(rows, 8 w)``, ``(rows, 1)`` int64.
 
-    ``count_nonzero(axis=-1)`` converts to integers first (1.2 ms for
-    1024 x 4096); summing the bytes takes 0.5 ms, one unaxed count 0.04.
+    Sums the mask as 64-bit words, so each byte lane adds up its 0/1 bytes (a
+    lane cannot carry into the next within 255 words), then the lanes' bytes.
+    ``count_nonzero(axis=-1)`` converts to integers first and a byte sum runs
+    a scalar loop: 1.4 ms each for 1024 x 4096 on a Zen 5, this 0.16 ms.  One
+    row takes one unaxed ``count_nonzero``.
     """
-    if mask.shape[0] == 1:
+    rows = mask.shape[0]
+    if rows == 1:
         return np.full((1, 1), np.count_nonzero(mask), dtype=np.int64)
-    return mask.view(np.uint8).sum(axis=-1, dtype=np.int64, keepdims=True)
+    words = mask.view(np.uint64)
+    groups, rest = divmod(words.shape[1], 255)
+    parts = []
+    if groups:
+        parts.append(words[:, : groups * 255].reshape(rows, groups, 255).sum(-1, dtype=np.uint64))
+    if rest:
+        parts.append(words[:, groups * 255 :].sum(-1, keepdims=True, dtype=np.uint64))
+    lanes = np.concatenate(parts, 1) if len(parts) > 1 else parts[0]
+    return lanes.view(np.uint8).sum(-1, keepdims=True, dtype=np.int64)
 
 
 def _exact(x2: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -323,7 +346,8 @@ def _bracket(
     """Per-row ``(lo, hi)``: sample values enclosing the ``kl``-th and ``kh``-th largest."""
     rows, n = x2.shape
     s = _sample_size(n)
-    samp = x2[:, _sample_index(n, s)]
+    # take: 4-5x faster than x2[:, idx] for many rows (8192 x 2048: 2.4 vs 10.8 ms)
+    samp = np.take(x2, _sample_index(n, s), axis=1)
     inf = np.asarray(np.inf, dtype=x2.dtype)
     if scalar_k is not None:
         q = scalar_k / n

@@ -177,12 +177,18 @@ def _reference_pair(x, k):
 
 
 @pytest.mark.parametrize(
-    "shape", [(70000,), (2, 66000), (5, 3000), (3, 2048), (6, 300), (9, 17), (1, 1024)]
+    "shape",
+    [(70000,), (2, 66000), (4, 66003), (5, 3000), (3, 2051), (3, 2048), (6, 300), (9, 17)]
+    + [(1, 1024)],
 )
-def test_numpy_selection_paths_match_a_sort(rng, shape):
+@pytest.mark.parametrize("layout", ["c", "transposed"])
+def test_numpy_selection_paths_match_a_sort(rng, shape, layout):
     n = shape[-1]
     for trial in range(6):
         x = rng.standard_normal(shape).astype(np.float32)
+        if layout == "transposed":  # rows not C-contiguous: the sampled path's other gather
+            x = np.ascontiguousarray(np.moveaxis(x, -1, 0))
+            x = np.moveaxis(x, 0, -1)
         if trial == 1:
             x = np.round(x * 2)  # heavy ties
         if trial == 2:
@@ -203,6 +209,17 @@ def test_numpy_selection_paths_match_a_sort(rng, shape):
         ra, rb = _reference_pair(x, kr)
         np.testing.assert_array_equal(a, ra)
         np.testing.assert_array_equal(b, rb)
+
+
+@pytest.mark.parametrize("n", [8, 16, 2040, 2048, 4080, 4104, 70000])
+def test_numpy_row_count_matches_count_nonzero(rng, n):
+    # 64-bit words summed 255 at a time: below, at and past a group, with a rest
+    mask = rng.random((5, n)) < 0.9
+    mask[1] = True  # every byte lane at its most
+    mask[2] = False
+    want = np.count_nonzero(mask, axis=-1).reshape(5, 1)
+    np.testing.assert_array_equal(numpy_backend._row_count(mask), want)
+    np.testing.assert_array_equal(numpy_backend._row_count(mask[3:4]), want[3:4])
 
 
 def test_sampled_bracket_misses_are_redone_exactly(rng, monkeypatch):
