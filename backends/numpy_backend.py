@@ -68,7 +68,7 @@ _SAMPLE_MIN_N_ROWK = 2048  # per-row k: sampled bracket from rows this long
 _SORT_MAX_N = 1024  # per-row k, short rows: NumPy's SIMD sort
 _BRACKET_SD = 3.0  # bracket half-width in standard deviations of the sample rank
 
-__all__ = ["BACKEND", "SHIMS", "NumpyShims", "select_pair", "digit_bits_for"]
+__all__ = ["BACKEND", "SHIMS", "NumpyShims", "select_pair", "select_candidates", "digit_bits_for"]
 
 
 def _view(a: np.ndarray, dtype: Any) -> np.ndarray:
@@ -171,6 +171,38 @@ def select_pair(xp: Any, x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]
     return _select_partition(x, k)
 
 
+def select_candidates(xp: Any, x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+    """:func:`select_pair` plus the candidates' positions where the sampled path ran.
+
+    The third item: flat C-order positions of ``x`` that hold every entry tied
+    with ``a`` or ``b`` (the sampled bracket's gathered entries, when no row
+    was redone), or None.  The forward then finds the ties among those
+    instead of comparing all of ``x`` (:func:`.numpy_soft._tie_positions`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core.backends.numpy_backend import select_candidates
+    >>> x = np.arange(100_000, dtype=np.float32)
+    >>> a, b, pos = select_candidates(np, x, 10)
+    >>> a, b, bool(np.isin([99_990, 99_989], pos).all())
+    (array([99990.], dtype=float32), array([99989.], dtype=float32), True)
+    >>> select_candidates(np, x[:10], 3)[2] is None
+    True
+    """
+    n = x.shape[-1]
+    if isinstance(k, int):
+        sampled = n >= _SAMPLE_MIN_N and 0 < k < n
+    else:
+        sampled = n >= _SAMPLE_MIN_N_ROWK
+    if not sampled:
+        a, b = select_pair(xp, x, k)
+        return a, b, None
+    found: list = []
+    a, b = _select_sampled(x, k, found)
+    return a, b, (found[0] if found else None)
+
+
 def _select_partition(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact scalar ``0 < k < n``: one quickselect at ``n - k`` in a scratch copy."""
     n = x.shape[-1]
@@ -233,7 +265,9 @@ def _sample_index(n: int, s: int) -> np.ndarray:
     return idx
 
 
-def _select_sampled(x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
+def _select_sampled(
+    x: np.ndarray, k: Any, positions: list | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``(a, b)`` from a sampled value bracket (Floyd-Rivest), any ``k``.
 
     Per row: the sample values ``hi``/``lo`` 3 standard deviations of the
@@ -243,6 +277,10 @@ def _select_sampled(x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
     quickselect.  Rows whose bracket misses a rank are redone exactly.
     Batched rows are shifted by leading ``+inf`` so that the wanted rank is
     the same column in every row (one ``partition`` for all of them).
+
+    ``positions``: a list to which, when no row was redone, the flat C-order
+    positions of the gathered entries are appended.  Every entry tied with
+    ``a`` or ``b`` lies in its row's bracket, so they hold all the ties.
     """
     n = x.shape[-1]
     lead = x.shape[:-1]
@@ -268,11 +306,11 @@ def _select_sampled(x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
         np.logical_and(cand, le, out=cand)
         above = n - _row_count(le_buf)
         ncand = _row_count(cand_buf)
-        if x2.flags.c_contiguous:
+        pos = None
+        if x2.flags.c_contiguous or positions is not None:
             # the positions first: boolean indexing of a 2-D array is several times slower
-            flat = x2.reshape(-1)[np.flatnonzero(cand)]
-        else:
-            flat = x2[cand]
+            pos = np.flatnonzero(cand)
+        flat = x2.reshape(-1)[pos] if x2.flags.c_contiguous else x2[cand]
     finally:
         POOL.give(le_buf, cand_buf)
     miss = (above >= kl) | (above + ncand < kh)
@@ -309,6 +347,8 @@ def _select_sampled(x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
             ar, br = _exact(x2[redo], kr)
             a[redo] = ar
             b[redo] = br
+    if positions is not None and pos is not None and not bool(miss.any()):
+        positions.append(pos)
     a = np.where(kk == 0, inf, a)
     b = np.where(kk == n, -inf, b)
     return a.reshape(lead + (1,)), b.reshape(lead + (1,))
@@ -381,4 +421,10 @@ def _bracket(
     return lo, hi
 
 
-BACKEND = Backend(name="numpy", select_pair=select_pair, eager=True, soft=NumpySoft())
+BACKEND = Backend(
+    name="numpy",
+    select_pair=select_pair,
+    select_candidates=select_candidates,
+    eager=True,
+    soft=NumpySoft(),
+)

@@ -119,12 +119,12 @@ def _mask_leak(target: str) -> Callable[[], None]:
     from topk_core import _api
 
     def make(orig):
-        def select(pb):
+        def select(pb, candidates=False):
             if _is_target(pb.x, target):
                 from topk_core.backends.generic import select_pair
 
                 return (pb.backend.select_pair or select_pair)(pb.xp, pb.x, pb.k)  # no -inf fill
-            return orig(pb)
+            return orig(pb, candidates)
 
         return select
 
@@ -171,6 +171,7 @@ def _off_by_one_backend(base: Any) -> Any:
         base,
         name=f"{base.name}-mutant-off-by-one-k",
         select_pair=_shift_k(base.select_pair or select_pair),
+        select_candidates=None,  # the backend's own would bypass the shifted selection
     )
 
 

@@ -238,7 +238,7 @@ def _forward_with(select_pair: Callable) -> Callable[[np.ndarray], np.ndarray]:
 
     def run(x: np.ndarray) -> np.ndarray:
         pb = prepare(x, x.shape[-1] // 10, TAU, -1, None, True)
-        pb.backend = replace(pb.backend, select_pair=select_pair)
+        pb.backend = replace(pb.backend, select_pair=select_pair, select_candidates=None)
         return pb.restore(forward(pb, "probs"))
 
     return run

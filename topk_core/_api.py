@@ -22,12 +22,19 @@ __all__ = [
 ]
 
 
-def select(pb: Problem) -> tuple[Array, Array]:
-    """``(a, b)``: k-th and (k+1)-th largest valid values per row, shape ``(..., 1)``."""
+def select(pb: Problem, candidates: bool = False) -> tuple[Array, Array]:
+    """``(a, b)``: k-th and (k+1)-th largest valid values per row, shape ``(..., 1)``.
+
+    ``candidates``: a backward will follow; where the backend has
+    ``select_candidates``, the tie candidates it finds go to ``pb.candidates``.
+    """
     xp = pb.xp
     x = pb.x
     if pb.valid is not None:
         x = xp.where(pb.valid, x, xp.asarray(-xp.inf, dtype=x.dtype))
+    if candidates and pb.group is None and pb.backend.select_candidates is not None:
+        a, b, pb.candidates = pb.backend.select_candidates(xp, x, pb.k)
+        return a, b
     select_pair = pb.backend.select_pair if pb.group is None else pb.group.select_pair
     if select_pair is None:
         from .backends.generic import select_pair
@@ -115,7 +122,7 @@ def _sigmoid(pb: Problem, z: Array) -> Array:
 def _soft_problem(x, k, tau, axis, mask, largest, output, group) -> tuple[Problem, Array, Array]:
     _check_output(output)
     pb = prepare(x, k, tau, axis, mask, largest, group=group)
-    a, b = select(pb)
+    a, b = select(pb, candidates=True)
     return pb, a, b
 
 

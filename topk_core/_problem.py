@@ -57,6 +57,10 @@ class Problem:
     group : topk_core._group.Group or None
         The shards' collectives when the selection axis of ``x`` is one shard
         of a longer axis (the public API's ``group=``); None otherwise.
+    candidates : array or None
+        Set by the selection where the backend's ``select_candidates`` found
+        them: flat positions of ``x`` holding every entry tied with ``a`` or
+        ``b`` (see :class:`topk_core.Backend`); None otherwise.
     """
 
     xp: Any
@@ -70,6 +74,7 @@ class Problem:
     tau_shape: tuple[int, ...] | None
     device: Any
     group: Any = None
+    candidates: Any = None
 
     @property
     def dtype(self) -> Any:

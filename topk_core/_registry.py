@@ -72,6 +72,16 @@ class Backend:
         API's ``group=g`` (``x``'s ``axis`` is one shard of a longer axis)
         into the library's collectives, raising a ``TypeError``/``ValueError``
         for a ``g`` it cannot use.  ``None``: the library has no ``group``.
+    select_candidates : callable, optional
+        ``select_candidates(xp, x, k) -> (a, b, positions)``: ``select_pair``'s
+        result plus, where the selection found them on its way (None
+        otherwise), the flat C-order positions of some entries of ``x`` that
+        include every entry equal to ``a`` or ``b``.  Called instead of
+        ``select_pair`` when a backward will follow; the positions reach the
+        ``soft`` hook as ``problem.candidates``, so that it can find the tied
+        entries among them instead of comparing all of ``x``.  Its ``(a, b)``
+        must be ``select_pair``'s: a copy of a backend with another
+        ``select_pair`` (``dataclasses.replace``) sets this to None too.
     soft : object, optional
         The math after the selection, for libraries that can do it in fewer
         passes than the generic Array API code: an object with
@@ -90,6 +100,7 @@ class Backend:
     compute_dtype: Callable[[Any, Any], Any] | None = None
     host_values: Callable[[Any], Any] | None = None
     group: Callable[[Any, Any, int], Any] | None = None
+    select_candidates: Callable[..., tuple[Any, Any, Any]] | None = None
     soft: Any = None
 
 

@@ -60,6 +60,14 @@ def _cases(rng):
     yield rng.standard_normal((2, 3, 40)).astype(np.float16), 8, {"tau": 0.5}
     yield rng.standard_normal((2, 40)).astype(np.float32), np.array([0, 40]), {}
     yield rng.standard_normal(64).astype(f64) * 1e-300, 5, {}
+    # long rows: the sampled selection hands its candidates to the forward's tie search
+    yield np.round(rng.standard_normal(70000) * 3), 7000, {}
+    ties = np.round(rng.standard_normal((3, 2051)) * 3).astype(np.float32)
+    yield ties, np.array([1, 1000, 2051]), {"mask": rng.random((3, 2051)) > 0.3}
+    yield np.round(rng.standard_normal((66000, 2)) * 3), 660, {"axis": 0, "largest": False}
+    nan = np.round(rng.standard_normal((2, 66000)) * 3)
+    nan[:, ::97] = np.nan
+    yield nan, 6600, {"tau": 0.5, "mask": rng.random((2, 66000)) > 0.1}
 
 
 def _close(a, b, dtype):
@@ -95,6 +103,59 @@ def test_numpy_fast_path_matches_generic_math(rng, generic_numpy, output, expone
             masked = ~kw["mask"]
             assert np.all(gx[masked] == 0)
             assert np.all(out[masked] == (0.0 if output == "probs" else -np.inf))
+
+
+@pytest.mark.parametrize("layout", ["c", "transposed"])
+def test_sampled_selection_candidates_hold_every_tie(rng, layout):
+    # the forward's tie search among the handed-over candidates finds what comparing
+    # all of x finds: ties with a and b, masked entries left out, NaN rows included
+    x = np.round(rng.standard_normal((4, 66000)) * 2).astype(np.float32)
+    x[1, ::500] = np.nan  # 132 NaN: the k-th largest is a number for k > 132
+    if layout == "transposed":
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, -1, 0)), 0, -1)
+    mask = np.broadcast_to(rng.random(66000) > 0.2, x.shape)
+    for k in (1000, 6600, 33000, np.array([[0], [300], [40000], [66000]])):
+        for v in (None, mask):
+            # as the API selects: masked entries are -inf there
+            xm = x if v is None else np.where(v, x, -np.inf)
+            a, b, pos = numpy_backend.select_candidates(np, xm, k)
+            assert pos is not None
+            ra, rb = numpy_backend.select_pair(np, xm, k)
+            np.testing.assert_array_equal(a, ra)
+            np.testing.assert_array_equal(b, rb)
+            want = numpy_soft._tie_positions(x, a, b, v)
+            got = numpy_soft._tie_positions(x, a, b, v, pos)
+            assert want.size >= 8  # rounded values: many ties per row
+            np.testing.assert_array_equal(got, want)
+
+
+def test_public_vjp_calls_hand_the_candidates_to_the_forward(rng, monkeypatch):
+    seen = []
+    search = numpy_soft._tie_positions
+
+    def spy(x, a, b, valid, candidates=None):
+        seen.append(candidates is not None)
+        return search(x, a, b, valid, candidates)
+
+    monkeypatch.setattr(numpy_soft, "_tie_positions", spy)
+    x = rng.standard_normal((2, 70000)).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    tk.dftopk_and_vjp(x, 7000)[1](g)
+    tk.dftopk_vjp(x, np.array([10, 20000]), g, mask=x > -3)
+    tk.dftopk_vjp(x[:, :300], 30, g[:, :300])  # short rows: no sampled selection
+    assert seen == [True, True, False]
+
+
+def test_no_candidates_where_a_bracket_was_redone(rng, monkeypatch):
+    x = rng.standard_normal((3, 70000)).astype(np.float32)
+    assert numpy_backend.select_candidates(np, x, 7000)[2] is not None
+    monkeypatch.setattr(numpy_backend, "_BRACKET_SD", 0.0)  # some brackets miss
+    a, b, pos = numpy_backend.select_candidates(np, x, 7000)
+    ra, rb = _reference_pair(x, 7000)
+    np.testing.assert_array_equal(a, ra)
+    np.testing.assert_array_equal(b, rb)
+    assert pos is None
+    assert numpy_backend.select_candidates(np, x[:, :100], 10)[2] is None  # not sampled
 
 
 def test_exp2_only_where_numpy_has_a_simd_loop_for_it():
