@@ -72,6 +72,14 @@ class Backend:
         API's ``group=g`` (``x``'s ``axis`` is one shard of a longer axis)
         into the library's collectives, raising a ``TypeError``/``ValueError``
         for a ``g`` it cannot use.  ``None``: the library has no ``group``.
+    soft : object, optional
+        The math after the selection, for libraries that can do it in fewer
+        passes than the generic Array API code: an object with
+        ``forward(problem, a, b, output, *, keep, out) -> (out, residuals)``
+        and ``backward(problem, residuals, g) -> (grad_x, t)``, with the
+        meaning of :func:`topk_core._api.soft_forward` and
+        :func:`topk_core._api.soft_backward`.  ``None`` uses the generic
+        :func:`topk_core._math.soft_forward` / :func:`topk_core._math.soft_backward`.
     select_candidates : callable, optional
         ``select_candidates(xp, x, k) -> (a, b, positions)``: ``select_pair``'s
         result plus, where the selection found them on its way (None
@@ -82,14 +90,6 @@ class Backend:
         entries among them instead of comparing all of ``x``.  Its ``(a, b)``
         must be ``select_pair``'s: a copy of a backend with another
         ``select_pair`` (``dataclasses.replace``) sets this to None too.
-    soft : object, optional
-        The math after the selection, for libraries that can do it in fewer
-        passes than the generic Array API code: an object with
-        ``forward(problem, a, b, output, *, keep, out) -> (out, residuals)``
-        and ``backward(problem, residuals, g) -> (grad_x, t)``, with the
-        meaning of :func:`topk_core._api.soft_forward` and
-        :func:`topk_core._api.soft_backward`.  ``None`` uses the generic
-        :func:`topk_core._math.soft_forward` / :func:`topk_core._math.soft_backward`.
     """
 
     name: str
@@ -100,8 +100,8 @@ class Backend:
     compute_dtype: Callable[[Any, Any], Any] | None = None
     host_values: Callable[[Any], Any] | None = None
     group: Callable[[Any, Any, int], Any] | None = None
-    select_candidates: Callable[..., tuple[Any, Any, Any]] | None = None
     soft: Any = None
+    select_candidates: Callable[..., tuple[Any, Any, Any]] | None = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily
