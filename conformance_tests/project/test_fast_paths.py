@@ -68,6 +68,7 @@ def _cases(rng):
     nan = np.round(rng.standard_normal((2, 66000)) * 3)
     nan[:, ::97] = np.nan
     yield nan, 6600, {"tau": 0.5, "mask": rng.random((2, 66000)) > 0.1}
+    yield np.round(rng.standard_normal((2, 66000)) * 3).astype(np.float16), 6600, {}
 
 
 def _close(a, b, dtype):
