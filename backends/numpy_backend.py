@@ -28,12 +28,16 @@ So:
   quickselect; two kth fall back to a slower introselect) in a scratch copy,
   ``b`` being the max of the part left of it.
 * per-row ``k`` (also what a mask produces: k is clipped to each row's valid
-  count): rows of at most 1024 are sorted, longer rows take the sampled
+  count): rows shorter than 2048 are sorted, longer rows take the sampled
   bracket, whose missed rows are redone by the shared radix-select driver
   (:mod:`topk_core._radix`: a ``view`` bitcast and a per-row histogram from
   one ``np.bincount`` over ``row * nbins + digit``).  The driver alone was
   5-30x slower than scalar k (each radix pass costs several full-array NumPy
-  calls); per-row k now costs at most ~1.5x scalar k.
+  calls); per-row k now costs at most ~1.5x scalar k.  Rows of 1025-2047
+  took the driver too until a Zen 5 showed it 12-15x slower than the sort
+  there (min ms, per-row k: 1024 x 1500 44 vs 3.6, 1024 x 2047 79 vs 5.8,
+  2048 x 1100 75 vs 5.0; the sampled path 8-13); on the Zen 4 the sort
+  already beat it 3.3x at 256 x 1024 and 1.6-2.3x at 1024 x 4096.
 
 These choices are the Zen 4 machine's, where NumPy's SIMD sort and
 quickselect were slow.  On a Zen 5 (AVX-512; one process, min ms, idle)
@@ -65,7 +69,7 @@ from .numpy_soft import POOL, NumpySoft
 _SAMPLE_MIN_N = 1 << 16  # scalar k: sampled bracket for rows this long
 _SORT_MAX_N_SCALAR = 256  # scalar k, short rows: NumPy's SIMD sort beats partition
 _SAMPLE_MIN_N_ROWK = 2048  # per-row k: sampled bracket from rows this long
-_SORT_MAX_N = 1024  # per-row k, short rows: NumPy's SIMD sort
+_SORT_MAX_N = _SAMPLE_MIN_N_ROWK - 1  # per-row k, shorter rows: NumPy's SIMD sort
 _BRACKET_SD = 3.0  # bracket half-width in standard deviations of the sample rank
 
 __all__ = ["BACKEND", "SHIMS", "NumpyShims", "select_pair", "select_candidates", "digit_bits_for"]
@@ -152,9 +156,7 @@ def select_pair(xp: Any, x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]
     if not isinstance(k, int):
         if n >= _SAMPLE_MIN_N_ROWK:
             return _select_sampled(x, k)
-        if n <= _SORT_MAX_N:
-            return _select_sorted(x, k)
-        return _select_radix(x, k)
+        return _select_sorted(x, k)
     shape = x.shape[:-1] + (1,)
     if k == 0:
         # initial=-inf: an empty axis (n = 0) has b = -inf, not an error

@@ -241,7 +241,7 @@ def _reference_pair(x, k):
 @pytest.mark.parametrize(
     "shape",
     [(70000,), (2, 66000), (4, 66003), (5, 3000), (3, 2051), (3, 2048), (6, 300), (9, 17)]
-    + [(1, 1024)],
+    + [(1, 1024), (4, 1500), (2, 2047)],
 )
 @pytest.mark.parametrize("layout", ["c", "transposed"])
 def test_numpy_selection_paths_match_a_sort(rng, shape, layout):
