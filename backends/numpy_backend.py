@@ -63,7 +63,7 @@ import numpy as np
 from topk_core._radix import float_to_keys, keys_to_float, radix_select_pair
 from topk_core._registry import Backend
 
-from .numpy_soft import POOL, NumpySoft
+from .numpy_soft import POOL, NumpySoft, _at
 
 # selection paths, by measurement (module docstring)
 _SAMPLE_MIN_N = 1 << 16  # scalar k: sampled bracket for rows this long
@@ -136,8 +136,13 @@ def digit_bits_for(n: int) -> int:
     return 11 if n >= 2**16 else 8
 
 
-def select_pair(xp: Any, x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
+def select_pair(
+    xp: Any, x: np.ndarray, k: Any, positions: list | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """k-th and (k+1)-th largest along the last axis (see :class:`topk_core.Backend`).
+
+    ``positions``: where the sampled path runs, its candidates' positions are
+    appended (see :func:`select_candidates`).
 
     Examples
     --------
@@ -155,7 +160,7 @@ def select_pair(xp: Any, x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]
     n = x.shape[-1]
     if not isinstance(k, int):
         if n >= _SAMPLE_MIN_N_ROWK:
-            return _select_sampled(x, k)
+            return _select_sampled(x, k, positions)
         return _select_sorted(x, k)
     shape = x.shape[:-1] + (1,)
     if k == 0:
@@ -167,7 +172,7 @@ def select_pair(xp: Any, x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]
         a = np.fmin.reduce(x, axis=-1, keepdims=True)
         return a, np.full(shape, -np.inf, dtype=x.dtype)
     if n >= _SAMPLE_MIN_N:
-        return _select_sampled(x, k)
+        return _select_sampled(x, k, positions)
     if n <= _SORT_MAX_N_SCALAR:
         return _select_sorted(x, k)
     return _select_partition(x, k)
@@ -192,16 +197,8 @@ def select_candidates(xp: Any, x: np.ndarray, k: Any) -> tuple[np.ndarray, np.nd
     >>> select_candidates(np, x[:10], 3)[2] is None
     True
     """
-    n = x.shape[-1]
-    if isinstance(k, int):
-        sampled = n >= _SAMPLE_MIN_N and 0 < k < n
-    else:
-        sampled = n >= _SAMPLE_MIN_N_ROWK
-    if not sampled:
-        a, b = select_pair(xp, x, k)
-        return a, b, None
     found: list = []
-    a, b = _select_sampled(x, k, found)
+    a, b = select_pair(xp, x, k, found)
     return a, b, (found[0] if found else None)
 
 
@@ -308,11 +305,9 @@ def _select_sampled(
         np.logical_and(cand, le, out=cand)
         above = n - _row_count(le_buf)
         ncand = _row_count(cand_buf)
-        pos = None
-        if x2.flags.c_contiguous or positions is not None:
-            # the positions first: boolean indexing of a 2-D array is several times slower
-            pos = np.flatnonzero(cand)
-        flat = x2.reshape(-1)[pos] if x2.flags.c_contiguous else x2[cand]
+        # the positions first: boolean indexing of a 2-D array is several times slower
+        pos = np.flatnonzero(cand)
+        flat = _at(x2, pos)
     finally:
         POOL.give(le_buf, cand_buf)
     miss = (above >= kl) | (above + ncand < kh)
@@ -349,7 +344,7 @@ def _select_sampled(
             ar, br = _exact(x2[redo], kr)
             a[redo] = ar
             b[redo] = br
-    if positions is not None and pos is not None and not bool(miss.any()):
+    if positions is not None and not bool(miss.any()):
         positions.append(pos)
     a = np.where(kk == 0, inf, a)
     b = np.where(kk == n, -inf, b)
