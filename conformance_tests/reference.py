@@ -141,6 +141,8 @@ def ref_vjp(x, k, g, tau=1.0, axis=-1, mask=None, largest=True, output="probs"):
     # NaN rule: a NaN entry keeps its own term but is a constant for the rest of the row
     nan = np.isnan(rows)
     gx = s - np.where(nan, 0.0, s).sum(-1, keepdims=True) * w
+    # masked entries: exactly 0, also where a NaN threshold made the row sum NaN (NaN * 0)
+    gx = np.where(valid, gx, 0.0)
     t = np.where(nan, 0.0, -s * np.where(np.isinf(z), 0.0, z))  # infinite z: no tau effect
     if not largest:
         gx = -gx

@@ -278,3 +278,27 @@ def test_nan_entries_are_constants_for_gradients(lib, rng, k, output):
     assert np.isnan(d[row_nan][~is_nan[row_nan]]).all()  # through the tau tangent
     if output == "probs":
         assert np.isnan(gx[row_nan]).all()
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_masked_entries_stay_zero_in_a_nan_threshold_row(lib, output):
+    """Masked entries have gradient exactly 0 even in a row whose threshold is NaN,
+    where the row sum is NaN (probabilities) and ``NaN * 0`` would otherwise reach them."""
+    x = np.array([[0.3, np.nan, 1.0, -0.5, 2.0, 0.7], [1.0, 2.0, np.nan, 4.0, 0.5, -1.0]])
+    mask = np.array([[1, 1, 1, 0, 1, 0], [1, 0, 1, 1, 1, 1]], dtype=bool)
+    tau = np.array([[0.5], [2.0]])
+    g = np.linspace(-1.0, 2.0, x.size).reshape(x.shape)
+    k = np.array([1, 1])  # both rows: the k-th largest valid entry is their NaN
+    args = (lib.asarray(x), lib.asarray(k))
+    kw = {"tau": lib.asarray(tau), "mask": lib.asarray(mask), "output": output}
+    with np.errstate(invalid="ignore"):
+        gx, gt = tk.dftopk_vjp(*args, lib.asarray(g), **kw)
+        _, d = tk.dftopk_jvp(*args, lib.asarray(g), tau_tangent=lib.asarray(tau), **kw)
+    gx, gt, d = lib.to_numpy(gx), lib.to_numpy(gt), lib.to_numpy(d)
+    ref_gx, _ = ref_vjp(x, k, g, tau=tau, mask=mask, output=output)
+    np.testing.assert_allclose(gx, ref_gx, atol=1e-12)
+    np.testing.assert_array_equal(gx[~mask], 0.0)
+    np.testing.assert_array_equal(d[~mask], 0.0)
+    assert np.isnan(gt).all()
+    if output == "probs":
+        assert np.isnan(gx[mask]).all() and np.isnan(d[mask]).all()
