@@ -424,4 +424,5 @@ BACKEND = Backend(
     select_candidates=select_candidates,
     eager=True,
     soft=NumpySoft(),
+    errstate=lambda: np.errstate(over="ignore", under="ignore"),
 )

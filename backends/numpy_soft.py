@@ -409,7 +409,8 @@ def _nan_entries(res: _Residuals, total: np.ndarray) -> np.ndarray | None:
     if res.d is not None:
         suspect = not bool(np.isfinite(total).all())
     else:
-        suspect = bool(np.isnan(np.sum(res.r)))  # +inf and -inf together also land here
+        with np.errstate(invalid="ignore"):  # +inf and -inf together also land here
+            suspect = bool(np.isnan(np.sum(res.r)))
     if not suspect:
         return None
     nan_x = np.isnan(res.x)
@@ -431,8 +432,7 @@ def _tau_grad(pb: Any, s: np.ndarray, res: _Residuals, nan_x: np.ndarray | None)
     if pb.tau_shape is None:
         total = np.vdot(s, r)
         if not np.isfinite(total):
-            # an infinite z (infinite x, or z beyond the dtype) meets s = 0 there
-            total = np.vdot(s, np.where(np.isinf(r), 0.0, r))
+            total = np.vdot(*_finite_terms(s, r))
         return np.asarray(res.r_sign * total, dtype=s.dtype)
     tau = pb.tau
     lead = s.shape[:-1]
@@ -440,7 +440,22 @@ def _tau_grad(pb: Any, s: np.ndarray, res: _Residuals, nan_x: np.ndarray | None)
         t = _row_dot(s, r)
         if bool(np.isfinite(t).all()):
             return res.r_sign * t
-    return res.r_sign * (s * np.where(np.isinf(r), 0.0, r))
+    s64, r64 = _finite_terms(s, r)
+    return res.r_sign * (s64 * r64)
+
+
+def _finite_terms(s: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``s`` and ``r`` (0 where ``r`` is infinite) in a wider dtype, for a non-finite sum.
+
+    An infinite ``z`` (infinite ``x``, or ``z`` beyond the dtype) meets ``s = 0``
+    there, or stays out by the spec's rule; and a float32 sum of finite terms
+    near float32's largest value can overflow on its way (``inf - inf = NaN``)
+    when the total is in range.  Summed wider (float32 in float64, float64 in
+    ``np.longdouble``: a wider exponent on x86 and most 64-bit Linux), the
+    result is cast back.
+    """
+    wide = np.float64 if s.dtype == np.float32 else np.longdouble
+    return s.astype(wide), np.where(np.isinf(r), 0.0, r).astype(wide)
 
 
 def _true_positions(flags: np.ndarray, few: int = 64) -> np.ndarray:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from . import _math
 from ._problem import Problem, normalise_like_tau, prepare, reduce_to_tau
+from ._registry import under_errstate
 
 Array = Any
 Output = Literal["probs", "logits"]
@@ -152,6 +153,7 @@ def _run(x, k, tau, axis, mask, largest, output: Output, group, hard: bool = Fal
     return pb.restore(out)
 
 
+@under_errstate
 def dftopk(
     x: Array,
     k: int | Array,
@@ -226,6 +228,7 @@ def dftopk(
     return _run(x, k, tau, axis, mask, largest, "probs", group, hard)
 
 
+@under_errstate
 def dftopk_logits(
     x: Array,
     k: int | Array,
@@ -256,6 +259,7 @@ def dftopk_logits(
     return _run(x, k, tau, axis, mask, largest, "logits", group)
 
 
+@under_errstate
 def topk_threshold(
     x: Array,
     k: int | Array,
@@ -294,6 +298,7 @@ def topk_threshold(
     return pb.restore(theta)
 
 
+@under_errstate
 def topk_mask(
     x: Array,
     k: int | Array,
@@ -343,6 +348,7 @@ def _tangent_problem(
     return pb, xc, a, b, z
 
 
+@under_errstate
 def dftopk_vjp(
     x: Array,
     k: int | Array,
@@ -406,6 +412,7 @@ def _vjp(pb: Problem, res: Any, g: Array, tau: Any) -> tuple[Array, Array]:
     return grad_x, reduce_to_tau(pb, t, tau_dtype)
 
 
+@under_errstate
 def dftopk_and_vjp(
     x: Array,
     k: int | Array,
@@ -465,12 +472,14 @@ def dftopk_and_vjp(
         out = _hard_mask(pb, pb.x, a)
     out = pb.restore(pb.xp.astype(out, pb.dtype, copy=False))
 
+    @under_errstate
     def vjp(cotangent: Array) -> tuple[Array, Array]:
         return _vjp(pb, res, pb.in_layout(cotangent, "cotangent"), tau)
 
     return out, vjp
 
 
+@under_errstate
 def dftopk_jvp(
     x: Array,
     k: int | Array,

@@ -11,15 +11,20 @@ a backend was registered for its library.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import array_api_compat
 
-__all__ = ["Backend", "get_backend", "library_name", "register_backend"]
+__all__ = ["Backend", "get_backend", "library_name", "register_backend", "under_errstate"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,14 @@ class Backend:
         entries among them instead of comparing all of ``x``.  Its ``(a, b)``
         must be ``select_pair``'s: a copy of a backend with another
         ``select_pair`` (``dataclasses.replace``) sets this to None too.
+    errstate : callable, optional
+        ``errstate() -> context manager`` that every public entry point (and
+        the ``vjp`` that :func:`topk_core.dftopk_and_vjp` returns) runs its
+        math under, for libraries with floating-point error flags: NumPy's
+        ``np.errstate(over="ignore", under="ignore")``, since a logit past the
+        dtype's range and a probability that rounds to 0 or 1 are the spec's
+        limits (README, Semantics), not errors to warn or raise about whatever
+        the caller's ``np.seterr``.  ``None``: nothing to set.
     """
 
     name: str
@@ -102,6 +115,7 @@ class Backend:
     group: Callable[[Any, Any, int], Any] | None = None
     soft: Any = None
     select_candidates: Callable[..., tuple[Any, Any, Any]] | None = None
+    errstate: Callable[[], AbstractContextManager[Any]] | None = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily
@@ -165,6 +179,29 @@ def get_backend(library: str) -> Backend:
         entry = _load(entry)
         _REGISTRY[library] = entry
     return entry
+
+
+def under_errstate(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` under the ``errstate`` of its first argument's backend.
+
+    The first argument is the array (or a sequence whose first item is);
+    anything else, or a backend without ``errstate``, calls ``fn`` directly,
+    so traced and compiled code (torch, JAX) sees no context manager.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        first = args[0] if args else None
+        if isinstance(first, (list, tuple)) and first:
+            first = first[0]
+        lib = library_name(first)
+        make = get_backend(lib).errstate if lib is not None else None
+        if make is None:
+            return fn(*args, **kwargs)
+        with make():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def register_backend(library: str, backend: Backend | str) -> None:

@@ -32,7 +32,7 @@ import array_api_compat
 from . import _math
 from ._api import dftopk_logits, topk_mask
 from ._problem import _check_same_library, _is_bool, check_x, host_values
-from ._registry import get_backend
+from ._registry import get_backend, under_errstate
 
 Array = Any
 
@@ -146,6 +146,7 @@ def _valid_mask(xp: Any, mask: Any, shape: tuple[int, ...]) -> Array | None:
 # public losses
 
 
+@under_errstate
 def topk_bce_loss(
     scores: Array,
     relevance: Array,
@@ -298,6 +299,7 @@ def _check_log_vars(xp: Any, log_vars: Any, lib: str, n_terms: int) -> None:
         )
 
 
+@under_errstate
 def cascade_joint_loss(
     stage_scores: Sequence[Array],
     relevance: Array,
