@@ -350,6 +350,15 @@ def _row_counts(mask: torch.Tensor) -> torch.Tensor:
     return lanes.view(torch.uint8).sum(-1, keepdim=True, dtype=torch.int64)
 
 
+def _select_exact(
+    x2: torch.Tensor, scalar_k: int | None, kk: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact paths for rows ``x2`` whose bracket missed (``kk``: their k, ``(R, 1)``)."""
+    if scalar_k is not None:
+        return _select_scalar_k(x2, scalar_k)
+    return _select_sorted(x2, kk)
+
+
 def _select_sampled(
     x: torch.Tensor, k: int | torch.Tensor, positions: list | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,6 +382,9 @@ def _select_sampled(
     kl = kk.clamp(min=1)  # rank of a, or of b for k = 0
     kh = (kk + 1).clamp(max=n)  # rank of b, or of a for k = n
     lo, hi = _bracket(x2, kl, kh, scalar_k)
+    # a NaN upper end (NaN ranks above +inf) would count every entry as above it;
+    # +inf has the same entries above it, the NaNs
+    hi = torch.where(hi.isnan(), _INF, hi)
     # masks in buffers padded to whole 8-byte words (pad = False) for _row_counts
     width8 = -(-n // 8) * 8
     le_buf = torch.zeros((rows, width8), dtype=torch.bool)
@@ -385,12 +397,17 @@ def _select_sampled(
     pos = torch.nonzero(cand.reshape(-1)).reshape(-1)
     flat = x2.reshape(-1)[pos]
     miss = (above >= kl) | (above + ncand < kh)
+    if bool(miss.all()):
+        # no bracket held its ranks (NaN at the sampled ranks, adversarial input)
+        a, b = _select_exact(x2, scalar_k, kk)
+        return a.reshape(lead + (1,)), b.reshape(lead + (1,))
     # descending rank of b among the row's candidates; rows are shifted by
-    # ``e`` leading +inf so that it is the same rank ``m`` in every row
-    rb = (kh - above).clamp(min=1)
+    # ``e`` leading +inf so that it is the same rank ``m`` in every row (a missed
+    # row takes rank 1 and is redone below: it must not widen the others)
+    rb = torch.where(miss, 1, (kh - above).clamp(min=1))
     m = int(rb.max())
     e = m - rb
-    width = int((e + ncand).max())
+    width = max(m, int((e + ncand).max()))
     cols = torch.arange(width, dtype=torch.int64)
     pad = torch.where(cols < e, _INF, -_INF).to(x2.dtype)
     counts = ncand.view(-1)
@@ -413,11 +430,7 @@ def _select_sampled(
         top = torch.where(a.isnan(), _INF, a).view(-1)[row]
         positions.append(pos[(flat <= top) & (flat >= b.view(-1)[row])])
     if redo.numel():
-        xr = x2.index_select(0, redo)
-        if scalar_k is not None:
-            ar, br = _select_scalar_k(xr, scalar_k)
-        else:
-            ar, br = _select_sorted(xr, kk.index_select(0, redo))
+        ar, br = _select_exact(x2.index_select(0, redo), scalar_k, kk.index_select(0, redo))
         a[redo] = ar
         b[redo] = br
     return a.reshape(lead + (1,)), b.reshape(lead + (1,))

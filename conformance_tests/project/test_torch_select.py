@@ -94,6 +94,27 @@ def test_nan_counts_as_largest():
         _check(x, k)
 
 
+@pytest.mark.parametrize("n", [2048, 70001])
+@pytest.mark.parametrize("frac", [0.02, 0.3, 0.9])
+def test_many_nan_rows_through_the_sampling_path(n, frac):
+    """NaN at the sampled bracket ranks: every row, or only some, misses its bracket.
+
+    Once raised ``RuntimeError: selected index k out of range`` from the
+    sampled path (an empty candidate set when every row missed).
+    """
+    g = torch.Generator().manual_seed(SEED)
+    x = torch.randn(3, n, generator=g)
+    x[torch.rand(3, n, generator=g) < frac] = math.nan
+    x[2] = torch.randn(n, generator=g)  # one NaN-free row beside the others
+    n_nan = int(x[0].isnan().sum())
+    for k in (1, 5, n_nan - 1, n_nan, n_nan + 1, n_nan + 3, n // 2, n - 1):
+        _check(x, k)
+        _check(x[:2], k)  # only NaN rows
+        _check(x, torch.tensor([[k], [max(k - 7, 0)], [n // 10]]))
+    dft = topk_core.dftopk(x, n_nan + 3)  # and the public call
+    assert dft.shape == x.shape and not dft[2].isnan().any()
+
+
 def _adversarial(n):
     """Rows where the fixed sample is unrepresentative: every sampled position
     holds a huge value and the rest are small (or the reverse)."""
