@@ -205,6 +205,66 @@ def test_nan_with_mask_and_per_row_k(lib):
     assert not np.isnan(p[0]).any()  # row 0's only NaN is masked
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_threshold_is_rounded_once(lib, dtype):
+    """``theta`` of half-precision scores is ``a/2 + b/2`` rounded once to x's dtype.
+
+    With subnormal ``a`` and ``b`` the halves are not representable in the half type:
+    ``a = 37 u``, ``b = 26 u`` (``u`` its smallest subnormal) give ``31.5 u``, which
+    rounds to even, ``32 u``; halving in the half type first would give ``18 u + 13 u``.
+    """
+    if dtype not in lib.dtypes:
+        pytest.skip(lib.no_dtype(dtype))
+    u = 2.0**-24 if dtype == "float16" else 2.0**-133
+    if dtype == "bfloat16":
+        # bfloat16's subnormals are float32's: a library that flushes those (XLA on the
+        # CPU) computes 0 for every entry here, which says nothing about the rounding
+        tiny = lib.asarray(np.array([2.0**-130]), "float32")
+        if lib.to_numpy(tiny / 2)[0] == 0:
+            pytest.skip(f"{lib.name} flushes float32 subnormals to zero")
+    x = np.array([[37 * u, 26 * u, 3 * u, 0.0, -5 * u]])
+    for largest, sign in ((True, 1.0), (False, -1.0)):
+        th = lib.to_numpy(tk.topk_threshold(lib.asarray(sign * x, dtype), 1, largest=largest))
+        np.testing.assert_array_equal(th.astype(np.float64), [[sign * 32 * u]])
+
+
+@pytest.mark.parametrize("frac", [0.02, 0.5])
+def test_nan_in_long_rows(lib, frac):
+    """NaN ranks first in rows long enough for a backend's fast selection paths.
+
+    Rows of 70001 (past the sampled brackets' and radix passes' size thresholds) with
+    NaN at the ranks a sample would bracket, with and without a NaN-free row beside
+    them; k below, at and above each row's NaN count, scalar and per row.  The expected
+    threshold comes from ``np.sort`` (NaN sorts last ascending, so first descending).
+    """
+    if "float32" not in lib.dtypes:
+        pytest.skip("no float32")
+    rng = np.random.default_rng(20261204)
+    n = 70001
+    x = rng.standard_normal((3, n)).astype(np.float32)
+    x[:2][rng.random((2, n)) < frac] = np.nan
+    desc = np.sort(x, axis=-1)[:, ::-1].astype(np.float64)
+    ext = np.concatenate([np.full((3, 1), np.inf), desc, np.full((3, 1), -np.inf)], -1)
+    n_nan = int(np.isnan(x[0]).sum())
+    for rows in (3, 2):  # 2: only NaN rows (every row's bracket may miss)
+        xr = x[:rows]
+        xl = lib.asarray(xr, "float32")
+        for kk in (n_nan + 1, np.array([n_nan, 5, n // 10])[:rows]):
+            kr = np.broadcast_to(kk, (rows,))
+            a, b = ext[np.arange(rows), kr], ext[np.arange(rows), kr + 1]
+            with np.errstate(invalid="ignore"):
+                want = (a / 2 + b / 2).astype(np.float32)[:, None]
+                kl = kk if isinstance(kk, int) else lib.asarray(kk)
+                th = lib.to_numpy(tk.topk_threshold(xl, kl))
+                m = lib.to_numpy(tk.topk_mask(xl, kl))
+                p = lib.to_numpy(tk.dftopk(xl, kl))
+            np.testing.assert_array_equal(th, want, err_msg=f"k={kk}")
+            np.testing.assert_array_equal(m.sum(-1), kr)
+            nan = np.isnan(xr)
+            assert (m[nan] == 1).sum() == np.minimum(kr, nan.sum(-1)).sum()  # NaN first
+            assert np.isnan(p[nan]).all() and (rows == 2 or not np.isnan(p[2]).any())
+
+
 def test_huge_float32_values_do_not_overflow(lib):
     if "float32" not in lib.dtypes:
         pytest.skip("no float32")

@@ -292,7 +292,10 @@ def topk_threshold(
     pb = prepare(x, k, None, axis, mask, largest, need_tau=False, group=group)
     xp = pb.xp
     a, b = select(pb)
-    theta = _math.threshold(xp, a, b)
+    # half types: in float32, rounded once (a/2 in float16 loses a bit below its normal range)
+    cdt = pb.compute_dtype
+    theta = _math.threshold(xp, xp.astype(a, cdt, copy=False), xp.astype(b, cdt, copy=False))
+    theta = xp.astype(theta, a.dtype, copy=False)
     if not largest:
         theta = -theta
     return pb.restore(theta)
