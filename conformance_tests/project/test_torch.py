@@ -282,6 +282,46 @@ def test_torch_func_tau_and_hessian(rng):
         np.testing.assert_allclose(hess(x).numpy(), fd.numpy(), atol=1e-7)
 
 
+INF = np.inf
+#: rows whose a or b is infinite with an entry equal to it: -inf padding with
+#: k = n_valid (b = -inf), a selected +inf (a = +inf), and the same beside a NaN
+INFINITE_AB = [
+    (np.array([[2.0, 1.0, -INF, -INF, 0.5]]), 3, "b = -inf"),
+    (np.array([[INF, 1.0, 0.0, -1.0]]), 1, "a = +inf"),
+    (np.array([[0.5, np.nan, 1.0, 2.0, INF, -0.2]]), 2, "NaN, a = +inf"),
+]
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+@pytest.mark.parametrize(("x_np", "k", "name"), INFINITE_AB, ids=[c[2] for c in INFINITE_AB])
+def test_forward_mode_with_an_infinite_a_or_b(x_np, k, name, output):
+    """torch.func.jvp / jacfwd / hessian on rows whose a or b is infinite.
+
+    Such an entry weighs 0 in the threshold's derivative; the straight-through term
+    that restores d theta / dx once multiplied it by its weight, 0 * inf, and made the
+    tangent of the whole row NaN (forward mode only).
+    """
+    u_np = np.linspace(-1.0, 1.0, x_np.shape[-1])[None]
+    tau = _t(np.array([[0.7]]))
+    fn = topk_core.dftopk if output == "probs" else topk_core.dftopk_logits
+    x, u = _t(x_np), _t(u_np)
+    _, dp = torch.func.jvp(lambda r, t: fn(r, k, tau=t), (x, tau), (u, _t(np.array([[0.3]]))))
+    with np.errstate(invalid="ignore"):
+        _, dp_spec = topk_core.dftopk_jvp(
+            x_np, k, u_np, tau=np.array([[0.7]]), tau_tangent=np.array([[0.3]]), output=output
+        )
+    np.testing.assert_allclose(dp.numpy(), dp_spec, atol=1e-12)  # NaN where the spec has NaN
+    assert np.isfinite(dp.numpy()[~np.isnan(x_np)]).all()
+    jf = torch.func.jacfwd(lambda r: fn(r, k, tau=0.7))(x)[0, :, 0].numpy()
+    jr = torch.func.jacrev(lambda r: fn(r, k, tau=0.7))(x)[0, :, 0].numpy()
+    # a NaN entry's own row and column: each mode has its NaN * 0 there (sigmoid'(NaN))
+    keep = ~np.isnan(x_np[0])
+    np.testing.assert_allclose(jf[keep][:, keep], jr[keep][:, keep], atol=1e-12)
+    if output == "probs" and not np.isnan(x_np).any():
+        h = torch.func.hessian(lambda r: (fn(r, k, tau=0.7) ** 2).sum())(x)
+        assert np.isfinite(h.numpy()).all()
+
+
 # ---------------------------------------------------------------- compile
 
 
