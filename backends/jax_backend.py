@@ -206,9 +206,11 @@ def _row_blocks(rows: int, n: int) -> list[tuple[int, int]]:
     Examples
     --------
     >>> from topk_core.backends.jax_backend import _row_blocks
-    >>> len(_row_blocks(1024, 4096)), _row_blocks(3, 10)
-    (4, [(0, 3)])
+    >>> len(_row_blocks(1024, 4096)), _row_blocks(3, 10), _row_blocks(0, 10)
+    (4, [(0, 3)], [(0, 0)])
     """
+    if rows == 0:  # an empty batch: one empty scatter keeps the (0, nbins) shape
+        return [(0, 0)]
     parts = max(1, min(rows, MAX_BLOCKS, -(-rows * n // CHUNK_ENTRIES)))
     step = -(-rows // parts)
     return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]

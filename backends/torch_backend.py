@@ -467,7 +467,7 @@ def select_pair(xp: Any, x: torch.Tensor, k: Any) -> tuple[torch.Tensor, torch.T
             [-inf]]))
     """
     n = x.shape[-1]
-    if n == 0:
+    if x.numel() == 0:  # n = 0 (only k = 0) or an empty batch (nothing to select)
         shape_inf = _sentinel(x, _INF)
         return shape_inf, -shape_inf
     if isinstance(k, int):
@@ -496,7 +496,7 @@ def select_pair_and_candidates(
     (:func:`_select_scalar_k_ties`).  None where unknown (every other path).
     """
     n = x.shape[-1]
-    host = _HOST_PATH and host_ok(x) and n > 0
+    host = _HOST_PATH and host_ok(x) and x.numel() > 0
     if host and (
         (isinstance(k, int) and n >= _SAMPLE_MIN_N_SCALAR and 0 < k < n)
         or (type(k) is torch.Tensor and n >= _SAMPLE_MIN_N)

@@ -319,6 +319,25 @@ def test_empty_selection_axis(lib):
     assert lib.to_numpy(p).shape == (3, 0)
 
 
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0, 5), (0, 70001)], ids=str)
+def test_empty_batch(lib, shape):
+    """No rows to select in: every function returns its empty result (rows of 70001 take
+    the long-row selection paths)."""
+    x = lib.asarray(np.zeros(shape))
+    mask = lib.asarray(np.ones(shape, dtype=bool))
+    tau = lib.asarray(np.ones(shape[:-1] + (1,)))
+    for k in (1, lib.asarray(np.ones(shape[:-1], dtype=np.int64))):
+        for out in (
+            tk.dftopk(x, k),
+            tk.dftopk(x, k, tau=tau, mask=mask, largest=False),
+            tk.dftopk(x, k, hard=True),
+            tk.dftopk_logits(x, k, mask=mask),
+            tk.topk_mask(x, k),
+        ):
+            assert lib.to_numpy(out).shape == shape
+        assert lib.to_numpy(tk.topk_threshold(x, k)).shape == shape[:-1] + (1,)
+
+
 def test_scalar_k_with_mask_at_the_smallest_row(lib, rng):
     """k equal to the smallest row's valid count: that row selects all its entries."""
     x = _data(rng, (3, 6), "float64", ties=True)

@@ -157,6 +157,19 @@ def test_jvp_matches_finite_differences(lib, rng):
     np.testing.assert_allclose(lib.to_numpy(d), fd, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0, 5), (0, 70001)], ids=str)
+def test_empty_batch_gradients(lib, shape):
+    x = lib.asarray(np.zeros(shape))
+    for k in (1, lib.asarray(np.ones(shape[:-1], dtype=np.int64))):
+        gx, gt = tk.dftopk_vjp(x, k, x)
+        assert lib.to_numpy(gx).shape == shape
+        assert float(lib.to_numpy(gt)) == 0.0
+        p, dp = tk.dftopk_jvp(x, k, x, tau_tangent=1.0)
+        assert lib.to_numpy(p).shape == lib.to_numpy(dp).shape == shape
+        p, vjp = tk.dftopk_and_vjp(x, k, hard=True)
+        assert lib.to_numpy(vjp(p)[0]).shape == shape
+
+
 def test_even_tie_split(lib):
     # a = b = 2 shared by three entries: each gets weight 1/3 of sum(s)
     x = np.array([3.0, 2.0, 2.0, 2.0, 1.0])

@@ -380,8 +380,9 @@ def radix_select_pair(
     check_digit_bits(digit_bits)
     n = x.shape[-1]
     lead = tuple(x.shape[:-1])
-    if n == 0 and group is None:
-        # only k = 0 is possible: both sentinels
+    if (n == 0 or 0 in lead) and group is None:
+        # n = 0: only k = 0 is possible, both sentinels; an empty batch: nothing to
+        # select (and dask's min/max fail on it, even along a non-empty axis)
         from array_api_compat import device
 
         pair = (

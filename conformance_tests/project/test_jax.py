@@ -275,6 +275,18 @@ def test_dtype_and_sharding_preserved():
         assert g.dtype == dtype
 
 
+@pytest.mark.parametrize("shape", [(0, 6), (2, 0, 6), (0, 70001)], ids=str)
+def test_transformations_on_an_empty_batch(shape):
+    """An empty batch made the histogram's row blocks range(0, 0, 0) (ValueError)."""
+    x = jnp.zeros(shape)
+    for k in (1, jnp.ones(shape[:-1], dtype=jnp.int32)):
+        g = jax.grad(lambda v, k=k: jnp.sum(tk.dftopk(v, k, hard=True)))(x)
+        assert g.shape == shape
+        assert jax.jit(lambda v, k=k: tk.dftopk_logits(v, k))(x).shape == shape
+        assert jax.jvp(lambda v, k=k: tk.dftopk(v, k), (x,), (x,))[1].shape == shape
+    assert jax.vmap(lambda v: tk.dftopk(v, 1))(x).shape == shape
+
+
 def test_bad_input_errors():
     x = jnp.asarray(X)
     with pytest.raises(TypeError, match="k must be an int"):

@@ -176,6 +176,16 @@ def test_float64_float16():
         _close(got, tk.dftopk(xn, 70, tau=0.5), 1e-3 if dtype == np.float16 else 1e-12)
 
 
+@pytest.mark.parametrize("shape", [(0, 100), (2, 0, 100)], ids=str)
+def test_empty_batch(shape):
+    """dask's min/max fail on an empty batch even along a non-empty axis: nothing to select."""
+    x = da.zeros(shape, chunks=(1,) * (len(shape) - 1) + (10,))
+    for k in (3, da.full(shape[:-1], 3, dtype=np.int64)):
+        for out in (tk.dftopk(x, k), tk.topk_mask(x, k), tk.dftopk_vjp(x, k, x)[0]):
+            assert out.compute().shape == shape
+        assert tk.topk_threshold(x, k).compute().shape == shape[:-1] + (1,)
+
+
 def test_errors():
     x = da.from_array(_data((2, 100)), chunks=(1, 10))
     with pytest.raises(TypeError, match="chunks"):

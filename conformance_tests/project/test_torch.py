@@ -325,6 +325,21 @@ def test_forward_mode_with_an_infinite_a_or_b(x_np, k, name, output):
 # ---------------------------------------------------------------- compile
 
 
+@pytest.mark.parametrize("shape", [(0, 6), (2, 0, 6), (0, 70001)], ids=str)
+def test_autograd_on_an_empty_batch(shape):
+    """Per-row k of an empty batch took kk.max() of nothing (RuntimeError)."""
+    x = torch.zeros(shape, dtype=F64, requires_grad=True)
+    for k in (1, torch.ones(shape[:-1], dtype=torch.int64)):
+        for hard in (False, True):
+            topk_core.dftopk(x, k, tau=0.5, hard=hard).sum().backward()
+            assert x.grad.shape == shape
+        xd = x.detach()
+        tangent = torch.func.jvp(lambda v, k=k: topk_core.dftopk(v, k), (xd,), (xd,))[1]
+        assert tangent.shape == shape
+        jac = torch.func.jacrev(lambda v, k=k: topk_core.dftopk_logits(v, k))(xd)
+        assert jac.shape == shape + shape
+
+
 def test_compile_fullgraph_aot_eager():
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(SEED), requires_grad=True)
     mask = torch.arange(8) < 6
