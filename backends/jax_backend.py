@@ -493,5 +493,6 @@ BACKEND = Backend(
     sigmoid=jax.nn.sigmoid,
     apply=_apply,
     host_values=host_values,
+    cond=jax.lax.cond,
     group=resolve_group,
 )

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from . import _math
-from ._problem import Problem, normalise_like_tau, prepare, reduce_to_tau
+from ._problem import Problem, host_values, normalise_like_tau, prepare, reduce_to_tau
 from ._registry import under_errstate
 
 Array = Any
@@ -110,8 +110,12 @@ def hard_forward(pb: Problem) -> Array:
 
 
 def _hard_mask(pb: Problem, x: Array, a: Array) -> Array:
-    # a fast-path branch needs values on the host; a group's counts are collectives
-    cond = _math.eager_cond if pb.backend.eager and pb.group is None else None
+    # the fast path's branch: on the host where values are free to read, else the
+    # library's traced cond (or none: the ranked mask); a group's counts are collectives
+    cond = None
+    if pb.group is None:
+        free = host_values(pb.backend, x) is not None
+        cond = _math.eager_cond if free else pb.backend.cond
     return _math.hard_mask(pb.xp, x, a, pb.valid, pb.k, cond=cond, group=pb.group)
 
 

@@ -103,6 +103,15 @@ class Backend:
         dtype's range and a probability that rounds to 0 or 1 are the spec's
         limits (README, Semantics), not errors to warn or raise about whatever
         the caller's ``np.seterr``.  ``None``: nothing to set.
+    cond : callable, optional
+        ``cond(pred, if_true, if_false) -> array``: the library's traced
+        two-way branch on a scalar boolean array (``jax.lax.cond``), calling
+        one of two zero-argument functions.  Lets the hard top-k mask
+        (:func:`topk_core.topk_mask`, ``hard=True``) skip the ranking of ties
+        in rows that need none where values cannot be read on the host
+        (under ``jit``, on an accelerator).  Where they can (``eager``, or
+        ``host_values`` gives them) the branch is taken on the host.
+        ``None``: the general ranked mask there.
     """
 
     name: str
@@ -116,6 +125,7 @@ class Backend:
     soft: Any = None
     select_candidates: Callable[..., tuple[Any, Any, Any]] | None = None
     errstate: Callable[[], AbstractContextManager[Any]] | None = None
+    cond: Callable[[Any, Any, Any], Any] | None = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily
