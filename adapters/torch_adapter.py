@@ -235,13 +235,14 @@ def _tau_grad(
     valid: torch.Tensor | None,
     row_sum: Any = None,
 ) -> torch.Tensor:
-    """``grad_tau = -sum(s z)`` over the finite ``z`` (recomputed: no exponential).
+    """``grad_tau = -sum(s z)``, infinite ``z`` left out (recomputed: no exponential).
 
     This shard's share where ``row_sum`` is a group's (see :func:`_logits`).
     """
     z = _logits(x, a, b, tau, valid, differentiable=torch.is_grad_enabled(), row_sum=row_sum)
-    # infinite z contributes 0; NaN entries of x are constants (NaN rule)
-    t = torch.where(torch.isnan(x), 0.0, -s * torch.where(torch.isfinite(z), z, 0.0))
+    # infinite z contributes 0; NaN entries of x are constants (NaN rule); a NaN
+    # threshold's NaN z stays: that row's grad_tau is NaN, as in the closed form
+    t = torch.where(torch.isnan(x), 0.0, -s * torch.where(torch.isinf(z), 0.0, z))
     return t.sum_to_size(tau.shape).to(tau.dtype)
 
 

@@ -58,3 +58,43 @@ def test_jax_grad_follows_the_nan_rule(output):
     assert np.isfinite(np.asarray(gx_j)[ok]).all()
     np.testing.assert_allclose(np.asarray(gtau_j), gtau, atol=1e-12)
     assert np.isfinite(np.asarray(gtau_j)).all()
+
+
+# rows whose threshold is NaN (k <= the NaN count): p and the logits are NaN throughout and
+# grad_tau is NaN (README, "NaN, gradients"); a per-row, a per-entry and a scalar tau
+X_NAN_THETA = np.array([[np.nan, 2.0, -2.0, 0.5], [1.0, np.nan, np.nan, 3.0]])
+TAUS = [np.array([[0.5], [2.0]]), np.array([[0.5, 1.0, 2.0, 0.7], [1.5, 0.2, 1.0, 3.0]]), 0.5]
+
+
+def _closed_form(output, tau):
+    with np.errstate(invalid="ignore"):
+        return tk.dftopk_vjp(X_NAN_THETA, 2, G[:, :4], tau=tau, output=output)
+
+
+@pytest.mark.parametrize(
+    ("output", "tau_i"), [("logits", 0), ("logits", 1), ("logits", 2), ("probs", 1)]
+)
+def test_nan_threshold_rows_in_torch_and_jax_autodiff(output, tau_i):
+    """grad_tau of the logits came back 0 from torch autograd and jax.vjp (they zeroed
+    every non-finite z) where the closed form, the reference and the README say NaN."""
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    from topk_core.conformance.reference import ref_vjp
+
+    tau = TAUS[tau_i]
+    fn = tk.dftopk if output == "probs" else tk.dftopk_logits
+    gx, gtau = _closed_form(output, tau)
+    _, t = ref_vjp(X_NAN_THETA, 2, G[:, :4], tau=np.broadcast_to(tau, (2, 4)), output=output)
+    want = t.sum() if np.ndim(tau) == 0 else t.sum(-1, keepdims=True) if tau.shape[-1] == 1 else t
+    np.testing.assert_array_equal(np.isnan(gtau), np.isnan(want))
+    assert np.isnan(gtau).any()
+
+    x = torch.tensor(X_NAN_THETA, requires_grad=True)
+    tt = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+    gx_t, gtau_t = torch.autograd.grad(fn(x, 2, tau=tt), (x, tt), torch.tensor(G[:, :4]))
+    jnp = jax.numpy
+    _, pull = jax.vjp(lambda v, s: fn(v, 2, tau=s), jnp.asarray(X_NAN_THETA), jnp.asarray(tau))
+    gx_j, gtau_j = (np.asarray(v) for v in pull(jnp.asarray(G[:, :4])))
+    for got_x, got_tau in ((gx_t.numpy(), gtau_t.numpy()), (gx_j, gtau_j)):
+        np.testing.assert_allclose(got_x, gx, atol=1e-12)  # NaN where the closed form is
+        np.testing.assert_allclose(got_tau, gtau, atol=1e-12)
