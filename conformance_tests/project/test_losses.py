@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from topk_core.conformance.libs import TOLERANCE
 from topk_core.conformance.reference import finite_difference, ref_dftopk, ref_topk_mask
 
+import topk_core as tk
 from topk_core.losses import cascade_joint_loss, topk_bce_loss
 
 SHAPE = (3, 8)  # one shape for most cases: JAX compiles per shape and dtype
@@ -448,6 +449,51 @@ def test_jax_gradients_match_finite_differences(rng):
     np.testing.assert_allclose(np.asarray(glv), flv, atol=1e-7)
     assert np.all(np.asarray(ga)[~mask_np] == 0.0)
     assert np.all(np.asarray(gb)[~mask_np] == 0.0)
+
+
+# scores exactly at the threshold (z = 0): all equal (a model at initialisation) and
+# integer ties at the k-th value
+TIED = np.array([[0.0, -0.0, 0.0, 0.0, -0.0, 0.0], [1.0, 1.0, 1.0, 0.0, 0.0, 2.0]])
+TIED_REL = np.array([[3.0, 1.0, 2.0, 0.0, 1.0, 5.0], [0.5, 2.0, 1.0, 3.0, 0.0, 1.0]])
+
+
+def _bce_closed_form(x, relevance, k, tau):
+    """Gradient of the mean BCE: dL/dz = (sigmoid(z) - y) / n through the logits' VJP."""
+    z = ref_dftopk(x, k, tau, output="logits")
+    y = ref_topk_mask(relevance, k)
+    return tk.dftopk_vjp(x, k, (1 / (1 + np.exp(-z)) - y) / x.size, tau=tau, output="logits")[0]
+
+
+@needs_torch
+@needs_jax
+def test_gradients_at_scores_on_the_threshold():
+    """softplus'(0) is 1/2: JAX's loss gradient was 0 there (its |t|' = 1 at 0), all 0 for
+    all-equal scores; torch and JAX now match the closed form, and each other for the
+    cascade loss."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    for k in (2, 3):
+        want = _bce_closed_form(TIED, TIED_REL, k, 0.5)
+        assert np.abs(want).max() > 0.01
+        xt = torch.tensor(TIED, requires_grad=True)
+        topk_bce_loss(xt, torch.tensor(TIED_REL), k, tau=0.5).backward()
+        gj = jax.grad(lambda v, k=k: topk_bce_loss(v, jnp.asarray(TIED_REL), k, tau=0.5))(
+            jnp.asarray(TIED)
+        )
+        np.testing.assert_allclose(xt.grad.numpy(), want, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(gj), want, atol=1e-12)
+
+    x2 = np.zeros_like(TIED)
+    xt, xt2 = torch.tensor(TIED, requires_grad=True), torch.tensor(x2, requires_grad=True)
+    cascade_joint_loss([xt, xt2], torch.tensor(TIED_REL), (3, 2)).backward()
+    gj, gj2 = jax.grad(
+        lambda a, b: cascade_joint_loss([a, b], jnp.asarray(TIED_REL), (3, 2)), argnums=(0, 1)
+    )(jnp.asarray(TIED), jnp.asarray(x2))
+    assert np.abs(xt2.grad.numpy()).max() > 0.01
+    np.testing.assert_allclose(np.asarray(gj), xt.grad.numpy(), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(gj2), xt2.grad.numpy(), atol=1e-12)
 
 
 def _no_nan_grads_cases():
