@@ -423,8 +423,11 @@ class _DFTopKNoJvp(torch.autograd.Function):
         ctx.tau_float = None if tau_t is not None else float(tau)
         # x and the mask are inputs and ``out`` is the output (no new memory);
         # a and b are one value per row
-        ctx.save_for_backward(x, tau_t, valid, a, b, None if ctx.hard else out)
-        ctx.save_for_forward(x, tau_t, valid, a, b)
+        saved = (x, tau_t, valid, a, b, None if ctx.hard else out)
+        ctx.save_for_backward(*saved)
+        # the same tuple: torch.vmap's generated rule keeps one record of the saved
+        # tensors' batch dims, the last call's, for the backward and the jvp alike
+        ctx.save_for_forward(*saved)
         ctx.candidates = getattr(a, "_topk_core_candidates", None)
 
     @staticmethod
@@ -457,7 +460,12 @@ class DFTopKFunction(_DFTopKNoJvp):
     Forward-over-forward (``jacfwd(jacfwd(f))``) is not supported: PyTorch
     runs a custom ``jvp`` with forward AD disabled, so its result carries no
     second-order tangent.  ``torch.func.hessian`` (forward-over-reverse) and
-    reverse-over-reverse are exact.
+    reverse-over-reverse are exact.  Forward mode *around* ``torch.vmap``
+    (``jvp(vmap(f))``, ``jacfwd(vmap(f))``) is not supported either: the
+    generated batching rule wants a tangent for the non-differentiable ``a``
+    and ``b``, which a plain ``jvp`` must not return (PyTorch raises an
+    internal assertion).  ``vmap(jvp(f))``, ``vmap(jacfwd(f))`` and reverse
+    mode around ``vmap`` (``grad``, ``jacrev``, ``.backward()``) work.
 
     Examples
     --------

@@ -340,6 +340,34 @@ def test_autograd_on_an_empty_batch(shape):
         assert jac.shape == shape + shape
 
 
+@pytest.mark.parametrize("hard", [False, True])
+def test_reverse_mode_around_vmap(rng, hard):
+    """grad/jacrev/.backward() around torch.vmap raised "flat_bdims must not be None": the
+    generated batching rule kept the batch dims of save_for_forward's five tensors for
+    the backward's six. Per-row k and a tensor tau, against the rows' own jacrev."""
+    x = _t(rng.standard_normal((3, 7)))
+    u = _t(rng.standard_normal((3, 7)))
+    k = torch.tensor([0, 3, 7])
+    tau = _t([0.5])
+
+    def f(row, kk):
+        return topk_core.dftopk(row, kk, tau=tau, hard=hard)
+
+    jac = torch.stack([torch.func.jacrev(f)(x[i], k[i]) for i in range(3)])
+    want = torch.einsum("bij,bi->bj", jac, u)
+    got = torch.func.grad(lambda v: (torch.vmap(f)(v, k) * u).sum())(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        torch.func.jacrev(lambda v: torch.vmap(f)(v, k))(x),
+        torch.einsum("bij,bc->bicj", jac, torch.eye(3, dtype=F64)),
+        rtol=0,
+        atol=1e-12,
+    )
+    xr = x.clone().requires_grad_(True)
+    (torch.vmap(f)(xr, k) * u).sum().backward()
+    torch.testing.assert_close(xr.grad, want, rtol=0, atol=1e-12)
+
+
 def test_compile_fullgraph_aot_eager():
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(SEED), requires_grad=True)
     mask = torch.arange(8) < 6
