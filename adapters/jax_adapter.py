@@ -138,8 +138,9 @@ def forward_math(
     The residuals are what :func:`tangent_math` needs and all that a
     linearisation keeps: ``p`` (the output itself for float32/float64), one
     int8 tie code per entry and two weights per row
-    (:func:`topk_core._math.tie_code`), plus ``z`` (0 where infinite) only when
-    ``keep_z`` (a differentiated ``tau``).  ``tau`` is None for 1.  For
+    (:func:`topk_core._math.tie_code`), plus ``z`` as it moves with ``tau``
+    (:func:`topk_core._math.tau_coefficient`) only when ``keep_z`` (a
+    differentiated ``tau``).  ``tau`` is None for 1.  For
     ``output="hard"`` (needs ``k``) ``out`` is the hard top-k mask from the same
     ``a`` and the residuals are ``"probs"``'s.  ``group``: the shards'
     collectives (tie counts summed over them).  ``counts``: ``(count_a,
@@ -155,9 +156,7 @@ def forward_math(
     code, wa, wb = _math.tie_code(
         jnp, xc, a, b, valid, row_sum=row_sum_of(jnp, group), counts=counts
     )
-    # z for tau's tangent: 0 where infinite or at a NaN entry (a constant), NaN where a
-    # NaN threshold made it NaN (that row's grad_tau is NaN, as in the closed form)
-    zf = jnp.where(jnp.isinf(z) | jnp.isnan(xc), jnp.zeros_like(z), z) if keep_z else None
+    zf = _math.tau_coefficient(jnp, z, jnp.isnan(xc)) if keep_z else None
     if output == "logits":
         return z.astype(x.dtype), (None, code, wa, wb, t, zf)
     # XLA's logistic is 1 / (1 + exp(-z)): one exponential, both tails relatively exact

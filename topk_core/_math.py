@@ -38,6 +38,7 @@ __all__ = [
     "sigmoid",
     "sigmoid_grad",
     "soft_backward",
+    "tau_coefficient",
     "soft_forward",
     "threshold",
     "tie_share",
@@ -52,6 +53,16 @@ __all__ = [
 
 def _row_sum(xp: Any, v: Array, row_sum: RowSum) -> Array:
     return xp.sum(v, axis=-1, keepdims=True) if row_sum is None else row_sum(v)
+
+
+def tau_coefficient(xp: Any, z: Array, x_nan: Array) -> Array:
+    """``z`` as it moves with ``tau`` (``dz/dtau = -z/tau``): 0 where ``z`` is infinite
+    (a limit, no ``tau`` effect) and at NaN entries of ``x`` (constants, the NaN
+    rule); NaN where a NaN threshold made ``z`` NaN (that row's ``grad_tau`` is NaN).
+
+    A zeroed coefficient, not a zeroed product: a transpose multiplies by it.
+    """
+    return xp.where(xp.isinf(z) | x_nan, xp.zeros_like(z), z)
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:
@@ -308,8 +319,7 @@ def jvp(
     dtheta = dtheta + xp.astype(wb, z.dtype) * _row_sum(xp, xp.where(eq_b, u, zero), row_sum)
     x_nan = xp.isnan(x)
     if tau_tangent is not None:
-        # zeroed coefficient (not only a zeroed product): its transpose multiplies by it
-        dtheta = dtheta + xp.where(xp.isinf(z) | x_nan, zero, z) * tau_tangent
+        dtheta = dtheta + tau_coefficient(xp, z, x_nan) * tau_tangent
     # select between x-sized operands: a where() that broadcast the per-row dtheta itself
     # would, in a JAX shard_map, make the transpose psum an x-sized array
     dz = xp.where(x_nan, u, u - dtheta)

@@ -51,12 +51,12 @@ def _softplus(xp: Any, t: Array) -> Array:
     ``max(t, 0) + log1p(exp(-|t|))`` with both kinks built from ``where(t > 0, ...)``
     instead of ``maximum``/``abs``, whose derivatives at ``t = 0`` are each library's
     convention (JAX: ``|t|' = 1`` there, which made ``softplus'(0)`` 0, not 1/2, for
-    every score exactly at the threshold).  Here the two kinks' one-sided derivatives
-    (0 and -1 at ``t = 0``) add up to ``sigmoid(0) = 1/2`` under any autodiff.
+    every score exactly at the threshold).  Here, at ``t = 0``, ``max(t, 0)`` has
+    derivative 0 and ``-|t|`` derivative 1, so the sum's is ``sigmoid(0) = 1/2``
+    under any autodiff.
     """
     pos = t > 0
-    abs_t = xp.where(pos, t, -t)
-    return xp.where(pos, t, xp.zeros_like(t)) + xp.log1p(xp.exp(-abs_t))
+    return xp.where(pos, t, xp.zeros_like(t)) + xp.log1p(xp.exp(xp.where(pos, -t, t)))
 
 
 def _bce_elementwise(xp: Any, z: Array, positive: Array) -> Array:
