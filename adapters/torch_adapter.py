@@ -253,9 +253,12 @@ def forward_math(
     tau: float | torch.Tensor,
     valid: torch.Tensor | None,
     output: str,
+    *,
+    compute: bool = False,
 ) -> torch.Tensor:
     """The forward after the selection: ``p`` (or ``z``) in x's dtype, from ``a``, ``b``.
 
+    ``compute``: in the compute dtype instead (float32 for half precision).
     Eager CPU: ``z`` in one or two kernels (:func:`_logits_eager`), the mask
     in one ``where``, ``sigmoid`` in place.  Elsewhere (CUDA, ``torch.compile``,
     ``torch.func``) the generic, graph-safe :func:`topk_core._math.logits`.
@@ -272,7 +275,7 @@ def forward_math(
         if valid is not None:
             z = torch.where(valid, z, -math.inf)
         out = z.sigmoid_() if output == "probs" else z
-    return out.to(x.dtype)
+    return out if compute else out.to(x.dtype)
 
 
 def graph_vjp(
@@ -315,10 +318,11 @@ def backward_math(
     ``a`` or ``b`` (:func:`topk_core.backends.torch_backend.select_pair_and_candidates`);
     the ties are then looked for among them only.
 
-    ``s = g p (1 - p) / tau`` comes from the saved output ``p`` in one kernel
-    (``aten.sigmoid_backward``; half precision in float32 from the half
-    output, within its tolerance): no exponential is recomputed, and ``z`` is
-    recomputed (two kernels) only for a ``tau`` gradient.  Eager CPU without a
+    ``s = g p (1 - p) / tau`` comes from ``out`` in one kernel
+    (``aten.sigmoid_backward``): the saved output ``p`` for float32/float64,
+    so no exponential is recomputed; for half precision and behind a hard
+    forward the caller recomputes ``p`` in float32 (:func:`_soft_output`).
+    ``z`` is recomputed (two kernels) only for a ``tau`` gradient.  Eager CPU without a
     graph: division and mask in place, one row sum, the threshold term on the
     tied entries only (:func:`_subtract_ties`).  Otherwise (double backward,
     CUDA, ``torch.compile``, ``torch.func``) the graph-safe
@@ -369,17 +373,21 @@ def _soft_output(
     tau: float | torch.Tensor,
     valid: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The soft ``p`` behind a hard (straight-through) forward, from the saved ``x, a, b``.
+    """The soft ``p`` for the backward, in the compute dtype, from the saved ``x, a, b``.
 
-    No new selection.  Under double backward it carries d theta / dx (see
-    :func:`_logits`), so the hard forward's derivatives of every order are the
-    soft ones; otherwise :func:`forward_math`'s few eager kernels.
+    Behind a hard (straight-through) forward, and for half precision: there
+    the half output's ``1 - p`` keeps only the bits of ``p`` that round to
+    half (in float16, ``1 - p`` of ``p = 0.998`` is 12% off), and the error
+    of ``p (1 - p) / tau`` grows as ``1 / tau``; JAX and the closed-form VJP
+    keep the float32 ``p``.  No new selection.  Under double backward it
+    carries d theta / dx (see :func:`_logits`), so the derivatives of every
+    order are the soft ones; otherwise :func:`forward_math`'s few eager kernels.
     """
+    cdt = _math.compute_dtype(_XP, x.dtype)
     if torch.is_grad_enabled():
-        cdt = _math.compute_dtype(_XP, x.dtype)
         z = _logits(x.to(cdt), a.to(cdt), b.to(cdt), tau, valid, differentiable=True)
-        return torch.sigmoid(z).to(x.dtype)
-    return forward_math(x, a, b, tau, valid, "probs")
+        return torch.sigmoid(z)
+    return forward_math(x, a, b, tau, valid, "probs", compute=True)
 
 
 def _unpack(ctx):
@@ -435,7 +443,7 @@ class _DFTopKNoJvp(torch.autograd.Function):
         x, tau_t, valid, a, b, out = ctx.saved_tensors
         tau = tau_t if tau_t is not None else ctx.tau_float
         tau_grad = tau_t is not None and ctx.needs_input_grad[1]
-        if ctx.hard:
+        if ctx.hard or (ctx.kind == "probs" and x.dtype != _math.compute_dtype(_XP, x.dtype)):
             out = _soft_output(x, a, b, tau, valid)
         grad_x, grad_tau = backward_math(
             ctx.kind, x, a, b, out, grad_out, tau, valid, tau_grad, candidates=ctx.candidates

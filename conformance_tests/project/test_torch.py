@@ -421,6 +421,31 @@ def test_dtype_and_device_preserved(rng, dtype, atol):
     np.testing.assert_allclose(x.grad.double().numpy(), gx, atol=4 * atol)
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("hard", [False, True])
+def test_half_gradient_at_small_tau(dtype, atol, hard):
+    """Autograd took p (1 - p) from the half output p: 1 - p of a rounded p near 1 keeps
+    a few bits and 1 / tau scales the error up (float16, tau = 0.02: 2.5e-3 of the largest
+    gradient, bfloat16 2.1e-2; dftopk_vjp, which keeps the float32 p, 2.7e-4 / 2.2e-3)."""
+    x = torch.linspace(-1, 1, 41, dtype=F64).to(dtype)
+    g = torch.cos(torch.arange(41, dtype=F64)).to(dtype)
+    tau = 0.02
+    want, _ = ref_vjp(x.double().numpy(), 10, g.double().numpy(), tau)
+    scale = np.abs(want).max()
+    closed, _ = topk_core.dftopk_vjp(x, 10, g, tau=tau)
+    graph = torch.compile(
+        lambda v: topk_core.dftopk(v, 10, tau=tau, hard=hard), fullgraph=True, backend="aot_eager"
+    )
+    for fn, create_graph in [(topk_core.dftopk, False), (topk_core.dftopk, True), (graph, False)]:
+        xa = x.clone().requires_grad_()
+        out = fn(xa, 10, tau=tau, hard=hard) if fn is topk_core.dftopk else fn(xa)
+        (gx,) = torch.autograd.grad(out, xa, g, create_graph=create_graph)
+        assert gx.dtype == dtype
+        got = gx.detach().double().numpy()
+        np.testing.assert_allclose(got, closed.double().numpy(), rtol=0, atol=scale * atol / 4)
+        np.testing.assert_allclose(got, want, rtol=0, atol=scale * atol)
+
+
 def test_autocast_bfloat16():
     lin = torch.nn.Linear(6, 12)
     torch.manual_seed(0)
