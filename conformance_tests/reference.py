@@ -135,8 +135,9 @@ def ref_vjp(x, k, g, tau=1.0, axis=-1, mask=None, largest=True, output="probs"):
     axis = axis % x.ndim
     rows, valid, taus, z, w, _ = ref_parts(x, k, tau, axis, mask, largest)
     g = np.moveaxis(np.asarray(g, dtype=np.float64), axis, -1).reshape(rows.shape)
-    p = np.vectorize(_sig)(z)
-    dp = p * (1 - p) if output == "probs" else np.ones_like(p)
+    # sigmoid(z) sigmoid(-z), not p (1 - p): relatively exact where p rounds to 1
+    sig = np.vectorize(_sig)
+    dp = sig(z) * sig(-z) if output == "probs" else np.ones_like(z)
     s = np.where(valid, g * dp / taus, 0.0)
     # NaN rule: a NaN entry keeps its own term but is a constant for the rest of the row
     nan = np.isnan(rows)

@@ -225,6 +225,26 @@ def test_low_precision_gradients(lib, rng, dtype):
     np.testing.assert_allclose(lib.to_numpy(gx).astype(np.float64), ref_gx, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_vjp_relatively_exact_in_both_tails(lib, dtype):
+    """``p (1 - p)`` comes from ``exp(-z)``, not from ``p``: near ``p = 1`` a rounded ``p``
+    leaves ``1 - p`` with an absolute error of eps/2 (float32: 0.2% of a gradient at
+    ``p = 1 - 3e-5``, 100% at ``1 - 6e-8``); here every entry's gradient, down to
+    ``e^-60``, is relatively exact on both sides of the threshold."""
+    if dtype not in lib.dtypes:
+        pytest.skip(lib.no_dtype(dtype))
+    x = np.linspace(-30.0, 30.0, 121).astype(dtype).astype(np.float64)
+    g = np.ones_like(x)
+    for largest in (True, False):
+        gx, _ = tk.dftopk_vjp(
+            lib.asarray(x, dtype), 60, lib.asarray(g, dtype), tau=0.5, largest=largest
+        )
+        ref_gx, _ = ref_vjp(x, 60, g, tau=0.5, largest=largest)
+        assert np.abs(ref_gx).min() < 1e-25  # both tails reach e^-60
+        rtol = {"float32": 1e-4, "float64": 1e-11}[dtype]
+        np.testing.assert_allclose(lib.to_numpy(gx).astype(np.float64), ref_gx, rtol=rtol)
+
+
 @pytest.mark.parametrize("output", ["probs", "logits"])
 @pytest.mark.parametrize("case", ["mask", "per_row_tau", "axis0_smallest"])
 def test_dftopk_and_vjp_equals_separate_calls(lib, rng, case, output):
