@@ -375,11 +375,11 @@ def _soft_output(
 ) -> torch.Tensor:
     """The soft ``p`` for the backward, in the compute dtype, from the saved ``x, a, b``.
 
-    Behind a hard (straight-through) forward, and for half precision: there
-    the half output's ``1 - p`` keeps only the bits of ``p`` that round to
-    half (in float16, ``1 - p`` of ``p = 0.998`` is 12% off), and the error
-    of ``p (1 - p) / tau`` grows as ``1 / tau``; JAX and the closed-form VJP
-    keep the float32 ``p``.  No new selection.  Under double backward it
+    Behind a hard (straight-through) forward, and for half precision: the
+    half output keeps 8-11 bits of ``p``, so ``1 - p`` near ``p = 1`` keeps
+    only a few (``p = 0.998`` in float16: 12% off), an error that ``1 / tau``
+    scales up in ``p (1 - p) / tau``; JAX and the closed-form VJP keep the
+    float32 ``p`` too.  No new selection.  Under double backward it
     carries d theta / dx (see :func:`_logits`), so the derivatives of every
     order are the soft ones; otherwise :func:`forward_math`'s few eager kernels.
     """
