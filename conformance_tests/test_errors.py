@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from topk_core.conformance.reference import ref_dftopk
 
 import topk_core as tk
 from topk_core._problem import host_values
@@ -89,6 +90,36 @@ def test_array_tau_values_checked_where_concrete(lib, bad):
             fn(x, 1, tau=tau)
     with pytest.raises(ValueError, match=r"tau must be finite and > 0 everywhere"):
         tk.dftopk_vjp(x, 1, x, tau=tau)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tau_outside_the_compute_range(lib, dtype):
+    """A float tau (or, where its values are concrete, a wider array tau) whose value or
+    reciprocal is not a normal number of the dtype the math runs in is a ValueError: it
+    rounds to 0 or inf there (NaN logits), and XLA's division by a reciprocal flushed
+    2 / tau to 0 (JAX, float32, tau = 1.8e38: p = 0.5 for every finite entry).  At the
+    bounds the results are the reference's, NaN-free."""
+    if dtype not in lib.dtypes:
+        pytest.skip(lib.no_dtype(dtype))
+    lo = float(np.finfo(dtype).smallest_normal)
+    hi = 1.0 / lo
+    xs = np.array([[np.inf, 3e38, 1e38, 1.0, 0.0, -1.0, -3e38, -np.inf]]).astype(dtype)
+    x = lib.asarray(xs, dtype)
+    for bad in (hi * 2.0, lo / 2.0) + ((1e39, 1e300, 1e-50) if dtype == "float32" else ()):
+        for fn in (tk.dftopk, tk.dftopk_logits, tk.dftopk_and_vjp):
+            with pytest.raises(ValueError, match=rf"tau must be within .* {dtype}"):
+                fn(x, 2, tau=bad)
+    if dtype == "float32" and "float64" in lib.dtypes:
+        tau = lib.asarray(np.array([[1e39]]), "float64")
+        if host_values(get_backend(library_name(x)), tau) is not None:
+            with pytest.raises(ValueError, match=r"tau must be within .* everywhere"):
+                tk.dftopk(x, 2, tau=tau)
+    for tau in (lo, hi):
+        for k in (2, 4):
+            p = lib.to_numpy(tk.dftopk(x, k, tau=tau)).astype(np.float64)
+            want = ref_dftopk(xs.astype(np.float64), k, tau=tau)
+            assert not np.isnan(p).any()
+            np.testing.assert_allclose(p, want, rtol=0, atol=2e-5)
 
 
 def test_cascade_stage_sizes_must_not_increase(lib):

@@ -347,6 +347,9 @@ def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
         tau = float(tau)
         if not (math.isfinite(tau) and tau > 0):
             raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
+        lo, hi = _tau_range(pb)
+        if not lo <= tau <= hi:
+            raise ValueError(f"{_range_text(pb, lo, hi)}, got {tau!r}")
         return tau, None
     if isinstance(tau, numbers.Number) or library_name(tau) is None:
         raise TypeError(
@@ -369,7 +372,42 @@ def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
             "tau must be finite and > 0 everywhere (an array tau is checked wherever its "
             "values are concrete: NumPy, torch CPU tensors in eager mode, concrete JAX arrays)"
         )
+    if values is not None:
+        lo, hi = _tau_range(pb)
+        vxp = array_api_compat.array_namespace(values)
+        # half-precision values always lie in float32's normal range (and comparing them
+        # with float32's bounds would round the bounds to half)
+        if float(vxp.finfo(values.dtype).max) >= hi and not bool(
+            vxp.all(values >= lo) & vxp.all(values <= hi)
+        ):
+            raise ValueError(f"{_range_text(pb, lo, hi)} everywhere (tau is cast to it)")
     return normalise_like_tau(pb, tau, tau_shape, pb.compute_dtype), tau_shape
+
+
+def _tau_range(pb: Problem) -> tuple[float, float]:
+    """Where ``tau`` and ``1 / tau`` are both normal numbers of the compute dtype.
+
+    ``z = (x - theta) / tau`` runs in that dtype: a tau past its range rounds to 0 or
+    inf (``0 / 0``, ``inf / inf``: NaN logits), and XLA divides by multiplying with the
+    reciprocal, which flushes to 0 below the smallest normal number (JAX on the CPU gave
+    ``p = 0.5`` for every finite entry and NaN at infinite ones from tau = 1.8e38 on).
+    """
+    lo = float(pb.xp.finfo(pb.compute_dtype).smallest_normal)
+    return lo, 1.0 / lo
+
+
+def _range_text(pb: Problem, lo: float, hi: float) -> str:
+    cdt = _dtype_name(pb.compute_dtype)
+    return (
+        f"tau must be within {lo:.4g} <= tau <= {hi:.4g} (tau and 1/tau normal numbers of "
+        f"{cdt}, the dtype the math runs in for x of dtype {_dtype_name(pb.x.dtype)})"
+    )
+
+
+def _dtype_name(dtype: Any) -> str:
+    # a dtype (.name), a scalar type such as np.float32 (__name__), or torch.float32
+    name = getattr(dtype, "name", None) or getattr(dtype, "__name__", None) or str(dtype)
+    return str(name).rsplit(".", 1)[-1]
 
 
 def normalise_like_tau(pb: Problem, t: Array, tau_shape: tuple[int, ...], dtype: Any) -> Array:
