@@ -319,9 +319,13 @@ def host_values(backend: Backend, arr: Any) -> Any | None:
     return backend.host_values(arr)
 
 
-def _all_positive_finite(values: Any) -> bool:
+def _tau_bounds(values: Any) -> tuple[float, float]:
+    """``(min, max)`` of an array tau's values in two reductions (NaN where one is NaN);
+    ``(1, 1)`` for an empty array, which has nothing to check."""
     vxp = array_api_compat.array_namespace(values)
-    return bool(vxp.all(values > 0) & vxp.all(vxp.isfinite(values)))
+    if math.prod(values.shape) == 0:
+        return 1.0, 1.0
+    return float(vxp.min(values)), float(vxp.max(values))
 
 
 def _resolve_group(backend: Backend, group: Any, x: Any, lib: str, axis: int) -> Any:
@@ -367,19 +371,17 @@ def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
         )
     _check_device(xp, tau, "tau", pb.device)
     values = host_values(pb.backend, tau)
-    if values is not None and not _all_positive_finite(values):
-        raise ValueError(
-            "tau must be finite and > 0 everywhere (an array tau is checked wherever its "
-            "values are concrete: NumPy, torch CPU tensors in eager mode, concrete JAX arrays)"
-        )
     if values is not None:
+        vmin, vmax = _tau_bounds(values)
+        # NaN fails both comparisons
+        if not (vmin > 0 and vmax < math.inf):
+            raise ValueError(
+                "tau must be finite and > 0 everywhere (an array tau is checked wherever its "
+                "values are concrete: NumPy, torch CPU tensors in eager mode, concrete JAX "
+                "arrays)"
+            )
         lo, hi = _tau_range(pb)
-        vxp = array_api_compat.array_namespace(values)
-        # half-precision values always lie in float32's normal range (and comparing them
-        # with float32's bounds would round the bounds to half)
-        if float(vxp.finfo(values.dtype).max) >= hi and not bool(
-            vxp.all(values >= lo) & vxp.all(values <= hi)
-        ):
+        if not lo <= vmin <= vmax <= hi:
             raise ValueError(f"{_range_text(pb, lo, hi)} everywhere (tau is cast to it)")
     return normalise_like_tau(pb, tau, tau_shape, pb.compute_dtype), tau_shape
 
