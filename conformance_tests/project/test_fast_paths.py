@@ -428,8 +428,9 @@ def test_torch_sampled_selection_candidates_hold_every_tie(rng):
         assert torch.equal(got, want)
 
 
-def test_torch_short_row_candidates_hold_every_tie(rng):
+def test_torch_short_row_candidates_hold_every_tie(rng, monkeypatch):
     torch = pytest.importorskip("torch")
+    from topk_core.adapters import torch_adapter
     from topk_core.backends import torch_backend
 
     # rows of integers (ties everywhere), of floats (ties in a few rows) and with NaN and
@@ -442,7 +443,7 @@ def test_torch_short_row_candidates_hold_every_tie(rng):
     odd[5, :7] = np.nan
     odd[6, :20] = np.inf
     odd[7, 100:] = -np.inf
-    seen = {"clear": 0, "spill": 0, "none": 0}
+    seen = {"clear": 0, "spill": 0, "none": 0, "masks": 0}
     for data in (ints, floats, odd):
         for k in (2, 30, 150, 220, 298):
             valid = torch.from_numpy(rng.random(shape) > 0.1)
@@ -458,9 +459,16 @@ def test_torch_short_row_candidates_hold_every_tie(rng):
                 seen["none"] += 1
                 continue
             seen["spill" if cand.numel() >= shape[1] else "clear"] += 1
+            seen["masks"] += cand.numel() > torch_adapter._HOST_TIES
             got, want = _backward_with_and_without(x, a, b, g, valid, cand)
             torch.testing.assert_close(got, want, **same)
-    # every branch ran: no ties beyond the selection, a few tied rows spilled, too many
+            # every tie weighed on the host, after a compaction: the same bits
+            with monkeypatch.context() as m:
+                m.setattr(torch_adapter, "_HOST_TIES", 10**9)
+                host, _ = _backward_with_and_without(x, a, b, g, valid, cand)
+            torch.testing.assert_close(got, host, **same)
+    # every branch ran: no ties beyond the selection, a few tied rows spilled, too many;
+    # candidates weighed through masks (more than _HOST_TIES of them)
     assert min(seen.values()) > 0, seen
 
 
