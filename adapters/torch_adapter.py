@@ -425,6 +425,29 @@ def _soft_output(
     return forward_math(x, a, b, tau, valid, "probs", compute=True)
 
 
+def _pair_grad(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    valid: torch.Tensor | None,
+    grad_a: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+) -> torch.Tensor:
+    """``grad_a`` spread evenly over ``a``'s ties, ``grad_b`` over ``b``'s (0 if infinite).
+
+    The transpose of the tangents of ``a`` and ``b``
+    (:func:`topk_core._math.jvp` with ``pair=True``): twice the spec's
+    per-side weights, as the JAX adapter's rule for its selection.
+    """
+    eq_a, eq_b, wa, wb = _math.tie_weights(_XP, x, a, b, valid)
+    g = torch.zeros_like(x)
+    if grad_a is not None:
+        g = g + torch.where(eq_a, grad_a.to(x.dtype) * (2 * wa), 0.0)
+    if grad_b is not None:
+        g = g + torch.where(eq_b, grad_b.to(x.dtype) * (2 * wb), 0.0)
+    return g
+
+
 def _unpack(ctx):
     x, tau_t, valid, a, b = ctx.saved_tensors[:5]
     tau = tau_t if tau_t is not None else ctx.tau_float
@@ -444,6 +467,10 @@ class _DFTopKNoJvp(torch.autograd.Function):
     def forward(x, tau, k, valid, output):
         xm = x if valid is None else torch.where(valid, x, -math.inf)
         a, b, cand = _select(xm, k)
+        # outputs, not views into the selection's buffers: forward AD wants a view
+        # output's tangent laid out like it (one value per row to copy)
+        a = a.clone() if a._base is not None else a
+        b = b.clone() if b._base is not None else b
         if cand is not None:
             # flat positions holding every tie (sampled selection): handed to
             # setup_context on ``a``, so that the Function's outputs stay (out, a, b)
@@ -456,34 +483,53 @@ class _DFTopKNoJvp(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, tau, _k, valid, kind = inputs
-        out, a, b = output
-        ctx.mark_non_differentiable(a, b)
-        # "hard": the mask forward, differentiated as "probs"
-        ctx.hard = kind == "hard"
-        ctx.kind = "probs" if ctx.hard else kind
-        tau_t = tau if isinstance(tau, torch.Tensor) else None
-        ctx.tau_float = None if tau_t is not None else float(tau)
-        # x and the mask are inputs and ``out`` is the output (no new memory);
-        # a and b are one value per row
-        saved = (x, tau_t, valid, a, b, None if ctx.hard else out)
-        ctx.save_for_backward(*saved)
-        # the same tuple: torch.vmap's generated rule keeps one record of the saved
-        # tensors' batch dims, the last call's, for the backward and the jvp alike
-        ctx.save_for_forward(*saved)
-        ctx.candidates = getattr(a, "_topk_core_candidates", None)
+        _setup_context(ctx, inputs, output, differentiable_ab=False)
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_a, _grad_b):
+    def backward(ctx, grad_out, grad_a, grad_b):
         x, tau_t, valid, a, b, out = ctx.saved_tensors
+        # constants here, also under double backward: the math carries d theta / dx itself
+        a, b = a.detach(), b.detach()
         tau = tau_t if tau_t is not None else ctx.tau_float
         tau_grad = tau_t is not None and ctx.needs_input_grad[1]
-        if ctx.hard or (ctx.kind == "probs" and x.dtype != _math.compute_dtype(_XP, x.dtype)):
-            out = _soft_output(x, a, b, tau, valid)
-        grad_x, grad_tau = backward_math(
-            ctx.kind, x, a, b, out, grad_out, tau, valid, tau_grad, candidates=ctx.candidates
-        )
+        grad_x = grad_tau = None
+        if grad_out is not None:  # None: only a or b was used (DFTopKFunction)
+            half = x.dtype != _math.compute_dtype(_XP, x.dtype)
+            if ctx.hard or (ctx.kind == "probs" and half):
+                out = _soft_output(x, a, b, tau, valid)
+            grad_x, grad_tau = backward_math(
+                ctx.kind, x, a, b, out, grad_out, tau, valid, tau_grad, candidates=ctx.candidates
+            )
+        if grad_a is not None or grad_b is not None:
+            cdt = _math.compute_dtype(_XP, x.dtype)
+            g_ab = _pair_grad(x.to(cdt), a.to(cdt), b.to(cdt), valid, grad_a, grad_b)
+            grad_x = g_ab.to(x.dtype) if grad_x is None else grad_x + g_ab.to(x.dtype)
         return (grad_x if ctx.needs_input_grad[0] else None), grad_tau, None, None, None
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple, differentiable_ab: bool) -> None:
+    """The Functions' ``setup_context``; ``a`` and ``b`` differentiable only with a jvp."""
+    x, tau, _k, valid, kind = inputs
+    out, a, b = output
+    if differentiable_ab:
+        # an unused output's gradient comes as None, not zeros: a and b cost nothing in
+        # a backward that does not use them
+        ctx.set_materialize_grads(False)
+    else:
+        ctx.mark_non_differentiable(a, b)
+    # "hard": the mask forward, differentiated as "probs"
+    ctx.hard = kind == "hard"
+    ctx.kind = "probs" if ctx.hard else kind
+    tau_t = tau if isinstance(tau, torch.Tensor) else None
+    ctx.tau_float = None if tau_t is not None else float(tau)
+    # x and the mask are inputs and ``out`` is the output (no new memory);
+    # a and b are one value per row
+    saved = (x, tau_t, valid, a, b, None if ctx.hard else out)
+    ctx.save_for_backward(*saved)
+    # the same tuple: torch.vmap's generated rule keeps one record of the saved
+    # tensors' batch dims, the last call's, for the backward and the jvp alike
+    ctx.save_for_forward(*saved)
+    ctx.candidates = getattr(a, "_topk_core_candidates", None)
 
 
 class DFTopKFunction(_DFTopKNoJvp):
@@ -497,18 +543,17 @@ class DFTopKFunction(_DFTopKNoJvp):
     ``"logits"`` or ``"hard"`` (straight-through: the forward is the hard
     top-k mask from the same selection, the derivatives are those of
     ``"probs"``).  ``a``/``b`` (k-th and (k+1)-th largest, per row) are
-    returned for saving and are not differentiable.  Use
-    :func:`topk_core.dftopk` rather than calling this directly.
+    returned for saving; their derivative is the mean over each one's ties
+    (0 for an infinite one), in both modes: torch.vmap's generated batching
+    rule needs their tangents for forward mode around it (``jvp(vmap(f))``,
+    ``jacfwd(vmap(f))``), and a backward that does not use them pays nothing
+    for them.  Use :func:`topk_core.dftopk` rather than calling this directly.
 
     Forward-over-forward (``jacfwd(jacfwd(f))``) is not supported: PyTorch
     runs a custom ``jvp`` with forward AD disabled, so its result carries no
     second-order tangent.  ``torch.func.hessian`` (forward-over-reverse) and
-    reverse-over-reverse are exact.  Forward mode *around* ``torch.vmap``
-    (``jvp(vmap(f))``, ``jacfwd(vmap(f))``) is not supported either: the
-    generated batching rule wants a tangent for the non-differentiable ``a``
-    and ``b``, which a plain ``jvp`` must not return (PyTorch raises an
-    internal assertion).  ``vmap(jvp(f))``, ``vmap(jacfwd(f))`` and reverse
-    mode around ``vmap`` (``grad``, ``jacrev``, ``.backward()``) work.
+    reverse-over-reverse are exact.  Forward and reverse mode around
+    ``torch.vmap`` and ``vmap`` around either work.
 
     Examples
     --------
@@ -522,13 +567,18 @@ class DFTopKFunction(_DFTopKNoJvp):
     """
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output, differentiable_ab=True)
+
+    @staticmethod
     def jvp(ctx, x_t, tau_t, _k_t, _valid_t, _kind_t):
         x, xc, tau, valid, a, b = _unpack(ctx)
         z = _logits(xc, a, b, tau, valid, differentiable=True)
         u = torch.zeros_like(xc) if x_t is None else x_t.to(xc.dtype)
         dtau = tau_t if isinstance(tau_t, torch.Tensor) else None
-        d = _math.jvp(_XP, xc, a, b, z, u, tau, dtau, valid, ctx.kind)
-        return d.to(x.dtype), None, None
+        # a's and b's own tangents too: forward mode around torch.vmap needs them
+        d, da, db = _math.jvp(_XP, xc, a, b, z, u, tau, dtau, valid, ctx.kind, pair=True)
+        return d.to(x.dtype), da.to(x.dtype), db.to(x.dtype)
 
 
 def apply_problem(pb: Any, output: str, hard: bool = False) -> torch.Tensor:

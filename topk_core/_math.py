@@ -304,19 +304,25 @@ def jvp(
     output: str = "probs",
     *,
     row_sum: RowSum = None,
-) -> Array:
+    pair: bool = False,
+) -> Array | tuple[Array, Array, Array]:
     """Closed-form JVP: ``dz = (u - w.u) / tau - z dtau / tau``; ``dp = p(1-p) dz``.
 
     NaN rule: at a NaN entry of ``x`` only its own term ``u / tau`` is kept (so
     ``dp`` is NaN there); it does not move with the threshold or ``tau``.  The
     transpose (reverse mode in JAX) then never sends NaN to the other entries.
+
+    ``pair``: also return the tangents of ``a`` and ``b`` themselves, ``(dp, da,
+    db)``: the mean of ``u`` over each one's ties (0 for an infinite one), so
+    ``w.u = (da + db) / 2``; free, from the same two row sums.
     """
     zero = xp.asarray(0.0, dtype=z.dtype)
     if valid is not None:
         u = xp.where(valid, u, zero)
     eq_a, eq_b, wa, wb = _tie_weights_for(xp, x, a, b, valid, row_sum)
-    dtheta = xp.astype(wa, z.dtype) * _row_sum(xp, xp.where(eq_a, u, zero), row_sum)
-    dtheta = dtheta + xp.astype(wb, z.dtype) * _row_sum(xp, xp.where(eq_b, u, zero), row_sum)
+    half_a = xp.astype(wa, z.dtype) * _row_sum(xp, xp.where(eq_a, u, zero), row_sum)
+    half_b = xp.astype(wb, z.dtype) * _row_sum(xp, xp.where(eq_b, u, zero), row_sum)
+    dtheta = half_a + half_b
     x_nan = xp.isnan(x)
     if tau_tangent is not None:
         dtheta = dtheta + tau_coefficient(xp, z, x_nan) * tau_tangent
@@ -328,8 +334,8 @@ def jvp(
     if valid is not None:
         dz = xp.where(valid, dz, zero)
     if output == "probs":
-        return sigmoid_grad(xp, z) * dz
-    return dz
+        dz = sigmoid_grad(xp, z) * dz
+    return (dz, half_a + half_a, half_b + half_b) if pair else dz
 
 
 def hard_mask(

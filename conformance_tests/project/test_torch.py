@@ -368,6 +368,67 @@ def test_reverse_mode_around_vmap(rng, hard):
     torch.testing.assert_close(xr.grad, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("hard", [False, True])
+def test_forward_mode_around_vmap(rng, hard):
+    """jvp/jacfwd around torch.vmap failed with a PyTorch internal assertion: the generated
+    batching rule wanted a tangent for the Function's a and b, which were marked
+    non-differentiable. Per-row k (ties, k = 0 and k = n) and a tensor tau."""
+    x = _t(np.round(rng.standard_normal((4, 7)) * 2))
+    x[3, :] = 1.0  # one row all ties
+    u = _t(rng.standard_normal((4, 7)))
+    k = torch.tensor([0, 3, 7, 2])
+    tau = _t([0.5])
+
+    def f(row, kk):
+        return topk_core.dftopk(row, kk, tau=tau, hard=hard)
+
+    jac = torch.stack([torch.func.jacrev(f)(x[i], k[i]) for i in range(4)])
+    want = torch.einsum("bij,bj->bi", jac, u)
+    _, got = torch.func.jvp(lambda v: torch.vmap(f)(v, k), (x,), (u,))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        torch.func.jacfwd(lambda v: torch.vmap(f)(v, k))(x),
+        torch.einsum("bij,bc->bicj", jac, torch.eye(4, dtype=F64)),
+        rtol=0,
+        atol=1e-12,
+    )
+    # and the transforms inside vmap
+    inner = torch.vmap(lambda r, kk, t: torch.func.jvp(lambda v: f(v, kk), (r,), (t,))[1])
+    torch.testing.assert_close(inner(x, k, u), want, rtol=0, atol=1e-12)
+    per_row = torch.vmap(torch.func.grad(lambda r, kk, g: (f(r, kk) * g).sum()))
+    torch.testing.assert_close(
+        per_row(x, k, u), torch.einsum("bij,bi->bj", jac, u), rtol=0, atol=1e-12
+    )
+
+
+def test_function_a_b_derivatives_are_tie_means(rng):
+    """a and b (the k-th and (k+1)-th largest) are differentiable outputs of the Function:
+    the mean of the tangent over their ties, by forward and by reverse mode, and
+    nothing for an infinite value."""
+    x = _t([[3.0, 1.0, 3.0, 2.0, 2.0, 2.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    u = _t(rng.standard_normal((2, 6)))
+    for k, da_want, db_want in (
+        (2, [(u[0, 0] + u[0, 2]) / 2, u[1, 1]], [(u[0, 3] + u[0, 4] + u[0, 5]) / 3, u[1, 2]]),
+        (6, [u[0, 1], u[1, 5]], [0.0, 0.0]),  # b = -inf
+    ):
+        xr = x.clone().requires_grad_(True)
+        _, a, b = DFTopKFunction.apply(xr, 0.5, k, None, "probs")
+        ga, gb = _t([[0.7], [-1.3]]), _t([[0.2], [2.0]])
+        (a * ga).sum().backward(retain_graph=True)
+        grad_a = xr.grad.clone()
+        xr.grad = None
+        (b * gb).sum().backward()
+        da = (grad_a * u).sum(-1) / ga.reshape(-1)
+        db = (xr.grad * u).sum(-1) / gb.reshape(-1)
+        torch.testing.assert_close(da, _t(da_want).reshape(-1), rtol=0, atol=1e-12)
+        torch.testing.assert_close(db, _t(db_want).reshape(-1), rtol=0, atol=1e-12)
+        _, (_, ta, tb) = torch.func.jvp(
+            lambda v, k=k: DFTopKFunction.apply(v, 0.5, k, None, "probs"), (x,), (u,)
+        )
+        torch.testing.assert_close(ta.reshape(-1), _t(da_want).reshape(-1), rtol=0, atol=1e-12)
+        torch.testing.assert_close(tb.reshape(-1), _t(db_want).reshape(-1), rtol=0, atol=1e-12)
+
+
 def test_compile_fullgraph_aot_eager():
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(SEED), requires_grad=True)
     mask = torch.arange(8) < 6
