@@ -37,7 +37,7 @@ from topk_core.backends.numpy_backend import NumpyShims, digit_bits_for
 from topk_core._radix import float_to_keys, keys_to_float, radix_select_pair
 from topk_core._registry import Backend
 
-__all__ = ["BACKEND", "SPLIT_EVERY", "DaskShims", "select_pair"]
+__all__ = ["BACKEND", "SPLIT_EVERY", "DaskShims", "check_lazily", "select_pair"]
 
 #: fan-in of the tree reduction of per-chunk histograms
 SPLIT_EVERY = 8
@@ -109,6 +109,33 @@ def select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
     return radix_select_pair(xp, x, k, SHIMS, digit_bits=digit_bits_for(widest))
 
 
+def _checked_block(block: np.ndarray, check: Any, *args: Any) -> np.ndarray:
+    check(block, *args)
+    return block
+
+
+def check_lazily(arr: Any, check: Any, *args: Any) -> Any:
+    """``arr`` with ``check(chunk, *args)`` run on every chunk when it is computed.
+
+    The check raises out of the caller's ``compute()``; nothing is computed here.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> from topk_core.backends.dask_backend import check_lazily
+    >>> def positive(v):
+    ...     if not (v > 0).all():
+    ...         raise ValueError("not positive")
+    >>> t = check_lazily(da.from_array(np.array([1.0, -1.0]), chunks=1), positive)
+    >>> t.compute()
+    Traceback (most recent call last):
+    ...
+    ValueError: not positive
+    """
+    return arr.map_blocks(_checked_block, check, *args, dtype=arr.dtype)
+
+
 def _no_group(group: Any, x: Any, axis: int) -> Any:
     raise TypeError(
         f"group={group!r} is not used with dask arrays: their chunks along the axis are "
@@ -117,4 +144,6 @@ def _no_group(group: Any, x: Any, axis: int) -> Any:
     )
 
 
-BACKEND = Backend(name="dask", select_pair=select_pair, eager=False, group=_no_group)
+BACKEND = Backend(
+    name="dask", select_pair=select_pair, eager=False, group=_no_group, check_lazily=check_lazily
+)

@@ -72,24 +72,36 @@ def test_tau_errors(lib, fn):
         fn(x, 2, tau=lib.asarray(np.ones((2, 1), dtype=np.int64)))
 
 
+def _raises_now_or_when_computed(lib, call, match):
+    """``call()`` raises ``ValueError(match)``, or (a lazy library whose backend checks
+    values when they are computed) its result does when materialised."""
+    with pytest.raises(ValueError, match=match):
+        out = call()
+        out = out[0] if isinstance(out, tuple) else out
+        # compute() itself: reading values back (lib.to_numpy) turns any failure of the
+        # conversions it tries into "cannot read"
+        compute = getattr(out, "compute", None)
+        compute() if callable(compute) else lib.to_numpy(out)
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, np.inf, np.nan])
 def test_array_tau_values_checked_where_concrete(lib, bad):
     """Zero, negative or non-finite entries of an array tau are a ValueError wherever
     its values can be read for free (NumPy, array-api-strict, torch CPU eager, concrete
-    JAX arrays); lazy libraries (Dask), tracing, compilation and GPUs leave it unchecked."""
+    JAX arrays), and when the result is computed for lazy libraries whose backend checks
+    then (Dask); tracing, compilation and GPUs leave it unchecked."""
     x = _x(lib, (2, 4))
     tau = lib.asarray(np.array([[1.0], [bad]]))
     backend = get_backend(library_name(x))
-    if host_values(backend, tau) is None:
+    if host_values(backend, tau) is None and backend.check_lazily is None:
         pytest.skip(
             f"{lib.name}: its backend ({backend.name}) does not read array values (lazy, "
             f"or not known to be concrete), so tau's values are not checked"
         )
+    match = r"tau must be finite and > 0 everywhere"
     for fn in (tk.dftopk, tk.dftopk_logits, tk.dftopk_and_vjp):
-        with pytest.raises(ValueError, match=r"tau must be finite and > 0 everywhere"):
-            fn(x, 1, tau=tau)
-    with pytest.raises(ValueError, match=r"tau must be finite and > 0 everywhere"):
-        tk.dftopk_vjp(x, 1, x, tau=tau)
+        _raises_now_or_when_computed(lib, lambda fn=fn: fn(x, 1, tau=tau), match)
+    _raises_now_or_when_computed(lib, lambda: tk.dftopk_vjp(x, 1, x, tau=tau), match)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -111,9 +123,11 @@ def test_tau_outside_the_compute_range(lib, dtype):
                 fn(x, 2, tau=bad)
     if dtype == "float32" and "float64" in lib.dtypes:
         tau = lib.asarray(np.array([[1e39]]), "float64")
-        if host_values(get_backend(library_name(x)), tau) is not None:
-            with pytest.raises(ValueError, match=r"tau must be within .* everywhere"):
-                tk.dftopk(x, 2, tau=tau)
+        backend = get_backend(library_name(x))
+        if host_values(backend, tau) is not None or backend.check_lazily is not None:
+            _raises_now_or_when_computed(
+                lib, lambda: tk.dftopk(x, 2, tau=tau), r"tau must be within .* everywhere"
+            )
     for tau in (lo, hi):
         for k in (2, 4):
             p = lib.to_numpy(tk.dftopk(x, k, tau=tau)).astype(np.float64)

@@ -370,20 +370,40 @@ def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
             f"(keep the axis, with size 1, for a per-row temperature)"
         )
     _check_device(xp, tau, "tau", pb.device)
+    lo, hi = _tau_range(pb)
     values = host_values(pb.backend, tau)
     if values is not None:
-        vmin, vmax = _tau_bounds(values)
-        # NaN fails both comparisons
-        if not (vmin > 0 and vmax < math.inf):
-            raise ValueError(
-                "tau must be finite and > 0 everywhere (an array tau is checked wherever its "
-                "values are concrete: NumPy, torch CPU tensors in eager mode, concrete JAX "
-                "arrays)"
-            )
-        lo, hi = _tau_range(pb)
-        if not lo <= vmin <= vmax <= hi:
-            raise ValueError(f"{_range_text(pb, lo, hi)} everywhere (tau is cast to it)")
+        check_tau_values(values, lo, hi, _range_text(pb, lo, hi))
+    elif pb.backend.check_lazily is not None:
+        # a lazy library: the same check, raised when tau's values are computed
+        tau = pb.backend.check_lazily(tau, check_tau_values, lo, hi, _range_text(pb, lo, hi))
     return normalise_like_tau(pb, tau, tau_shape, pb.compute_dtype), tau_shape
+
+
+def check_tau_values(values: Any, lo: float, hi: float, range_text: str) -> None:
+    """Raise ``ValueError`` unless every value of an array tau is finite, > 0 and in
+    ``[lo, hi]`` (:func:`_tau_range`); ``values`` readable on the host.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core._problem import check_tau_values
+    >>> check_tau_values(np.array([0.5, 2.0]), 1e-38, 1e38, "")
+    >>> check_tau_values(np.array([0.5, -2.0]), 1e-38, 1e38, "")
+    Traceback (most recent call last):
+    ...
+    ValueError: tau must be finite and > 0 everywhere (...)
+    """
+    vmin, vmax = _tau_bounds(values)
+    # NaN fails both comparisons
+    if not (vmin > 0 and vmax < math.inf):
+        raise ValueError(
+            "tau must be finite and > 0 everywhere (an array tau is checked wherever its "
+            "values are concrete: NumPy, torch CPU tensors in eager mode, concrete JAX "
+            "arrays; a dask array when it is computed)"
+        )
+    if not lo <= vmin <= vmax <= hi:
+        raise ValueError(f"{range_text} everywhere (tau is cast to it)")
 
 
 def _tau_range(pb: Problem) -> tuple[float, float]:

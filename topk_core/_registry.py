@@ -112,6 +112,13 @@ class Backend:
         (under ``jit``, on an accelerator).  Where they can (``eager``, or
         ``host_values`` gives them) the branch is taken on the host.
         ``None``: the general ranked mask there.
+    check_lazily : callable, optional
+        ``check_lazily(arr, check, *args) -> arr``: for a lazy library, ``arr``
+        with ``check(values, *args)`` run on its values when they are computed
+        (on each chunk: the check raises there, out of the caller's
+        ``compute()``), so that value checks that cannot run now (``tau > 0``
+        for an array ``tau``) still run.  ``check`` and ``args`` are picklable.
+        ``None``: values that ``host_values`` cannot give are not checked.
     """
 
     name: str
@@ -126,6 +133,7 @@ class Backend:
     select_candidates: Callable[..., tuple[Any, Any, Any]] | None = None
     errstate: Callable[[], AbstractContextManager[Any]] | None = None
     cond: Callable[[Any, Any, Any], Any] | None = None
+    check_lazily: Callable[..., Any] | None = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily

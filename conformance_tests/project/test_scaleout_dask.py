@@ -176,6 +176,26 @@ def test_float64_float16():
         _close(got, tk.dftopk(xn, 70, tau=0.5), 1e-3 if dtype == np.float16 else 1e-12)
 
 
+def test_array_tau_checked_when_computed():
+    """An array tau's values are checked in the graph: the call computes nothing, and
+    the result's compute() raises the ValueError that NumPy raises at the call."""
+    xn = _data((3, 200))
+    x = da.from_array(xn, chunks=(1, 50))
+    for bad, match in ((-1.0, "finite and > 0"), (np.nan, "finite and > 0"), (1e-320, "within")):
+        tn = np.array([[0.5], [bad], [2.0]])
+        with pytest.raises(ValueError, match=match):
+            tk.dftopk(xn, 20, tau=tn)
+        tau = da.from_array(tn, chunks=(1, 1))
+        lazy = tau.map_blocks(_boom, dtype=tau.dtype)
+        tk.dftopk(x, 20, tau=lazy)  # builds the graph only
+        tk.dftopk_vjp(x, 20, x, tau=lazy)
+        for out in (tk.dftopk(x, 20, tau=tau), tk.dftopk_vjp(x, 20, x, tau=tau)[0]):
+            with pytest.raises(ValueError, match=match):
+                out.compute(scheduler="sync")
+    good = da.from_array(np.array([[0.5], [1.0], [2.0]]), chunks=(1, 1))
+    _close(tk.dftopk(x, 20, tau=good).compute(), tk.dftopk(xn, 20, tau=good.compute()))
+
+
 @pytest.mark.parametrize("shape", [(0, 100), (2, 0, 100)], ids=str)
 def test_empty_batch(shape):
     """dask's min/max fail on an empty batch even along a non-empty axis: nothing to select."""
@@ -263,6 +283,10 @@ def test_local_cluster_two_worker_processes(client):
     _close(got[1], wgx, 1e-5)
     _close(got[2], wgt, 1e-5)
     np.testing.assert_array_equal(got[3], tk.topk_mask(xn, kn, mask=mn))
+    # an array tau's check runs in the worker processes and raises out of the result
+    bad = da.from_array(np.array([[0.4], [-1.0], [0.4]]), chunks=(2, 1))
+    with pytest.raises(ValueError, match="tau must be finite and > 0"):
+        client.compute(tk.dftopk(x, k, mask=mask, tau=bad)).result(timeout=TIMEOUT_S)
 
 
 def test_docstring_examples():
