@@ -561,6 +561,11 @@ def check_torch_func_transforms(c):
     (tk.dftopk(xf, 30, tau=tau) * w).sum().backward()
     per = vmap(torch.func.grad(lambda r, v, t: (tk.dftopk(r, 30, tau=t, group=g) * v).sum()))
     _close(per(xs, ws, tau), c.shard(xf.grad), 1e-12, "vmap of grad")
+    # forward mode around vmap: every rank's tangent moves every shard
+    f = vmap(lambda r, t: tk.dftopk(r, 30, tau=t, group=g))
+    _, got = torch.func.jvp(lambda v: f(v, tau), (xs,), (ws,))
+    _, want = torch.func.jvp(lambda v: tk.dftopk(v, 30, tau=tau), (x,), (w,))
+    _close(got, c.shard(want), 1e-12, "jvp of vmap")
 
     # Jacobians and Hessians map over this rank's outputs or inputs: equal shards.  Every
     # rank maps at once, so rank r's jacrev row i is the gradient of the sum of every
