@@ -54,6 +54,7 @@ MODULES = [
     "topk_core._api",
     "topk_core._registry",
     "topk_core._layer_args",
+    "topk_core._problem",
     "topk_core.backends.generic",
 ]
 
