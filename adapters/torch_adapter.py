@@ -131,19 +131,18 @@ def _subtract_ties(
     n = x.shape[-1]
     n_rows = total.numel()
     low = b.reshape(-1)
-    if candidates is not None and candidates.numel() > _HOST_TIES:
-        # many candidates (a batch: about two a row): weigh them all through masks, no
-        # compaction; only entries equal to a or b get a nonzero coefficient
-        rows = candidates // n if n_rows > 1 else None
-        vm = _flat_take(valid, candidates) if valid is not None else None
-        _subtract_tied(s, candidates, _flat_take(x, candidates), rows, a, low, total, vm)
-        return
     # a NaN a (the row's k-th largest is a NaN) bounds nothing: b's ties are still found
-    top = torch.where(torch.isnan(a), math.inf, a).reshape(-1)
+    top = torch.where(torch.isnan(a), math.inf, a)
     if candidates is not None:
         rows = candidates // n if n_rows > 1 else None
         xv = _flat_take(x, candidates)
-        band = (xv <= _at(top, rows)) & (xv >= _at(low, rows))
+        if candidates.numel() > _HOST_TIES:
+            # many candidates (a batch: about two a row): weigh them all through masks, no
+            # compaction; only entries equal to a or b get a nonzero coefficient
+            vm = _flat_take(valid, candidates) if valid is not None else None
+            _subtract_tied(s, candidates, xv, rows, a, low, total, vm)
+            return
+        band = (xv <= _at(top.reshape(-1), rows)) & (xv >= _at(low, rows))
         if valid is not None:
             band &= _flat_take(valid, candidates)
         keep = band.nonzero().reshape(-1)
@@ -151,7 +150,7 @@ def _subtract_ties(
         xv = xv[keep]
         rows = rows[keep] if rows is not None else None
     else:
-        band = (x <= top.reshape(a.shape)) & (x >= b)
+        band = (x <= top) & (x >= b)
         if valid is not None:
             band &= valid
         pos = torch.nonzero(band.reshape(-1)).reshape(-1)
@@ -425,29 +424,6 @@ def _soft_output(
     return forward_math(x, a, b, tau, valid, "probs", compute=True)
 
 
-def _pair_grad(
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    valid: torch.Tensor | None,
-    grad_a: torch.Tensor | None,
-    grad_b: torch.Tensor | None,
-) -> torch.Tensor:
-    """``grad_a`` spread evenly over ``a``'s ties, ``grad_b`` over ``b``'s (0 if infinite).
-
-    The transpose of the tangents of ``a`` and ``b``
-    (:func:`topk_core._math.jvp` with ``pair=True``): twice the spec's
-    per-side weights, as the JAX adapter's rule for its selection.
-    """
-    eq_a, eq_b, wa, wb = _math.tie_weights(_XP, x, a, b, valid)
-    g = torch.zeros_like(x)
-    if grad_a is not None:
-        g = g + torch.where(eq_a, grad_a.to(x.dtype) * (2 * wa), 0.0)
-    if grad_b is not None:
-        g = g + torch.where(eq_b, grad_b.to(x.dtype) * (2 * wb), 0.0)
-    return g
-
-
 def _unpack(ctx):
     x, tau_t, valid, a, b = ctx.saved_tensors[:5]
     tau = tau_t if tau_t is not None else ctx.tau_float
@@ -502,7 +478,7 @@ class _DFTopKNoJvp(torch.autograd.Function):
             )
         if grad_a is not None or grad_b is not None:
             cdt = _math.compute_dtype(_XP, x.dtype)
-            g_ab = _pair_grad(x.to(cdt), a.to(cdt), b.to(cdt), valid, grad_a, grad_b)
+            g_ab = _math.pair_vjp(_XP, x.to(cdt), a.to(cdt), b.to(cdt), valid, grad_a, grad_b)
             grad_x = g_ab.to(x.dtype) if grad_x is None else grad_x + g_ab.to(x.dtype)
         return (grad_x if ctx.needs_input_grad[0] else None), grad_tau, None, None, None
 

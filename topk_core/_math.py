@@ -338,6 +338,30 @@ def jvp(
     return (dz, half_a + half_a, half_b + half_b) if pair else dz
 
 
+def pair_vjp(
+    xp: Any,
+    x: Array,
+    a: Array,
+    b: Array,
+    valid: Array | None,
+    grad_a: Array | None,
+    grad_b: Array | None,
+) -> Array:
+    """The transpose of :func:`jvp`'s ``pair`` tangents: ``grad_a`` (per row) spread
+    evenly over ``a``'s ties, ``grad_b`` over ``b``'s, nothing for an infinite one.
+
+    Twice the spec's per-side weights (:func:`tie_weights`); x's shape and dtype.
+    A None gradient contributes nothing.
+    """
+    eq_a, eq_b, wa, wb = tie_weights(xp, x, a, b, valid)
+    zero = xp.asarray(0.0, dtype=x.dtype)
+    g = xp.zeros_like(x)
+    for eq, w, ga in ((eq_a, wa, grad_a), (eq_b, wb, grad_b)):
+        if ga is not None:
+            g = g + xp.where(eq, xp.astype(ga, x.dtype) * (2 * xp.astype(w, x.dtype)), zero)
+    return g
+
+
 def hard_mask(
     xp: Any,
     x: Array,
