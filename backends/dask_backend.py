@@ -117,6 +117,9 @@ def _checked_block(block: np.ndarray, check: Any, *args: Any) -> np.ndarray:
 def check_lazily(arr: Any, check: Any, *args: Any) -> Any:
     """``arr`` with ``check(chunk, *args)`` run on every chunk when it is computed.
 
+    A Dask array in ``args`` with ``arr``'s shape passes its matching chunk
+    (it is rechunked like ``arr``); other arguments pass as they are.
+
     The check raises out of the caller's ``compute()``; nothing is computed here.
 
     Examples
@@ -133,6 +136,11 @@ def check_lazily(arr: Any, check: Any, *args: Any) -> Any:
     ...
     ValueError: not positive
     """
+    # array arguments (as large as arr) pass their matching chunk: give them arr's chunks
+    args = tuple(
+        a.rechunk(arr.chunks) if isinstance(a, da.Array) and a.shape == arr.shape else a
+        for a in args
+    )
     return arr.map_blocks(_checked_block, check, *args, dtype=arr.dtype)
 
 

@@ -145,9 +145,24 @@ def test_cascade_stage_sizes_must_not_increase(lib):
     with pytest.raises(ValueError, match=r"k\[2\] = 4 > k\[1\] = 3"):
         cascade_joint_loss([s, s, s], s, [4, 3, 4])
     k_arr = (lib.asarray(np.array([3, 2])), lib.asarray(np.array([2, 3])))
-    if host_values(get_backend(library_name(s)), k_arr[0]) is not None:
-        with pytest.raises(ValueError, match=r"k\[1\] > k\[0\] in some rows"):
-            cascade_joint_loss([s, s], s, k_arr)
+    backend = get_backend(library_name(s))
+    if host_values(backend, k_arr[0]) is not None or backend.check_lazily is not None:
+        # now, or (a lazy library whose backend checks values when computed) then
+        match = r"k\[1\] > k\[0\] in some rows"
+        _raises_now_or_when_computed(lib, lambda: cascade_joint_loss([s, s], s, k_arr), match)
+        # an array after an int, an int after an array, a later pair of three stages
+        k3 = lib.asarray(np.array([3, 3]))
+        for ks, j in (((2, k3), 1), ((k_arr[0], 3), 1), ((4, k_arr[1], k3), 2)):
+            _raises_now_or_when_computed(
+                lib,
+                lambda ks=ks: cascade_joint_loss([s] * len(ks), s, ks),
+                rf"k\[{j}\] > k\[{j - 1}\] in some rows",
+            )
+        # non-increasing per row: the loss is NumPy's
+        ok = cascade_joint_loss([s, s, s], s, (4, k_arr[0], lib.asarray(np.array([1, 2]))))
+        sn = np.arange(12, dtype=np.float64).reshape(2, 6)
+        want = cascade_joint_loss([sn, sn, sn], sn, (4, np.array([3, 2]), np.array([1, 2])))
+        np.testing.assert_allclose(lib.to_numpy(ok), want, rtol=1e-6)
     cascade_joint_loss([s, s], s, (3, 3))  # equal sizes are fine
 
 

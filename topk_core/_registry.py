@@ -117,7 +117,9 @@ class Backend:
         with ``check(values, *args)`` run on its values when they are computed
         (on each chunk: the check raises there, out of the caller's
         ``compute()``), so that value checks that cannot run now (``tau > 0``
-        for an array ``tau``) still run.  ``check`` and ``args`` are picklable.
+        for an array ``tau``, non-increasing cascade ``k``) still run.  An
+        array of the library in ``args`` with ``arr``'s shape passes its
+        matching chunk.  ``check`` and ``args`` are picklable.
         ``None``: values that ``host_values`` cannot give are not checked.
     """
 

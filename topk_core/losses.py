@@ -274,8 +274,9 @@ def _check_stage_sizes(lib: str, prev: Any, cur: Any, j: int) -> None:
     """A cascade stage keeps at most what the stage before it kept.
 
     Array ``k`` values are compared wherever they are concrete (see
-    :func:`topk_core._problem.host_values`); under tracing or on lazy or GPU
-    arrays they are not read.
+    :func:`topk_core._problem.host_values`); under tracing or on GPU arrays
+    they are not read.  Lazy arrays (Dask) are compared when computed: see
+    :func:`_stage_sizes_lazily`.
     """
     if isinstance(prev, numbers.Integral) and isinstance(cur, numbers.Integral):
         if cur > prev:
@@ -291,10 +292,67 @@ def _check_stage_sizes(lib: str, prev: Any, cur: Any, j: int) -> None:
     arrays = [v for v in hv if not isinstance(v, numbers.Integral)]
     vxp = array_api_compat.array_namespace(*arrays)
     if bool(vxp.any(hv[1] > hv[0])):
-        raise ValueError(
-            f"k must be non-increasing along the cascade (a stage keeps at most what the "
-            f"stage before it kept), but k[{j}] > k[{j - 1}] in some rows"
-        )
+        raise ValueError(_increasing_text(j))
+
+
+def _increasing_text(j: int) -> str:
+    return (
+        f"k must be non-increasing along the cascade (a stage keeps at most what the "
+        f"stage before it kept), but k[{j}] > k[{j - 1}] in some rows"
+    )
+
+
+def _check_stage_block(cur: Any, prev: Any, j: int) -> None:
+    """Raise ``ValueError`` where ``cur > prev`` (host values of k[j] and k[j-1]).
+
+    The check :func:`cascade_joint_loss` runs on the chunks of lazy ``k``
+    arrays when they are computed (``Backend.check_lazily``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core.losses import _check_stage_block
+    >>> _check_stage_block(np.array([2, 3]), np.array([5, 3]), 1)
+    >>> _check_stage_block(np.array([2, 4]), 3, 1)
+    Traceback (most recent call last):
+    ...
+    ValueError: k must be non-increasing along the cascade (a stage keeps at most what \
+the stage before it kept), but k[1] > k[0] in some rows
+    """
+    if bool((cur > prev).any()):
+        raise ValueError(_increasing_text(j))
+
+
+def _stage_sizes_lazily(xp: Any, lib: str, prev: Any, cur: Any, j: int, batch: tuple) -> Any:
+    """``cur`` (k[j]) with :func:`_check_stage_block` attached, for lazy libraries; else None.
+
+    Where the backend has a ``check_lazily`` hook and neither ``k`` can be read
+    now, k[j] becomes an array of the batch shape whose computation compares it
+    with k[j-1] chunk by chunk (both broadcast to the batch shape, so the hook
+    pairs their chunks); the caller computes the stage with it, so the check
+    raises out of ``compute()``.
+    """
+    backend = get_backend(lib)
+    if backend.check_lazily is None:
+        return None
+    if all(
+        isinstance(v, numbers.Integral) or host_values(backend, v) is not None for v in (prev, cur)
+    ):
+        return None  # compared now by _check_stage_sizes
+    arrays = [v for v in (prev, cur) if not isinstance(v, numbers.Integral)]
+    if isinstance(cur, numbers.Integral):
+        cur = xp.full(batch, cur, dtype=arrays[0].dtype)
+    cur = xp.broadcast_to(cur, batch)
+    if not isinstance(prev, numbers.Integral):
+        prev = xp.broadcast_to(prev, batch)
+    return backend.check_lazily(cur, _check_stage_block, prev, j)
+
+
+def _batch_shape(x: Any, axis: int) -> tuple[int, ...]:
+    """x's shape without ``axis`` (already validated)."""
+    shape = tuple(x.shape)
+    ax = axis % len(shape)
+    return shape[:ax] + shape[ax + 1 :]
 
 
 def _check_log_vars(xp: Any, log_vars: Any, lib: str, n_terms: int) -> None:
@@ -360,7 +418,8 @@ def cascade_joint_loss(
         every stage.  The last stage's ``k`` defines the true top-k set of
         the end-to-end term.  Non-increasing (e.g. ``(100, 10)``): a later
         stage keeping more than an earlier one is a ``ValueError`` (array
-        values are compared wherever they are concrete).
+        values are compared wherever they are concrete; on Dask arrays, when
+        the loss is computed).
     tau : float, array, or a list/tuple of them (one per stage), default 1.0
         DFTopK temperature(s).
     mask : bool array, optional
@@ -460,6 +519,12 @@ def cascade_joint_loss(
         z = dftopk_logits(stage_scores[j], ks[j], tau=taus[j], axis=axis, mask=mask)
         if j:  # k[j] is valid now (dftopk_logits checked it)
             _check_stage_sizes(lib, ks[j - 1], ks[j], j)
+            batch = _batch_shape(first, axis)
+            checked = _stage_sizes_lazily(xp, lib, ks[j - 1], ks[j], j, batch)
+            if checked is not None:
+                # a lazy graph: the stage is rebuilt on the checked k, nothing computed yet
+                ks[j] = checked
+                z = dftopk_logits(stage_scores[j], ks[j], tau=taus[j], axis=axis, mask=mask)
         z = xp.astype(z, cdt, copy=False)
         y = topk_mask(relevance, ks[j], axis=axis, mask=mask) > 0.5
         zs.append(z)

@@ -55,6 +55,7 @@ MODULES = [
     "topk_core._registry",
     "topk_core._layer_args",
     "topk_core._problem",
+    "topk_core.losses",
     "topk_core.backends.generic",
 ]
 

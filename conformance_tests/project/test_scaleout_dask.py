@@ -196,6 +196,34 @@ def test_array_tau_checked_when_computed():
     _close(tk.dftopk(x, 20, tau=good).compute(), tk.dftopk(xn, 20, tau=good.compute()))
 
 
+def test_cascade_stage_sizes_checked_when_computed():
+    """Dask k arrays of a cascade are compared when the loss is computed (differently
+    chunked stages included), and the call computes nothing; the same k from NumPy
+    raises at the call."""
+    from topk_core.losses import cascade_joint_loss
+
+    sn = [_data((6, 40), seed=s) for s in (1, 2)]
+    rel = _data((6, 40), seed=3)
+    s = [da.from_array(a, chunks=(2, 20)) for a in sn]
+    r = da.from_array(rel, chunks=(3, 40))
+    k0n, k1n = np.array([9, 9, 9, 9, 9, 9]), np.array([4, 4, 4, 10, 4, 4])
+    with pytest.raises(ValueError, match=r"k\[1\] > k\[0\] in some rows"):
+        cascade_joint_loss(sn, rel, [k0n, k1n])
+    k0, k1 = da.from_array(k0n, chunks=4), da.from_array(k1n, chunks=(1, 5))
+    lazy = [k.map_blocks(_boom, dtype=k.dtype) for k in (k0, k1)]
+    cascade_joint_loss(s, r, lazy)  # builds the graph only
+    for ks in ([k0, k1], [9, k1], [k0, 10], [k1n.max(), k0, k1]):
+        loss = cascade_joint_loss([s[0]] * (len(ks) - 2) + s, r, ks)
+        with pytest.raises(ValueError, match=r"k\[\d\] > k\[\d\] in some rows"):
+            loss.compute(scheduler="sync")
+    good = da.from_array(np.array([4, 4, 4, 9, 4, 4]), chunks=(1, 5))
+    got = cascade_joint_loss(s, r, [k0, good], return_terms=True)
+    want = cascade_joint_loss(sn, rel, [k0n, good.compute()], return_terms=True)
+    _close(got[0].compute(), want[0])
+    for t, w in zip(got[1], want[1]):
+        _close(t.compute(), w)
+
+
 @pytest.mark.parametrize("shape", [(0, 100), (2, 0, 100)], ids=str)
 def test_empty_batch(shape):
     """dask's min/max fail on an empty batch even along a non-empty axis: nothing to select."""
@@ -287,6 +315,12 @@ def test_local_cluster_two_worker_processes(client):
     bad = da.from_array(np.array([[0.4], [-1.0], [0.4]]), chunks=(2, 1))
     with pytest.raises(ValueError, match="tau must be finite and > 0"):
         client.compute(tk.dftopk(x, k, mask=mask, tau=bad)).result(timeout=TIMEOUT_S)
+    # so does a cascade's check that k does not increase (k[1] = 2000 > 1000 in row 1)
+    from topk_core.losses import cascade_joint_loss
+
+    loss = cascade_joint_loss([x, g], x, [1000, k], mask=mask)
+    with pytest.raises(ValueError, match=r"k\[1\] > k\[0\] in some rows"):
+        client.compute(loss).result(timeout=TIMEOUT_S)
 
 
 def test_docstring_examples():
