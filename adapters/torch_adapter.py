@@ -131,17 +131,18 @@ def _subtract_ties(
     n = x.shape[-1]
     n_rows = total.numel()
     low = b.reshape(-1)
+    if candidates is not None and candidates.numel() > _HOST_TIES:
+        # many candidates (a batch: about two a row): weigh them all through masks, no
+        # compaction; only entries equal to a or b get a nonzero coefficient
+        rows = candidates // n if n_rows > 1 else None
+        vm = _flat_take(valid, candidates) if valid is not None else None
+        _subtract_tied(s, candidates, _flat_take(x, candidates), rows, a, low, total, vm)
+        return
     # a NaN a (the row's k-th largest is a NaN) bounds nothing: b's ties are still found
     top = torch.where(torch.isnan(a), math.inf, a)
     if candidates is not None:
         rows = candidates // n if n_rows > 1 else None
         xv = _flat_take(x, candidates)
-        if candidates.numel() > _HOST_TIES:
-            # many candidates (a batch: about two a row): weigh them all through masks, no
-            # compaction; only entries equal to a or b get a nonzero coefficient
-            vm = _flat_take(valid, candidates) if valid is not None else None
-            _subtract_tied(s, candidates, xv, rows, a, low, total, vm)
-            return
         band = (xv <= _at(top.reshape(-1), rows)) & (xv >= _at(low, rows))
         if valid is not None:
             band &= _flat_take(valid, candidates)

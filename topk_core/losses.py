@@ -270,13 +270,17 @@ def _check_weights(weights: Any, n_terms: int) -> list[float]:
     return out
 
 
-def _check_stage_sizes(lib: str, prev: Any, cur: Any, j: int) -> None:
+def _check_stage_sizes(
+    xp: Any, lib: str, prev: Any, cur: Any, j: int, batch: tuple[int, ...]
+) -> Any:
     """A cascade stage keeps at most what the stage before it kept.
 
-    Array ``k`` values are compared wherever they are concrete (see
+    Array ``k`` values are compared now wherever they are concrete (see
     :func:`topk_core._problem.host_values`); under tracing or on GPU arrays
-    they are not read.  Lazy arrays (Dask) are compared when computed: see
-    :func:`_stage_sizes_lazily`.
+    they are not read.  Returns None, or, for a lazy library whose backend has
+    a ``check_lazily`` hook (Dask), the ``k`` to compute stage ``j`` with:
+    k[j] broadcast to the batch shape and compared with k[j-1] (broadcast
+    alike, so that the hook pairs their chunks) when it is computed.
     """
     if isinstance(prev, numbers.Integral) and isinstance(cur, numbers.Integral):
         if cur > prev:
@@ -284,15 +288,21 @@ def _check_stage_sizes(lib: str, prev: Any, cur: Any, j: int) -> None:
                 f"k must be non-increasing along the cascade (a stage keeps at most what "
                 f"the stage before it kept), got k[{j}] = {cur} > k[{j - 1}] = {prev}"
             )
-        return
+        return None
     backend = get_backend(lib)
     hv = [v if isinstance(v, numbers.Integral) else host_values(backend, v) for v in (prev, cur)]
-    if any(v is None for v in hv):
-        return
-    arrays = [v for v in hv if not isinstance(v, numbers.Integral)]
-    vxp = array_api_compat.array_namespace(*arrays)
-    if bool(vxp.any(hv[1] > hv[0])):
-        raise ValueError(_increasing_text(j))
+    arrays = [v for v in (prev, cur) if not isinstance(v, numbers.Integral)]
+    if all(v is not None for v in hv):
+        _check_stage_block(hv[1], hv[0], j)
+        return None
+    if backend.check_lazily is None:
+        return None
+    if isinstance(cur, numbers.Integral):
+        cur = xp.full(batch, cur, dtype=arrays[0].dtype)
+    cur = xp.broadcast_to(cur, batch)
+    if not isinstance(prev, numbers.Integral):
+        prev = xp.broadcast_to(prev, batch)
+    return backend.check_lazily(cur, _check_stage_block, prev, j)
 
 
 def _increasing_text(j: int) -> str:
@@ -305,8 +315,8 @@ def _increasing_text(j: int) -> str:
 def _check_stage_block(cur: Any, prev: Any, j: int) -> None:
     """Raise ``ValueError`` where ``cur > prev`` (host values of k[j] and k[j-1]).
 
-    The check :func:`cascade_joint_loss` runs on the chunks of lazy ``k``
-    arrays when they are computed (``Backend.check_lazily``).
+    What :func:`_check_stage_sizes` runs on concrete ``k`` now, and on the
+    chunks of lazy ``k`` arrays when they are computed (``Backend.check_lazily``).
 
     Examples
     --------
@@ -319,33 +329,9 @@ def _check_stage_block(cur: Any, prev: Any, j: int) -> None:
     ValueError: k must be non-increasing along the cascade (a stage keeps at most what \
 the stage before it kept), but k[1] > k[0] in some rows
     """
-    if bool((cur > prev).any()):
-        raise ValueError(_increasing_text(j))
-
-
-def _stage_sizes_lazily(xp: Any, lib: str, prev: Any, cur: Any, j: int, batch: tuple) -> Any:
-    """``cur`` (k[j]) with :func:`_check_stage_block` attached, for lazy libraries; else None.
-
-    Where the backend has a ``check_lazily`` hook and neither ``k`` can be read
-    now, k[j] becomes an array of the batch shape whose computation compares it
-    with k[j-1] chunk by chunk (both broadcast to the batch shape, so the hook
-    pairs their chunks); the caller computes the stage with it, so the check
-    raises out of ``compute()``.
-    """
-    backend = get_backend(lib)
-    if backend.check_lazily is None:
-        return None
-    if all(
-        isinstance(v, numbers.Integral) or host_values(backend, v) is not None for v in (prev, cur)
-    ):
-        return None  # compared now by _check_stage_sizes
     arrays = [v for v in (prev, cur) if not isinstance(v, numbers.Integral)]
-    if isinstance(cur, numbers.Integral):
-        cur = xp.full(batch, cur, dtype=arrays[0].dtype)
-    cur = xp.broadcast_to(cur, batch)
-    if not isinstance(prev, numbers.Integral):
-        prev = xp.broadcast_to(prev, batch)
-    return backend.check_lazily(cur, _check_stage_block, prev, j)
+    if bool(array_api_compat.array_namespace(*arrays).any(cur > prev)):
+        raise ValueError(_increasing_text(j))
 
 
 def _batch_shape(x: Any, axis: int) -> tuple[int, ...]:
@@ -518,9 +504,7 @@ def cascade_joint_loss(
     for j in range(n_stages):
         z = dftopk_logits(stage_scores[j], ks[j], tau=taus[j], axis=axis, mask=mask)
         if j:  # k[j] is valid now (dftopk_logits checked it)
-            _check_stage_sizes(lib, ks[j - 1], ks[j], j)
-            batch = _batch_shape(first, axis)
-            checked = _stage_sizes_lazily(xp, lib, ks[j - 1], ks[j], j, batch)
+            checked = _check_stage_sizes(xp, lib, ks[j - 1], ks[j], j, _batch_shape(first, axis))
             if checked is not None:
                 # a lazy graph: the stage is rebuilt on the checked k, nothing computed yet
                 ks[j] = checked
