@@ -173,9 +173,8 @@ def _tangent(output: str, group: Any, res: Any, u: Any, dtau: Any) -> Any:
     scale = p * (1 - p) if output != "logits" else jnp.ones((), dtype=u.dtype)
     if not (isinstance(t, float) and t == 1.0):
         scale = scale / t
-    z_dtau = None if dtau is None else zf * dtau
     row_sum = row_sum_of(jnp, group)
-    return _math.jvp_from_code(jnp, code, wa, wb, scale, u, z_dtau, row_sum=row_sum)
+    return _math.jvp_from_code(jnp, code, wa, wb, scale, u, zf, dtau, row_sum=row_sum)
 
 
 # checkpointed: a linearisation keeps the residuals themselves (p, the int8 code),

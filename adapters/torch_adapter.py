@@ -95,6 +95,8 @@ def _logits_eager(
         return torch.sub(x, theta)
     if isinstance(tau, float) and tau < 1e-37:
         return None  # the generic code's tiny-tau rounding
+    if not isinstance(tau, float) and bool((tau < 2 * torch.finfo(tau.dtype).tiny).any()):
+        return None  # tau/2 would be subnormal (rounded, or 0 under set_flush_denormal)
     return torch.add(theta * -0.5, x, alpha=0.5).div_(tau * 0.5)
 
 

@@ -557,5 +557,8 @@ def _subtract_ties(s: np.ndarray, res: _Residuals, total: np.ndarray) -> None:
         r = rows[hit]
         count = _tie_counts(r, n_rows)
         w = _math.tie_share(np, v, count)
-        coef = (flat_total * w).astype(s.dtype, copy=False)
+        # an overflowed total (|sum(s)| past the dtype's range) times the 0 weight of an
+        # infinite a or b: 0, with no invalid-value warning
+        with np.errstate(invalid="ignore"):
+            coef = np.where(w == 0, 0.0, flat_total * w).astype(s.dtype, copy=False)
         flat_s[pos[hit]] -= coef[r]

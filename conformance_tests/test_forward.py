@@ -287,6 +287,26 @@ def test_tiny_and_huge_tau(lib, rng, tau):
     _check(lib, p, ref_dftopk(x, 3, tau=tau), "float64")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("as_array", [False, True], ids=["float_tau", "array_tau"])
+def test_smallest_allowed_tau(lib, dtype, as_array):
+    """``tau`` down to the smallest normal number (the lower end of its range): ``tau / 2``
+    is subnormal there, which XLA on the CPU flushes to 0 (JAX's logits were ``0 / 0``
+    = NaN at ``x = theta`` before 2026-12-06)."""
+    if dtype not in lib.dtypes:
+        pytest.skip(lib.no_dtype(dtype))
+    tiny = float(np.finfo(dtype).tiny)
+    x = np.array([[1.0, 0.0, 1.0]])  # a = b = 1: theta = 1, z = [0, -1/tau, 0]
+    for tau in (tiny, 1.5 * tiny, 3 * tiny):
+        t = lib.asarray(np.full((1, 1), tau), dtype) if as_array else tau
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            p = lib.to_numpy(tk.dftopk(lib.asarray(x, dtype), 1, tau=t))
+            z = lib.to_numpy(tk.dftopk_logits(lib.asarray(x, dtype), 1, tau=t))
+        np.testing.assert_array_equal(p, [[0.5, 0.0, 0.5]])
+        np.testing.assert_allclose(z, [[0.0, -1.0 / tau, 0.0]], rtol=1e-6)
+
+
 def test_sigmoid_tails_keep_relative_accuracy(lib):
     x = np.array([0.0, -60.0, -650.0, 60.0])
     p = lib.to_numpy(tk.dftopk(lib.asarray(x), 1))  # theta = 30; exp(-680) is normal

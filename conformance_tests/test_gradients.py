@@ -3,6 +3,8 @@ differences, and each other (transpose identity)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from topk_core.conformance.reference import finite_difference, ref_dftopk, ref_vjp
@@ -210,6 +212,49 @@ def test_gradients_at_infinities_and_extremes_are_finite(lib):
             lib.asarray(np.linspace(-1, 1, 7)), 3, lib.asarray(np.ones(7)), tau=tau
         )
         assert np.isfinite(lib.to_numpy(gx)).all()
+
+
+def test_tau_tangent_where_the_slope_underflows(lib):
+    """Finite ``x`` whose ``z`` is finite but ``z dtau / tau`` past the dtype's range, where
+    ``p (1 - p)`` has underflowed to 0: the tangent is 0, as the VJP's ``grad_tau`` is, not
+    ``0 * inf`` = NaN (every backend's JVP before 2026-12-06)."""
+    cases = [
+        ("float32", [2.0, 1.0, 0.0], 1e-20, 1.0),
+        ("float32", [1e35, 0.0, -1e35], 1e-3, 10.0),
+        ("float64", [2.0, 1.0, 0.0], 1e-160, 1.0),
+    ]
+    for dtype, x, tau, dtau in cases:
+        if dtype not in lib.dtypes:
+            continue
+        xs = lib.asarray(np.array(x), dtype)
+        zero = lib.asarray(np.zeros(3), dtype)
+        one = lib.asarray(np.ones(3), dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _, d = tk.dftopk_jvp(xs, 1, zero, tau=tau, tau_tangent=dtau)
+            _, d_x = tk.dftopk_jvp(xs, 1, one, tau=tau, tau_tangent=dtau)
+            _, gtau = tk.dftopk_vjp(xs, 1, one, tau=tau)
+        np.testing.assert_array_equal(lib.to_numpy(d), 0.0)
+        np.testing.assert_array_equal(lib.to_numpy(d_x), 0.0)
+        assert float(lib.to_numpy(gtau)) == 0.0
+
+
+def test_overflowed_gradient_sum(lib):
+    """A row whose ``sum(s)`` passes float32's range (``g / tau`` near the largest value):
+    ``-inf`` at the finite entry tied with ``b`` (README, infinities), and the entry tied
+    with an infinite ``a`` (weight 0) keeps its own ``s`` instead of ``inf * 0`` = NaN."""
+    if "float32" not in lib.dtypes:
+        pytest.skip(lib.no_dtype("float32"))
+    x = np.array([np.inf, 3e38, 1e-45, 0.0, 1.0, -1.0])
+    g = np.ones(6)
+    tau = 1.2e-38
+    s = float(np.float32(1.0) / np.float32(tau))
+    gx, _ = tk.dftopk_vjp(
+        lib.asarray(x, "float32"), 1, lib.asarray(g, "float32"), tau=tau, output="logits"
+    )
+    got = lib.to_numpy(gx).astype(np.float64)
+    assert got[1] == -np.inf
+    np.testing.assert_allclose(got[[0, 2, 3, 4, 5]], s, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])

@@ -113,10 +113,13 @@ def logits(
     z = x * 0.5 - theta * 0.5
     if isinstance(tau, float) and tau == 1.0:
         z = z * 2.0
-    elif isinstance(tau, float) and tau < 1e-37:
-        z = z / tau * 2.0  # tau/2 could flush to 0 in float32
-    else:
+    elif isinstance(tau, float) and tau >= 1e-37:
         z = z / (tau * 0.5)
+    else:
+        # an array tau (JAX makes every tau one) down to the smallest normal number: tau/2
+        # would be subnormal there, which XLA on the CPU flushes to 0 (0/0 = NaN at x =
+        # theta); the doubling after the division is exact and gives the same bits
+        z = z / tau * 2.0
     if not finite:
         inf = xp.asarray(xp.inf, dtype=z.dtype)
         zero = xp.asarray(0.0, dtype=z.dtype)
@@ -169,16 +172,20 @@ def tie_weights(
     """Entries tied with ``a`` / ``b`` and their per-row weights.
 
     Returns ``(eq_a, eq_b, wa, wb)``: boolean masks of the valid entries equal
-    to ``a`` and to ``b``, and the per-row weight each such entry carries
-    (``1/2`` split evenly among the ties; 0 for an infinite ``a`` or ``b``).
+    to a finite ``a`` and to a finite ``b`` (an infinite one, whose weight is 0,
+    marks none), and the per-row weight each such entry carries (``1/2``
+    split evenly among the ties; 0 for an infinite ``a`` or ``b``).
     The spec's ``w`` is ``eq_a * wa + eq_b * wb``.  ``counts``: ``(count_a,
     count_b)``, the number of valid entries equal to each (per row, over the
     whole group), where the selection already knows them
     (:func:`topk_core._radix.radix_select_pair` with ``counts=True``); a None
     one is counted here, with a row sum.
     """
-    eq_a = x == a
-    eq_b = x == b
+    # an infinite a or b has weight 0: its entries are left out of the masks altogether,
+    # so that no 0 * inf (an overflowed sum(s) times that weight) reaches them
+    nan = xp.asarray(xp.nan, dtype=a.dtype)
+    eq_a = x == xp.where(xp.isfinite(a), a, nan)
+    eq_b = x == xp.where(xp.isfinite(b), b, nan)
     if valid is not None:
         eq_a = eq_a & valid
         eq_b = eq_b & valid
@@ -324,17 +331,23 @@ def jvp(
     half_b = xp.astype(wb, z.dtype) * _row_sum(xp, xp.where(eq_b, u, zero), row_sum)
     dtheta = half_a + half_b
     x_nan = xp.isnan(x)
-    if tau_tangent is not None:
-        dtheta = dtheta + tau_coefficient(xp, z, x_nan) * tau_tangent
     # select between x-sized operands: a where() that broadcast the per-row dtheta itself
     # would, in a JAX shard_map, make the transpose psum an x-sized array
     dz = xp.where(x_nan, u, u - dtheta)
+    slope = sigmoid_grad(xp, z) if output == "probs" else None
+    if slope is not None:
+        dz = slope * dz
+    if tau_tangent is not None:
+        coef = tau_coefficient(xp, z, x_nan)
+        if slope is not None:
+            # p (1-p) z before dtau and 1/tau: where p (1-p) underflows to 0, z dtau / tau
+            # can overflow although the tangent is 0 (0 * inf = NaN for a finite x)
+            coef = slope * coef
+        dz = dz - coef * tau_tangent
     if not (isinstance(tau, float) and tau == 1.0):
         dz = dz / tau
     if valid is not None:
         dz = xp.where(valid, dz, zero)
-    if output == "probs":
-        dz = sigmoid_grad(xp, z) * dz
     return (dz, half_a + half_a, half_b + half_b) if pair else dz
 
 
@@ -569,18 +582,20 @@ def jvp_from_code(
     wb: Array,
     scale: Array,
     u: Array,
-    z_dtau: Array | None = None,
+    z_coef: Array | None = None,
+    dtau: Array | None = None,
     *,
     row_sum: RowSum = None,
 ) -> Array:
-    """The closed-form JVP from :func:`tie_code`'s residuals, linear in ``u`` and ``z_dtau``.
+    """The closed-form JVP from :func:`tie_code`'s residuals, linear in ``u`` and ``dtau``.
 
-    ``scale * ((u - w.u) - z dtau)`` on the valid entries, 0 on the masked
-    ones, with ``scale = p (1 - p) / tau`` (``1 / tau`` for logits) and
-    ``z_dtau = z * dtau`` (finite ``z`` only; None for a constant ``tau``):
-    the same tangent as :func:`jvp`, NaN rule included (a NaN entry keeps only
-    ``scale * u``, so the transpose sends nothing from it to the other entries
-    or to ``tau``).
+    ``scale * (u - w.u) - (scale * z) * dtau`` on the valid entries, 0 on the
+    masked ones, with ``scale = p (1 - p) / tau`` (``1 / tau`` for logits) and
+    ``z_coef`` the :func:`tau_coefficient` of ``z`` (both None for a constant
+    ``tau``): the same tangent as :func:`jvp`, NaN rule included (a NaN entry
+    keeps only ``scale * u``, so the transpose sends nothing from it to the
+    other entries or to ``tau``).  ``scale * z`` comes first: where ``p (1 - p)``
+    underflows to 0, ``z * dtau`` can overflow (0 * inf = NaN for a finite x).
     """
     zero_u = xp.zeros_like(u)
     ok = (code & xp.asarray(MASKED, dtype=code.dtype)) == 0
@@ -590,8 +605,10 @@ def jvp_from_code(
     dtheta = xp.astype(wa, u.dtype) * _row_sum(xp, xp.where(on_a, u, zero_u), row_sum)
     dtheta = dtheta + xp.astype(wb, u.dtype) * _row_sum(xp, xp.where(on_b, u, zero_u), row_sum)
     moved = u - dtheta  # x-sized before any select (see jvp)
-    if z_dtau is not None:
-        moved = moved - z_dtau
     nan = (code & xp.asarray(NAN, dtype=code.dtype)) != 0
-    dz = xp.where(nan, u, moved)
-    return xp.where(ok, scale * dz, zero_u)
+    d = scale * xp.where(nan, u, moved)
+    if z_coef is not None and dtau is not None:
+        # a NaN entry's scale is NaN: it stays out of tau's term (and its transpose)
+        zs = xp.where(nan, zero_u, scale * z_coef)
+        d = d - zs * dtau
+    return xp.where(ok, d, zero_u)

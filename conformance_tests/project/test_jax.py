@@ -358,3 +358,18 @@ def test_batch_in_map_steps_end_to_end():
     want_gx, _ = ref_vjp(x, k, g, tau=tau, mask=mask)
     np.testing.assert_allclose(np.asarray(p, dtype=np.float64), want_p, rtol=0, atol=tol)
     np.testing.assert_allclose(np.asarray(gx, dtype=np.float64), want_gx, rtol=0, atol=tol)
+
+
+def test_limits_through_the_custom_rules():
+    """The limits of the README's infinities row through ``jax.jvp``/``jax.vjp`` (the
+    custom rules, not ``dftopk_jvp``/``dftopk_vjp``): a ``tau`` tangent where ``p (1 - p)``
+    underflows is 0 even where ``z dtau`` overflows, and an overflowed ``sum(s)`` leaves
+    the entry tied with an infinite ``a`` (weight 0) its own ``s`` instead of NaN."""
+    x = jnp.asarray([1e35, 0.0, -1e35], jnp.float32)
+    _, d = jax.jvp(lambda t: tk.dftopk(x, 1, tau=t), (jnp.float32(1e-3),), (jnp.float32(10.0),))
+    np.testing.assert_array_equal(np.asarray(d), 0.0)
+    xi = jnp.asarray([np.inf, 3e38, 1e-45, 0.0, 1.0, -1.0], jnp.float32)
+    _, pull = jax.vjp(lambda v: tk.dftopk_logits(v, 1, tau=1.2e-38), xi)
+    gx = np.asarray(pull(jnp.ones(6, jnp.float32))[0]).astype(np.float64)
+    assert gx[1] == -np.inf
+    np.testing.assert_allclose(gx[[0, 2, 3, 4, 5]], float(np.float32(1) / np.float32(1.2e-38)))

@@ -107,3 +107,20 @@ def test_grad_tau_of_huge_finite_logits_is_finite(tau_shape):
     ref = ref_t.sum() if tau_shape != (1, 3000) else ref_t
     assert np.isfinite(gt).all()
     np.testing.assert_allclose(np.reshape(gt, np.shape(ref)), ref, rtol=1e-4)
+
+
+def test_overflowed_gradient_sum_and_tau_tangent_neither_warn_nor_raise():
+    """Two more limits (README, infinities): a row whose ``sum(s)`` passes float32's range
+    (``-inf`` at ``b``'s tie; the weight 0 of an infinite ``a`` times it was an invalid
+    ``inf * 0``), and a ``tau`` tangent where ``p (1 - p)`` underflows (``0 * inf``)."""
+    x = np.array([np.inf, 3e38, 1e-45, 0.0, 1.0, -1.0], dtype=np.float32)
+    g = np.ones_like(x)
+    xf = np.array([1e35, 0.0, -1e35], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(all="raise"):
+            for k in (0, 1):
+                gx, _ = tk.dftopk_vjp(x[k:], 1 - k, g[k:], tau=1.2e-38, output="logits")
+                assert gx[1 - k] == -np.inf and not np.isnan(gx).any()
+            _, d = tk.dftopk_jvp(xf, 1, np.zeros_like(xf), tau=1e-3, tau_tangent=10.0)
+    np.testing.assert_array_equal(d, 0.0)

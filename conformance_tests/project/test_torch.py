@@ -602,3 +602,30 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match=r"k must be a Python int or a torch\.Tensor"):
         torch_backend.select_pair(None, x, np.array([[1]] * 3))
     assert DFTopKFunction.generate_vmap_rule
+
+
+def test_limits_through_autograd_and_torch_func():
+    """The limits of the README's infinities row through ``torch.func.jvp`` and autograd
+    (the adapter's rules): a ``tau`` tangent where ``p (1 - p)`` underflows is 0, not
+    ``0 * inf``; an overflowed ``sum(s)`` leaves the entry tied with an infinite ``a``
+    (weight 0) its own ``s``; a tensor ``tau`` at the smallest normal number (``tau / 2``
+    subnormal) gives the generic code's logits, also under ``set_flush_denormal``."""
+    x = torch.tensor([2.0, 1.0, 0.0])
+    _, d = torch.func.jvp(
+        lambda t: topk_core.dftopk(x, 1, tau=t), (torch.tensor(1e-20),), (torch.tensor(1.0),)
+    )
+    assert torch.equal(d, torch.zeros(3))
+    xi = torch.tensor([math.inf, 3e38, 1e-45, 0.0, 1.0, -1.0], requires_grad=True)
+    topk_core.dftopk_logits(xi, 1, tau=1.2e-38).backward(torch.ones(6))
+    s = float(np.float32(1) / np.float32(1.2e-38))
+    assert xi.grad[1] == -math.inf
+    np.testing.assert_allclose(xi.grad[[0, 2, 3, 4, 5]].numpy(), s, rtol=1e-6)
+    tiny = torch.finfo(torch.float32).tiny
+    xs = torch.tensor([[1.0, 0.0, 1.0]])
+    flush = torch.set_flush_denormal(True)
+    try:
+        z = topk_core.dftopk_logits(xs, 1, tau=torch.tensor([[tiny]]))
+    finally:
+        torch.set_flush_denormal(False)
+    assert flush  # x86 with SSE3: the setting took
+    np.testing.assert_allclose(z.numpy(), [[0.0, -1.0 / tiny, 0.0]], rtol=1e-6)
