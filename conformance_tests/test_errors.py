@@ -33,8 +33,10 @@ def test_k_errors(lib, fn):
         fn(x, lib.asarray(np.array([1.0, 2.0])))
     with pytest.raises(ValueError, match=r"k of shape \(3,\) does not broadcast"):
         fn(x, lib.asarray(np.array([1, 2, 3])))
-    with pytest.raises(TypeError, match=r"k must be an array of the same library"):
+    with pytest.raises(TypeError, match=r"k must be an int or an integer array of x's library"):
         fn(x, [1, 2])
+    with pytest.raises(TypeError, match=r"integer array of x's library \(.*\), got str '2'"):
+        fn(x, "2")
 
 
 @pytest.mark.parametrize("fn", FUNCS, ids=lambda f: f.__name__)
@@ -98,7 +100,8 @@ def test_array_tau_values_checked_where_concrete(lib, bad):
             f"{lib.name}: its backend ({backend.name}) does not read array values (lazy, "
             f"or not known to be concrete), so tau's values are not checked"
         )
-    match = r"tau must be finite and > 0 everywhere"
+    got = "NaN" if np.isnan(bad) else f"{min(bad, 1.0):g} to {max(bad, 1.0):g}"
+    match = rf"tau must be finite and > 0 everywhere, got values {got} "
     for fn in (tk.dftopk, tk.dftopk_logits, tk.dftopk_and_vjp):
         _raises_now_or_when_computed(lib, lambda fn=fn: fn(x, 1, tau=tau), match)
     _raises_now_or_when_computed(lib, lambda: tk.dftopk_vjp(x, 1, x, tau=tau), match)
@@ -126,7 +129,9 @@ def test_tau_outside_the_compute_range(lib, dtype):
         backend = get_backend(library_name(x))
         if host_values(backend, tau) is not None or backend.check_lazily is not None:
             _raises_now_or_when_computed(
-                lib, lambda: tk.dftopk(x, 2, tau=tau), r"tau must be within .* everywhere"
+                lib,
+                lambda: tk.dftopk(x, 2, tau=tau),
+                r"tau must be within .* everywhere .*, got values 1e\+39 to 1e\+39",
             )
     for tau in (lo, hi):
         for k in (2, 4):

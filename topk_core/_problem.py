@@ -252,8 +252,11 @@ def prepare(
         if grp is None and not 0 <= k <= n:
             raise ValueError(f"k must satisfy 0 <= k <= {n} (the size of axis {axis}), got {k}")
         k_out: int | Array = k
-    elif isinstance(k, numbers.Number):
-        raise TypeError(f"k must be an int or an integer array, got {type(k).__name__} {k!r}")
+    elif isinstance(k, numbers.Number) or library_name(k) is None:
+        raise TypeError(
+            f"k must be an int or an integer array of x's library ({lib}), got "
+            f"{type(k).__name__} {k!r:.40}"
+        )
     else:
         _check_same_library(k, "k", lib)
         if not xp.isdtype(k.dtype, "integral"):
@@ -392,18 +395,21 @@ def check_tau_values(values: Any, lo: float, hi: float, range_text: str) -> None
     >>> check_tau_values(np.array([0.5, -2.0]), 1e-38, 1e38, "")
     Traceback (most recent call last):
     ...
-    ValueError: tau must be finite and > 0 everywhere (...)
+    ValueError: tau must be finite and > 0 everywhere, got values -2 to 0.5 (...)
     """
     vmin, vmax = _tau_bounds(values)
     # NaN fails both comparisons
     if not (vmin > 0 and vmax < math.inf):
+        got = "NaN" if math.isnan(vmin) or math.isnan(vmax) else f"{vmin:g} to {vmax:g}"
         raise ValueError(
-            "tau must be finite and > 0 everywhere (an array tau is checked wherever its "
-            "values are concrete: NumPy, torch CPU tensors in eager mode, concrete JAX "
-            "arrays; a dask array when it is computed)"
+            f"tau must be finite and > 0 everywhere, got values {got} (an array tau is "
+            "checked wherever its values are concrete: NumPy, torch CPU tensors in eager "
+            "mode, concrete JAX arrays; a dask array when it is computed)"
         )
     if not lo <= vmin <= vmax <= hi:
-        raise ValueError(f"{range_text} everywhere (tau is cast to it)")
+        raise ValueError(
+            f"{range_text} everywhere (tau is cast to it), got values {vmin:g} to {vmax:g}"
+        )
 
 
 def _tau_range(pb: Problem) -> tuple[float, float]:
