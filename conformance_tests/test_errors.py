@@ -100,8 +100,9 @@ def test_array_tau_values_checked_where_concrete(lib, bad):
             f"{lib.name}: its backend ({backend.name}) does not read array values (lazy, "
             f"or not known to be concrete), so tau's values are not checked"
         )
-    got = "NaN" if np.isnan(bad) else f"{min(bad, 1.0):g} to {max(bad, 1.0):g}"
-    match = rf"tau must be finite and > 0 everywhere, got values {got} "
+    # the bad value within the range shown (of the whole array, or of the chunk checked)
+    shown = "NaN" if np.isnan(bad) else f"{bad:g}"
+    match = rf"tau must be finite and > 0 everywhere, got values [^(]*{shown}"
     for fn in (tk.dftopk, tk.dftopk_logits, tk.dftopk_and_vjp):
         _raises_now_or_when_computed(lib, lambda fn=fn: fn(x, 1, tau=tau), match)
     _raises_now_or_when_computed(lib, lambda: tk.dftopk_vjp(x, 1, x, tau=tau), match)
