@@ -144,6 +144,27 @@ def check_lazily(arr: Any, check: Any, *args: Any) -> Any:
     return arr.map_blocks(_checked_block, check, *args, dtype=arr.dtype)
 
 
+def align(arr: Any, like: Any) -> Any:
+    """``arr`` on ``like``'s chunks along every axis of ``like``'s size (a size-1 axis
+    stays one chunk): a per-row ``k`` or ``tau``, a mask or a cotangent chunked
+    differently would re-chunk the outputs to the finer of the two chunkings.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> from topk_core.backends.dask_backend import align
+    >>> x = da.zeros((4, 6), chunks=(4, 3))
+    >>> align(da.ones((4, 1), chunks=(2, 1)), x).chunks
+    ((4,), (1,))
+    """
+    if not isinstance(arr, da.Array) or arr.ndim != like.ndim:
+        return arr
+    chunks = tuple(
+        c if n == m else a for a, c, n, m in zip(arr.chunks, like.chunks, arr.shape, like.shape)
+    )
+    return arr if chunks == arr.chunks else arr.rechunk(chunks)
+
+
 def _no_group(group: Any, x: Any, axis: int) -> Any:
     raise TypeError(
         f"group={group!r} is not used with dask arrays: their chunks along the axis are "
@@ -153,5 +174,10 @@ def _no_group(group: Any, x: Any, axis: int) -> Any:
 
 
 BACKEND = Backend(
-    name="dask", select_pair=select_pair, eager=False, group=_no_group, check_lazily=check_lazily
+    name="dask",
+    select_pair=select_pair,
+    eager=False,
+    group=_no_group,
+    check_lazily=check_lazily,
+    align=align,
 )

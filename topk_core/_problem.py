@@ -108,6 +108,8 @@ class Problem:
             raise ValueError(f"{name} must have x's shape {shape}, got {tuple(y.shape)}")
         if self.axis != y.ndim - 1:
             y = xp.moveaxis(y, self.axis, -1)
+        if self.backend.align is not None:
+            y = self.backend.align(y, self.x)
         return xp.astype(y, self.compute_dtype, copy=False)
 
 
@@ -301,9 +303,17 @@ def prepare(
                 xp.astype(xp.asarray(n_valid, device=device), k_arr.dtype),
             )
 
+    if backend.align is not None:
+        # a chunked library: per-row and x-shaped arguments on x's chunks (outputs keep them)
+        if not isinstance(k_out, int):
+            k_out = backend.align(k_out, xn)
+        if valid is not None:
+            valid = backend.align(valid, xn)
     pb = Problem(xp, backend, xn, k_out, 1.0, valid, axis, largest, None, device, grp)
     if need_tau:
         pb.tau, pb.tau_shape = _prepare_tau(pb, tau, lib, shape)
+        if pb.tau_shape is not None and backend.align is not None:
+            pb.tau = backend.align(pb.tau, xn)
     return pb
 
 
@@ -354,9 +364,10 @@ def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
         tau = float(tau)
         if not (math.isfinite(tau) and tau > 0):
             raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
-        lo, hi = _tau_range(pb)
+        lo, hi = _tau_range(pb.xp, pb.compute_dtype)
         if not lo <= tau <= hi:
-            raise ValueError(f"{_range_text(pb, lo, hi)}, got {tau!r}")
+            text = _range_text(pb.compute_dtype, pb.x.dtype, lo, hi)
+            raise ValueError(f"{text}, got {tau!r}")
         return tau, None
     if isinstance(tau, numbers.Number) or library_name(tau) is None:
         raise TypeError(
@@ -373,13 +384,14 @@ def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
             f"(keep the axis, with size 1, for a per-row temperature)"
         )
     _check_device(xp, tau, "tau", pb.device)
-    lo, hi = _tau_range(pb)
+    lo, hi = _tau_range(pb.xp, pb.compute_dtype)
+    text = _range_text(pb.compute_dtype, pb.x.dtype, lo, hi)
     values = host_values(pb.backend, tau)
     if values is not None:
-        check_tau_values(values, lo, hi, _range_text(pb, lo, hi))
+        check_tau_values(values, lo, hi, text)
     elif pb.backend.check_lazily is not None:
         # a lazy library: the same check, raised when tau's values are computed
-        tau = pb.backend.check_lazily(tau, check_tau_values, lo, hi, _range_text(pb, lo, hi))
+        tau = pb.backend.check_lazily(tau, check_tau_values, lo, hi, text)
     return normalise_like_tau(pb, tau, tau_shape, pb.compute_dtype), tau_shape
 
 
@@ -412,7 +424,7 @@ def check_tau_values(values: Any, lo: float, hi: float, range_text: str) -> None
         )
 
 
-def _tau_range(pb: Problem) -> tuple[float, float]:
+def _tau_range(xp: Any, cdt: Any) -> tuple[float, float]:
     """Where ``tau`` and ``1 / tau`` are both normal numbers of the compute dtype.
 
     ``z = (x - theta) / tau`` runs in that dtype: a tau past its range rounds to 0 or
@@ -420,16 +432,38 @@ def _tau_range(pb: Problem) -> tuple[float, float]:
     reciprocal, which flushes to 0 below the smallest normal number (JAX on the CPU gave
     ``p = 0.5`` for every finite entry and NaN at infinite ones from tau = 1.8e38 on).
     """
-    lo = float(pb.xp.finfo(pb.compute_dtype).smallest_normal)
+    lo = float(xp.finfo(cdt).smallest_normal)
     return lo, 1.0 / lo
 
 
-def _range_text(pb: Problem, lo: float, hi: float) -> str:
-    cdt = _dtype_name(pb.compute_dtype)
+def _range_text(cdt: Any, x_dtype: Any, lo: float, hi: float) -> str:
     return (
         f"tau must be within {lo:.4g} <= tau <= {hi:.4g} (tau and 1/tau normal numbers of "
-        f"{cdt}, the dtype the math runs in for x of dtype {_dtype_name(pb.x.dtype)})"
+        f"{_dtype_name(cdt)}, the dtype the math runs in for x of dtype {_dtype_name(x_dtype)})"
     )
+
+
+def check_tau_now(x: Any, tau: Any) -> None:
+    """Check an array ``tau``'s values for the scores ``x`` now, as :func:`prepare` does,
+    where they can be read at no cost (:func:`host_values`); nothing otherwise.
+
+    For wrappers that trace every array argument afterwards (the JAX losses run
+    under ``jit``, where the values can no longer be read).  ``x`` may be traced.
+    """
+    lib = library_name(tau)
+    if lib is None or isinstance(tau, numbers.Number):
+        return
+    values = host_values(get_backend(lib), tau)
+    if values is None:
+        return
+    xp = array_api_compat.array_namespace(x)
+    backend = get_backend(library_name(x))
+    if backend.compute_dtype is not None:
+        cdt = backend.compute_dtype(xp, x.dtype)
+    else:
+        cdt = _math.compute_dtype(xp, x.dtype)
+    lo, hi = _tau_range(xp, cdt)
+    check_tau_values(values, lo, hi, _range_text(cdt, x.dtype, lo, hi))
 
 
 def _dtype_name(dtype: Any) -> str:

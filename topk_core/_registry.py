@@ -121,6 +121,12 @@ class Backend:
         array of the library in ``args`` with ``arr``'s shape passes its
         matching chunk.  ``check`` and ``args`` are picklable.
         ``None``: values that ``host_values`` cannot give are not checked.
+    align : callable, optional
+        ``align(arr, like) -> arr``: for a chunked library, ``arr`` (a per-row
+        ``k`` or ``tau``, a mask or a cotangent, already laid out like ``like``,
+        the normalised ``x``: each axis of ``like``'s size or 1) on ``like``'s
+        chunks, so that outputs keep x's chunks whatever the other arguments'
+        chunking.  ``None``: nothing to align.
     """
 
     name: str
@@ -136,6 +142,7 @@ class Backend:
     errstate: Callable[[], AbstractContextManager[Any]] | None = None
     cond: Callable[[Any, Any, Any], Any] | None = None
     check_lazily: Callable[..., Any] | None = None
+    align: Callable[[Any, Any], Any] | None = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily

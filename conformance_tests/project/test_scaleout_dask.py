@@ -133,6 +133,32 @@ def test_lazy_no_rechunk_no_sort():
         p.compute(scheduler="sync")
 
 
+def test_outputs_keep_x_chunks_whatever_the_other_arguments_chunks():
+    """README: outputs (the VJP's and JVP's too) are chunked like ``x``, also where a
+    per-row ``k`` or ``tau``, the mask or the cotangent is chunked otherwise (before
+    2026-12-06 the outputs took the finer row chunks of ``k`` or ``tau``)."""
+    rng = np.random.default_rng(3)
+    xn = _data((4, 4000))
+    x = da.from_array(xn, chunks=(4, 500))
+    k = da.from_array(np.array([1, 10, 100, 400]), chunks=2)
+    tau = da.from_array(rng.uniform(0.5, 2.0, (4, 1)).astype(np.float32), chunks=(2, 1))
+    mask = da.from_array(rng.random((4, 4000)) > 0.3, chunks=(1, 700))
+    g = da.from_array(rng.standard_normal((4, 4000)).astype(np.float32), chunks=(2, 1000))
+    outs = [
+        tk.dftopk(x, k),
+        tk.dftopk(x, 10, tau=tau, mask=mask),
+        tk.topk_mask(x, k, mask=mask),
+        *tk.dftopk_vjp(x, k, g, tau=tau)[:1],
+        tk.dftopk_jvp(x, k, g, tau=tau)[1],
+    ]
+    for out in outs:
+        assert out.chunks == x.chunks
+    kn, tn = np.array([1, 10, 100, 400]), np.asarray(tau)
+    np.testing.assert_allclose(outs[0].compute(), tk.dftopk(xn, kn), atol=1e-6)
+    gx = tk.dftopk_vjp(xn, kn, np.asarray(g), tau=tn)[0]
+    np.testing.assert_allclose(outs[3].compute(), gx, atol=1e-6)
+
+
 class _Sizes(Callback):
     def __init__(self):
         super().__init__()
