@@ -27,8 +27,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from topk_core import losses as _losses
+from topk_core._problem import check_tau_now, host_values
+from topk_core._registry import get_backend, library_name
 
 __all__ = ["cascade_joint_loss", "init_log_vars", "topk_bce_loss"]
 
@@ -86,7 +89,36 @@ def _compiled(fn_name: str, static: tuple) -> Any:
     return jax.jit(run)
 
 
+def _check_now(scores: Any, k: Any, tau: Any) -> None:
+    """The value checks the core losses run on concrete arrays, run before ``jit``
+    traces them: ``tau > 0`` in its range (per stage) and non-increasing cascade
+    ``k`` (a list of stage sizes); traced values stay unchecked, as in the core."""
+    for t in tau if isinstance(tau, (list, tuple)) else (tau,):
+        check_tau_now(scores, t)
+    if not isinstance(k, (list, tuple)):
+        return
+    known = [v if isinstance(v, numbers.Integral) else _host(v) for v in k]
+    for j in range(1, len(k)):
+        pair = (known[j - 1], known[j])
+        # two ints: the core checks them (they stay static)
+        known_now = pair[0] is not None and pair[1] is not None
+        if known_now and not all(isinstance(v, numbers.Integral) for v in pair):
+            _losses._check_stage_block(pair[1], pair[0], j)
+
+
+def _host(v: Any) -> Any:
+    """A NumPy copy of an array's values where they can be read now, else None."""
+    lib = library_name(v)
+    values = None if lib is None else host_values(get_backend(lib), v)
+    return None if values is None else np.asarray(values)
+
+
 def _call(fn_name: str, args: dict[str, Any]) -> Any:
+    scores = args.get("scores", None)
+    if scores is None:
+        scores = args["stage_scores"][0] if args["stage_scores"] else None
+    if scores is not None:
+        _check_now(scores, args["k"], args["tau"])
     static, dynamic = _split(args)
     try:
         compiled = _compiled(fn_name, static)

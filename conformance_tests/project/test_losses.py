@@ -662,3 +662,39 @@ def test_jax_adapter(rng):
         jax_losses.cascade_joint_loss(j1, r, 2)
     with pytest.raises(ValueError, match="n_stages"):
         jax_losses.init_log_vars(1)
+
+
+def test_jax_wrappers_check_concrete_k_and_tau():
+    """The JAX wrappers run the losses under ``jit``, where array values are traced: the
+    checks the core runs on concrete arrays (non-increasing cascade ``k``, ``tau > 0`` in
+    its range) run before that (before 2026-12-06 the wrappers returned a number)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    from topk_core.adapters import jax_losses
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6)), jnp.float32)
+    r = x[::-1]
+    up = r"k must be non-increasing along the cascade.*k\[1\] > k\[0\] in some rows"
+    for ks in (
+        (jnp.array([3, 2]), jnp.array([2, 3])),
+        (np.array([3, 2]), np.array([2, 3])),
+        (2, jnp.array([2, 3])),
+        (jnp.array([3, 2]), 3),
+    ):
+        with pytest.raises(ValueError, match=up):
+            jax_losses.cascade_joint_loss([x, x], r, ks)
+    bad_tau = jnp.array([[0.5], [-1.0]])
+    with pytest.raises(ValueError, match=r"tau must be finite and > 0 everywhere"):
+        jax_losses.topk_bce_loss(x, r, 2, tau=bad_tau)
+    with pytest.raises(ValueError, match=r"tau must be finite and > 0 everywhere"):
+        jax_losses.cascade_joint_loss([x, x], r, (3, 2), tau=[0.5, np.array([[1.0], [0.0]])])
+    with pytest.raises(ValueError, match=r"tau must be within"):
+        jax_losses.topk_bce_loss(x, r, 2, tau=np.array([[1e-39], [1.0]], np.float32))
+    # traced values stay unchecked (as in the core), valid ones pass
+    ok = (jnp.array([3, 3]), jnp.array([2, 3]))
+    want = float(jax_losses.cascade_joint_loss([x, x], r, ok))
+    traced = jax.jit(lambda k0: jax_losses.cascade_joint_loss([x, x], r, (k0, ok[1])))
+    assert float(traced(ok[0])) == pytest.approx(want)
+    assert jax.grad(lambda s: jax_losses.topk_bce_loss(s, r, 2, tau=jnp.array([[0.5], [2.0]])))(
+        x
+    ).shape == (2, 6)
