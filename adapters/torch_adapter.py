@@ -611,7 +611,9 @@ class SoftTopK(nn.Module):
         Temperature > 0 (initial value when learnable).
     learnable_tau : bool, default False
         Learn the temperature.  It is stored as the parameter ``log_tau`` and
-        used as ``tau = exp(log_tau)``, so gradient steps keep it positive.
+        used as ``tau = exp(log_tau)``, so gradient steps keep it positive (a
+        float32 ``log_tau`` past about -87 or +87 leaves tau's allowed range, and
+        the call raises tau's ``ValueError``).
     axis : int, default -1
         Axis along which to select.
     largest : bool, default True
