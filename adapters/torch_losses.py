@@ -10,12 +10,13 @@ the optimiser that trains the stage models trains them too.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from topk_core.losses import cascade_joint_loss, topk_bce_loss
+from topk_core.losses import _REDUCTIONS, _check_reduction, cascade_joint_loss, topk_bce_loss
 
 __all__ = ["CascadeJointLoss", "TopKBCELoss"]
 
@@ -53,6 +54,10 @@ class TopKBCELoss(nn.Module):
     def __init__(self, k: int, tau: float = 1.0, reduction: str = "mean", axis: int = -1) -> None:
         super().__init__()
         _check_k(k)
+        # the checks the loss runs on every call, at construction: a bad module fails here
+        _check_tau(tau)
+        _check_reduction(reduction, _REDUCTIONS)
+        _check_axis(axis)
         self.k = k
         self.tau = float(tau)
         self.reduction = reduction
@@ -143,9 +148,25 @@ class CascadeJointLoss(nn.Module):
                 raise ValueError(f"k has {len(k)} entries but n_stages is {n_stages}")
             for kj in k:
                 _check_k(kj)
+            for j in range(1, n_stages):
+                if k[j] > k[j - 1]:
+                    raise ValueError(
+                        f"k must be non-increasing along the cascade (a stage keeps at most "
+                        f"what the stage before it kept), got k[{j}] = {k[j]} > "
+                        f"k[{j - 1}] = {k[j - 1]}"
+                    )
             k = tuple(k)
         else:
             _check_k(k)
+        if isinstance(tau, (list, tuple)):
+            if len(tau) != n_stages:
+                raise ValueError(f"tau has {len(tau)} entries but n_stages is {n_stages}")
+            for t in tau:
+                _check_tau(t)
+        else:
+            _check_tau(tau)
+        _check_reduction(reduction, ("mean", "sum"))
+        _check_axis(axis)
         if learn_weights and weights is not None:
             raise ValueError("weights are fixed weights: pass them with learn_weights=False")
         if not math.isfinite(init_log_var):
@@ -202,6 +223,18 @@ class CascadeJointLoss(nn.Module):
     def extra_repr(self) -> str:
         learned = self.log_vars is not None
         return f"k={self.k}, n_stages={self.n_stages}, tau={self.tau}, learned_weights={learned}"
+
+
+def _check_tau(tau: object) -> None:
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise TypeError(f"tau must be a positive float, got {type(tau).__name__} {tau!r}")
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
+
+
+def _check_axis(axis: object) -> None:
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
 
 
 def _check_k(k: object) -> None:

@@ -610,6 +610,21 @@ def test_torch_modules(rng):
         TopKBCELoss(k=2.5)
     with pytest.raises(ValueError, match="expected 2 stage"):
         crit([s1, s2, s1], r)
+    # the loss's own checks run at construction too (they waited for the first call before)
+    with pytest.raises(ValueError, match=r"reduction must be one of .*'avg'"):
+        TopKBCELoss(k=2, reduction="avg")
+    with pytest.raises(ValueError, match=r"tau must be a finite float > 0, got 0\.0"):
+        TopKBCELoss(k=2, tau=0.0)
+    with pytest.raises(TypeError, match="axis must be an int"):
+        TopKBCELoss(k=2, axis=1.0)
+    with pytest.raises(ValueError, match=r"non-increasing.*k\[1\] = 3 > k\[0\] = 2"):
+        CascadeJointLoss(k=(2, 3))
+    with pytest.raises(ValueError, match="tau has 1 entries"):
+        CascadeJointLoss(k=(3, 2), tau=[1.0])
+    with pytest.raises(ValueError, match=r"tau must be a finite float > 0, got -1.0"):
+        CascadeJointLoss(k=(3, 2), tau=(1.0, -1.0))
+    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum'\)"):
+        CascadeJointLoss(k=(3, 2), reduction="none")
 
 
 @pytest.mark.slow  # several jit compilations: ~20-60 s on a loaded 2-core machine
