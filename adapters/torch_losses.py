@@ -10,13 +10,19 @@ the optimiser that trains the stage models trains them too.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from topk_core.losses import _REDUCTIONS, _check_reduction, cascade_joint_loss, topk_bce_loss
+from topk_core._layer_args import check_axis, check_tau
+from topk_core.losses import (
+    _REDUCTIONS,
+    _check_int_stages,
+    _check_reduction,
+    cascade_joint_loss,
+    topk_bce_loss,
+)
 
 __all__ = ["CascadeJointLoss", "TopKBCELoss"]
 
@@ -55,9 +61,9 @@ class TopKBCELoss(nn.Module):
         super().__init__()
         _check_k(k)
         # the checks the loss runs on every call, at construction: a bad module fails here
-        _check_tau(tau)
+        check_tau(tau)
         _check_reduction(reduction, _REDUCTIONS)
-        _check_axis(axis)
+        check_axis(axis)
         self.k = k
         self.tau = float(tau)
         self.reduction = reduction
@@ -149,12 +155,7 @@ class CascadeJointLoss(nn.Module):
             for kj in k:
                 _check_k(kj)
             for j in range(1, n_stages):
-                if k[j] > k[j - 1]:
-                    raise ValueError(
-                        f"k must be non-increasing along the cascade (a stage keeps at most "
-                        f"what the stage before it kept), got k[{j}] = {k[j]} > "
-                        f"k[{j - 1}] = {k[j - 1]}"
-                    )
+                _check_int_stages(k[j - 1], k[j], j)
             k = tuple(k)
         else:
             _check_k(k)
@@ -162,11 +163,11 @@ class CascadeJointLoss(nn.Module):
             if len(tau) != n_stages:
                 raise ValueError(f"tau has {len(tau)} entries but n_stages is {n_stages}")
             for t in tau:
-                _check_tau(t)
+                check_tau(t)
         else:
-            _check_tau(tau)
+            check_tau(tau)
         _check_reduction(reduction, ("mean", "sum"))
-        _check_axis(axis)
+        check_axis(axis)
         if learn_weights and weights is not None:
             raise ValueError("weights are fixed weights: pass them with learn_weights=False")
         if not math.isfinite(init_log_var):
@@ -223,18 +224,6 @@ class CascadeJointLoss(nn.Module):
     def extra_repr(self) -> str:
         learned = self.log_vars is not None
         return f"k={self.k}, n_stages={self.n_stages}, tau={self.tau}, learned_weights={learned}"
-
-
-def _check_tau(tau: object) -> None:
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-        raise TypeError(f"tau must be a positive float, got {type(tau).__name__} {tau!r}")
-    if not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
-
-
-def _check_axis(axis: object) -> None:
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
 
 
 def _check_k(k: object) -> None:

@@ -12,7 +12,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LayerArgs", "check_layer_args"]
+__all__ = ["LayerArgs", "check_axis", "check_layer_args", "check_tau"]
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,10 @@ def check_layer_args(
         raise TypeError(f"k must be a non-negative int, got {type(k).__name__} {k!r}")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-        raise TypeError(f"tau must be a positive float, got {type(tau).__name__} {tau!r}")
-    if not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
+    check_tau(tau)
     if not isinstance(learnable_tau, bool):
         raise TypeError(f"learnable_tau must be a bool, got {type(learnable_tau).__name__}")
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
+    check_axis(axis)
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be a bool, got {type(largest).__name__} {largest!r}")
     if output not in ("probs", "logits"):
@@ -64,3 +60,26 @@ def check_layer_args(
     if hard and output != "probs":
         raise ValueError("hard=True needs output='probs' (the mask replaces p)")
     return LayerArgs(int(k), float(tau), learnable_tau, int(axis), largest, output, hard)
+
+
+def check_tau(tau: Any) -> None:
+    """A layer's (or loss module's) float temperature: a finite real number > 0.
+
+    Examples
+    --------
+    >>> from topk_core._layer_args import check_tau
+    >>> check_tau(0.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: tau must be a finite float > 0, got 0.0
+    """
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise TypeError(f"tau must be a positive float, got {type(tau).__name__} {tau!r}")
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
+
+
+def check_axis(axis: Any) -> None:
+    """A layer's (or loss module's) axis: an int (its range is checked against x)."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")

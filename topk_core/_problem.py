@@ -87,9 +87,7 @@ class Problem:
 
     @property
     def compute_dtype(self) -> Any:
-        if self.backend.compute_dtype is not None:
-            return self.backend.compute_dtype(self.xp, self.x.dtype)
-        return _math.compute_dtype(self.xp, self.x.dtype)
+        return _compute_dtype(self.backend, self.xp, self.x.dtype)
 
     def restore(self, y: Array) -> Array:
         """Move the last axis back to the user's axis."""
@@ -111,6 +109,13 @@ class Problem:
         if self.backend.align is not None:
             y = self.backend.align(y, self.x)
         return xp.astype(y, self.compute_dtype, copy=False)
+
+
+def _compute_dtype(backend: Backend, xp: Any, dtype: Any) -> Any:
+    """The dtype the math runs in for x of ``dtype``: the backend's rule, else the spec's."""
+    if backend.compute_dtype is not None:
+        return backend.compute_dtype(xp, dtype)
+    return _math.compute_dtype(xp, dtype)
 
 
 def _x_shape(pb: Problem) -> tuple[int, ...]:
@@ -457,11 +462,7 @@ def check_tau_now(x: Any, tau: Any) -> None:
     if values is None:
         return
     xp = array_api_compat.array_namespace(x)
-    backend = get_backend(library_name(x))
-    if backend.compute_dtype is not None:
-        cdt = backend.compute_dtype(xp, x.dtype)
-    else:
-        cdt = _math.compute_dtype(xp, x.dtype)
+    cdt = _compute_dtype(get_backend(library_name(x)), xp, x.dtype)
     lo, hi = _tau_range(xp, cdt)
     check_tau_values(values, lo, hi, _range_text(cdt, x.dtype, lo, hi))
 

@@ -283,11 +283,7 @@ def _check_stage_sizes(
     alike, so that the hook pairs their chunks) when it is computed.
     """
     if isinstance(prev, numbers.Integral) and isinstance(cur, numbers.Integral):
-        if cur > prev:
-            raise ValueError(
-                f"k must be non-increasing along the cascade (a stage keeps at most what "
-                f"the stage before it kept), got k[{j}] = {cur} > k[{j - 1}] = {prev}"
-            )
+        _check_int_stages(prev, cur, j)
         return None
     backend = get_backend(lib)
     hv = [v if isinstance(v, numbers.Integral) else host_values(backend, v) for v in (prev, cur)]
@@ -303,6 +299,15 @@ def _check_stage_sizes(
     if not isinstance(prev, numbers.Integral):
         prev = xp.broadcast_to(prev, batch)
     return backend.check_lazily(cur, _check_stage_block, prev, j)
+
+
+def _check_int_stages(prev: int, cur: int, j: int) -> None:
+    """Integer stage sizes: ``ValueError`` where ``k[j] = cur > k[j-1] = prev``."""
+    if cur > prev:
+        raise ValueError(
+            f"k must be non-increasing along the cascade (a stage keeps at most what "
+            f"the stage before it kept), got k[{j}] = {cur} > k[{j - 1}] = {prev}"
+        )
 
 
 def _increasing_text(j: int) -> str:
