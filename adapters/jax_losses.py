@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from topk_core import losses as _losses
-from topk_core._problem import check_tau_now, host_values
+from topk_core._problem import argument_names, check_tau_now, host_values
 from topk_core._registry import get_backend, library_name
 
 __all__ = ["cascade_joint_loss", "init_log_vars", "topk_bce_loss"]
@@ -89,12 +89,15 @@ def _compiled(fn_name: str, static: tuple) -> Any:
     return jax.jit(run)
 
 
-def _check_now(scores: Any, k: Any, tau: Any) -> None:
+def _check_now(scores: Any, k: Any, tau: Any, scores_name: str) -> None:
     """The value checks the core losses run on concrete arrays, run before ``jit``
     traces them: ``tau > 0`` in its range (per stage) and non-increasing cascade
-    ``k`` (a list of stage sizes); traced values stay unchecked, as in the core."""
-    for t in tau if isinstance(tau, (list, tuple)) else (tau,):
-        check_tau_now(scores, t)
+    ``k`` (a list of stage sizes); traced values stay unchecked, as in the core.
+    Messages name the arguments as the core losses do."""
+    per_stage = isinstance(tau, (list, tuple))
+    for j, t in enumerate(tau if per_stage else (tau,)):
+        with argument_names(x=scores_name, tau=f"tau[{j}]" if per_stage else "tau"):
+            check_tau_now(scores, t)
     if not isinstance(k, (list, tuple)):
         return
     known = [v if isinstance(v, numbers.Integral) else _host(v) for v in k]
@@ -114,11 +117,12 @@ def _host(v: Any) -> Any:
 
 
 def _call(fn_name: str, args: dict[str, Any]) -> Any:
-    scores = args.get("scores", None)
+    scores, name = args.get("scores", None), "scores"
     if scores is None:
         scores = args["stage_scores"][0] if args["stage_scores"] else None
+        name = "stage_scores[0]"
     if scores is not None:
-        _check_now(scores, args["k"], args["tau"])
+        _check_now(scores, args["k"], args["tau"], name)
     static, dynamic = _split(args)
     try:
         compiled = _compiled(fn_name, static)

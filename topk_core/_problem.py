@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +25,51 @@ from ._registry import Backend, get_backend, library_name
 
 Array = Any
 
-__all__ = ["Problem", "host_values", "prepare", "normalise_like_tau", "reduce_to_tau"]
+__all__ = [
+    "Problem",
+    "argument_names",
+    "host_values",
+    "prepare",
+    "normalise_like_tau",
+    "reduce_to_tau",
+]
+
+# what the error messages call x, k and tau: a caller with its own argument names
+# (the losses: "scores", "stage_scores[1]", "k[1]") sets them for its calls
+_NAMES: ContextVar[dict[str, str] | None] = ContextVar("topk_core_argument_names", default=None)
+
+
+@contextmanager
+def argument_names(**names: str) -> Iterator[None]:
+    """Within the block, error messages call ``x``, ``k``, ``tau`` by the given names.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import topk_core
+    >>> from topk_core._problem import argument_names
+    >>> with argument_names(x="scores"):
+    ...     topk_core.dftopk(np.zeros(3, dtype=np.int64), 1)
+    Traceback (most recent call last):
+    ...
+    TypeError: scores must have a real floating dtype (float16, bfloat16, float32, ...), got int64
+    """
+    token = _NAMES.set({**(_NAMES.get() or {}), **names})
+    try:
+        yield
+    finally:
+        _NAMES.reset(token)
+
+
+def _poss(name: str) -> str:
+    """``"x's"``, ``"scores'"``: the possessive of an argument name."""
+    return name + ("'" if name.endswith("s") else "'s")
+
+
+def _nm(name: str) -> str:
+    """The name error messages use for the argument ``name`` (see :func:`argument_names`)."""
+    names = _NAMES.get()
+    return name if names is None else names.get(name, name)
 
 
 @dataclass
@@ -103,7 +150,9 @@ class Problem:
             raise TypeError(f"{name} must have a real floating dtype, got {y.dtype}")
         shape = _x_shape(self)
         if tuple(y.shape) != shape:
-            raise ValueError(f"{name} must have x's shape {shape}, got {tuple(y.shape)}")
+            raise ValueError(
+                f"{name} must have {_poss(_nm('x'))} shape {shape}, got {tuple(y.shape)}"
+            )
         if self.axis != y.ndim - 1:
             y = xp.moveaxis(y, self.axis, -1)
         if self.backend.align is not None:
@@ -134,11 +183,12 @@ def _check_same_library(obj: Any, name: str, pb_or_lib: Problem | str) -> None:
     other = library_name(obj)
     if other is None:
         raise TypeError(
-            f"{name} must be an array of the same library as x ({lib}), got {_lib_label(obj)}"
+            f"{name} must be an array of the same library as {_nm('x')} ({lib}), "
+            f"got {_lib_label(obj)}"
         )
     if other != lib:
         raise TypeError(
-            f"x is a {lib} array but {name} is a {other} array; "
+            f"{_nm('x')} is a {lib} array but {name} is a {other} array; "
             f"all array arguments must come from one library"
         )
 
@@ -149,7 +199,7 @@ def _check_device(xp: Any, obj: Any, name: str, device: Any) -> None:
     if other is None or device is None:
         return
     if other != device:
-        raise ValueError(f"{name} is on device {other} but x is on device {device}")
+        raise ValueError(f"{name} is on device {other} but {_nm('x')} is on device {device}")
 
 
 def _is_int(k: Any) -> bool:
@@ -165,7 +215,7 @@ def _normalise_axis(axis: Any, ndim: int) -> int:
         raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
     axis = int(axis)
     if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for x with {ndim} dimensions")
+        raise ValueError(f"axis {axis} is out of range for {_nm('x')} with {ndim} dimensions")
     return axis % ndim
 
 
@@ -183,24 +233,26 @@ def check_x(x: Any) -> tuple[Any, str]:
     lib = library_name(x)
     if lib is None:
         raise TypeError(
-            f"x must be an array of a library with Array API support (NumPy, CuPy, "
+            f"{_nm('x')} must be an array of a library with Array API support (NumPy, CuPy, "
             f"PyTorch, JAX, ...), got {type(x).__name__}"
         )
     try:
         xp = array_api_compat.array_namespace(x)
     except TypeError as exc:
-        raise TypeError(f"x: no Array API namespace for {type(x).__name__}: {exc}") from None
+        raise TypeError(
+            f"{_nm('x')}: no Array API namespace for {type(x).__name__}: {exc}"
+        ) from None
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(
-            f"x must have a real floating dtype (float16, bfloat16, float32, float64), "
+            f"{_nm('x')} must have a real floating dtype (float16, bfloat16, float32, float64), "
             f"got {x.dtype}"
         )
     if x.ndim == 0:
-        raise ValueError("x must have at least one dimension, got a 0-d array")
+        raise ValueError(f"{_nm('x')} must have at least one dimension, got a 0-d array")
     if any(s is None or (isinstance(s, float) and math.isnan(s)) for s in x.shape):
         raise ValueError(
-            f"x must have a known shape, got {tuple(x.shape)} (a dask array after boolean "
-            f"indexing: call x.compute_chunk_sizes() first)"
+            f"{_nm('x')} must have a known shape, got {tuple(x.shape)} (a dask array after "
+            f"boolean indexing: call .compute_chunk_sizes() on it first)"
         )
     return xp, lib
 
@@ -239,7 +291,8 @@ def prepare(
             raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
         if not _broadcastable(tuple(mask.shape), shape):
             raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to x's shape {shape}"
+                f"mask of shape {tuple(mask.shape)} does not broadcast to {_poss(_nm('x'))} shape "
+                f"{shape}"
             )
         _check_device(xp, mask, "mask", device)
         valid = xp.broadcast_to(mask, shape)
@@ -247,35 +300,36 @@ def prepare(
             valid = xp.moveaxis(valid, axis, -1)
 
     # k
+    kn, xn_ = _nm("k"), _nm("x")
     if _is_bool(k):
-        raise TypeError(f"k must be an int or an integer array, got bool {k!r}")
+        raise TypeError(f"{kn} must be an int or an integer array, got bool {k!r}")
     if _is_int(k):
         k = int(k)
         if grp is not None and not (0 <= k and (n_all is None or k <= n_all)):
             raise ValueError(
-                f"k must satisfy 0 <= k <= {n_all if n_all is not None else 'n'} (the global "
+                f"{kn} must satisfy 0 <= k <= {n_all if n_all is not None else 'n'} (the global "
                 f"length of axis {axis}: its shards summed over {grp.label}), got {k}"
             )
         if grp is None and not 0 <= k <= n:
-            raise ValueError(f"k must satisfy 0 <= k <= {n} (the size of axis {axis}), got {k}")
+            raise ValueError(f"{kn} must satisfy 0 <= k <= {n} (the size of axis {axis}), got {k}")
         k_out: int | Array = k
     elif isinstance(k, numbers.Number) or library_name(k) is None:
         raise TypeError(
-            f"k must be an int or an integer array of x's library ({lib}), got "
+            f"{kn} must be an int or an integer array of {_poss(xn_)} library ({lib}), got "
             f"{type(k).__name__} {k!r:.40}"
         )
     else:
-        _check_same_library(k, "k", lib)
+        _check_same_library(k, kn, lib)
         if not xp.isdtype(k.dtype, "integral"):
             raise TypeError(
-                f"k must be an int or an integer array, got an array of dtype {k.dtype}"
+                f"{kn} must be an int or an integer array, got an array of dtype {k.dtype}"
             )
         if not _broadcastable(tuple(k.shape), batch):
             raise ValueError(
-                f"k of shape {tuple(k.shape)} does not broadcast to the batch shape {batch} "
-                f"(x's shape without axis {axis})"
+                f"{kn} of shape {tuple(k.shape)} does not broadcast to the batch shape "
+                f"{batch} ({_poss(xn_)} shape without axis {axis})"
             )
-        _check_device(xp, k, "k", device)
+        _check_device(xp, k, kn, device)
         k_out = xp.reshape(xp.broadcast_to(k, batch), batch + (1,))
 
     xn = x if axis == ndim - 1 else xp.moveaxis(x, axis, -1)
@@ -363,12 +417,13 @@ def _resolve_group(backend: Backend, group: Any, x: Any, lib: str, axis: int) ->
 
 def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
     xp = pb.xp
+    tn = _nm("tau")
     if _is_bool(tau):
-        raise TypeError(f"tau must be a positive float or a positive array, got bool {tau!r}")
+        raise TypeError(f"{tn} must be a positive float or a positive array, got bool {tau!r}")
     if isinstance(tau, numbers.Real):
         tau = float(tau)
         if not (math.isfinite(tau) and tau > 0):
-            raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
+            raise ValueError(f"{tn} must be a finite float > 0, got {tau!r}")
         lo, hi = _tau_range(pb.xp, pb.compute_dtype)
         if not lo <= tau <= hi:
             text = _range_text(pb.compute_dtype, pb.x.dtype, lo, hi)
@@ -376,19 +431,20 @@ def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
         return tau, None
     if isinstance(tau, numbers.Number) or library_name(tau) is None:
         raise TypeError(
-            f"tau must be a finite float > 0 or a positive floating array of x's library "
+            f"{tn} must be a finite float > 0 or a positive floating array of {_poss(_nm('x'))} "
+            f"library "
             f"({lib}), got {type(tau).__name__} {tau!r:.40}"
         )
-    _check_same_library(tau, "tau", lib)
+    _check_same_library(tau, tn, lib)
     if not xp.isdtype(tau.dtype, "real floating"):
-        raise TypeError(f"tau must have a real floating dtype, got {tau.dtype}")
+        raise TypeError(f"{tn} must have a real floating dtype, got {tau.dtype}")
     tau_shape = tuple(tau.shape)
     if not _broadcastable(tau_shape, shape):
         raise ValueError(
-            f"tau of shape {tau_shape} does not broadcast to x's shape {shape} "
+            f"{tn} of shape {tau_shape} does not broadcast to {_poss(_nm('x'))} shape {shape} "
             f"(keep the axis, with size 1, for a per-row temperature)"
         )
-    _check_device(xp, tau, "tau", pb.device)
+    _check_device(xp, tau, tn, pb.device)
     lo, hi = _tau_range(pb.xp, pb.compute_dtype)
     text = _range_text(pb.compute_dtype, pb.x.dtype, lo, hi)
     values = host_values(pb.backend, tau)
@@ -396,13 +452,17 @@ def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
         check_tau_values(values, lo, hi, text)
     elif pb.backend.check_lazily is not None:
         # a lazy library: the same check, raised when tau's values are computed
-        tau = pb.backend.check_lazily(tau, check_tau_values, lo, hi, text)
+        tau = pb.backend.check_lazily(tau, check_tau_values, lo, hi, text, tn)
     return normalise_like_tau(pb, tau, tau_shape, pb.compute_dtype), tau_shape
 
 
-def check_tau_values(values: Any, lo: float, hi: float, range_text: str) -> None:
+def check_tau_values(
+    values: Any, lo: float, hi: float, range_text: str, name: str | None = None
+) -> None:
     """Raise ``ValueError`` unless every value of an array tau is finite, > 0 and in
-    ``[lo, hi]`` (:func:`_tau_range`); ``values`` readable on the host.
+    ``[lo, hi]`` (:func:`_tau_range`); ``values`` readable on the host.  ``name``:
+    what the message calls tau (default: :func:`argument_names`' name when raised;
+    a lazy check passes the name in force when it was set up).
 
     Examples
     --------
@@ -419,9 +479,9 @@ def check_tau_values(values: Any, lo: float, hi: float, range_text: str) -> None
     if not (vmin > 0 and vmax < math.inf):
         got = "NaN" if math.isnan(vmin) or math.isnan(vmax) else f"{vmin:g} to {vmax:g}"
         raise ValueError(
-            f"tau must be finite and > 0 everywhere, got values {got} (an array tau is "
-            "checked wherever its values are concrete: NumPy, torch CPU tensors in eager "
-            "mode, concrete JAX arrays; a dask array when it is computed)"
+            f"{name or _nm('tau')} must be finite and > 0 everywhere, got values {got} "
+            "(an array tau is checked wherever its values are concrete: NumPy, torch CPU "
+            "tensors in eager mode, concrete JAX arrays; a dask array when it is computed)"
         )
     if not lo <= vmin <= vmax <= hi:
         raise ValueError(
@@ -443,8 +503,9 @@ def _tau_range(xp: Any, cdt: Any) -> tuple[float, float]:
 
 def _range_text(cdt: Any, x_dtype: Any, lo: float, hi: float) -> str:
     return (
-        f"tau must be within {lo:.4g} <= tau <= {hi:.4g} (tau and 1/tau normal numbers of "
-        f"{_dtype_name(cdt)}, the dtype the math runs in for x of dtype {_dtype_name(x_dtype)})"
+        f"{_nm('tau')} must be within {lo:.4g} <= tau <= {hi:.4g} (tau and 1/tau normal "
+        f"numbers of {_dtype_name(cdt)}, the dtype the math runs in for {_nm('x')} of dtype "
+        f"{_dtype_name(x_dtype)})"
     )
 
 

@@ -31,7 +31,7 @@ import array_api_compat
 
 from . import _math
 from ._api import dftopk_logits, topk_mask
-from ._problem import _check_same_library, _is_bool, check_x, host_values
+from ._problem import _check_same_library, _is_bool, argument_names, check_x, host_values
 from ._registry import get_backend, under_errstate
 
 Array = Any
@@ -225,11 +225,13 @@ def topk_bce_loss(
     array([[0.2519, 0.5759, 0.5759, 0.1602]])
     """
     _check_reduction(reduction, _REDUCTIONS)
-    xp, lib = check_x(scores)
-    _validate_relevance(xp, relevance, scores, lib, "scores")
-    # logits first: errors about k / tau / mask / axis then refer to the scores
-    z = dftopk_logits(scores, k, tau=tau, axis=axis, mask=mask)
-    positive = topk_mask(relevance, k, axis=axis, mask=mask) > 0.5
+    with argument_names(x="scores"):
+        xp, lib = check_x(scores)
+        _validate_relevance(xp, relevance, scores, lib, "scores")
+        # logits first: errors about k / tau / mask / axis then refer to the scores
+        z = dftopk_logits(scores, k, tau=tau, axis=axis, mask=mask)
+    with argument_names(x="relevance"):
+        positive = topk_mask(relevance, k, axis=axis, mask=mask) > 0.5
     cdt = _math.compute_dtype(xp, scores.dtype)
     elem = _bce_elementwise(xp, xp.astype(z, cdt, copy=False), positive)
     out = _reduce(xp, elem, _valid_mask(xp, mask, tuple(scores.shape)), reduction)
@@ -476,7 +478,8 @@ def cascade_joint_loss(
             f"cascade_joint_loss needs at least two stages, got {n_stages}; "
             f"use topk_bce_loss for a single stage"
         )
-    xp, lib = check_x(stage_scores[0])
+    with argument_names(x="stage_scores[0]"):
+        xp, lib = check_x(stage_scores[0])
     first = stage_scores[0]
     for j, s in enumerate(stage_scores[1:], start=1):
         _check_same_library(s, f"stage_scores[{j}]", lib)
@@ -503,19 +506,26 @@ def cascade_joint_loss(
         _check_log_vars(xp, log_vars, lib, n_terms)
 
     cdt = _math.compute_dtype(xp, first.dtype)
-    valid = _valid_mask(xp, mask, tuple(first.shape))
+    k_name = "k" if not isinstance(k, (list, tuple)) else "k[{}]"
+    tau_name = "tau" if not isinstance(tau, (list, tuple)) else "tau[{}]"
+    valid = None
     zs = []
     stage_terms = []
     for j in range(n_stages):
-        z = dftopk_logits(stage_scores[j], ks[j], tau=taus[j], axis=axis, mask=mask)
+        names = {"k": k_name.format(j), "tau": tau_name.format(j)}
+        with argument_names(x=f"stage_scores[{j}]", **names):
+            z = dftopk_logits(stage_scores[j], ks[j], tau=taus[j], axis=axis, mask=mask)
         if j:  # k[j] is valid now (dftopk_logits checked it)
             checked = _check_stage_sizes(xp, lib, ks[j - 1], ks[j], j, _batch_shape(first, axis))
             if checked is not None:
                 # a lazy graph: the stage is rebuilt on the checked k, nothing computed yet
                 ks[j] = checked
                 z = dftopk_logits(stage_scores[j], ks[j], tau=taus[j], axis=axis, mask=mask)
+        else:  # the mask is valid now (the first stage's dftopk_logits checked it)
+            valid = _valid_mask(xp, mask, tuple(first.shape))
         z = xp.astype(z, cdt, copy=False)
-        y = topk_mask(relevance, ks[j], axis=axis, mask=mask) > 0.5
+        with argument_names(x="relevance", **names):
+            y = topk_mask(relevance, ks[j], axis=axis, mask=mask) > 0.5
         zs.append(z)
         stage_terms.append(_reduce(xp, _bce_elementwise(xp, z, y), valid, reduction))
     # the last stage's labels are the true top-k set of the whole cascade

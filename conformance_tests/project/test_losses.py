@@ -320,7 +320,7 @@ def test_errors(lib, rng):
         topk_bce_loss(s, r, 2.0)
     with pytest.raises(ValueError, match="tau"):
         topk_bce_loss(s, r, 2, tau=0.0)
-    with pytest.raises(TypeError, match="x must have a real floating"):
+    with pytest.raises(TypeError, match="scores must have a real floating"):
         topk_bce_loss(lib.asarray(np.ones((2, 5), dtype=np.int64)), r, 2)
     with pytest.raises(ValueError, match="at least two stages"):
         cascade_joint_loss([], r, 2)
@@ -334,7 +334,7 @@ def test_errors(lib, rng):
         cascade_joint_loss([s, s], r, (3, 2, 1))
     with pytest.raises(ValueError, match="one entry per stage"):
         cascade_joint_loss([s, s], r, 2, tau=(1.0,))
-    with pytest.raises(ValueError, match="k must satisfy"):
+    with pytest.raises(ValueError, match=r"k\[0\] must satisfy"):
         cascade_joint_loss([s, s], r, (6, 2))
     with pytest.raises(ValueError, match="weights must have 3 entries"):
         cascade_joint_loss([s, s], r, 2, weights=[1.0, 1.0])
@@ -353,6 +353,45 @@ def test_errors(lib, rng):
     if "float32" in lib.dtypes and lib.name != "array_api_strict":
         with pytest.raises(TypeError, match="dtype"):
             cascade_joint_loss([s, lib.asarray(rng.standard_normal((2, 5)), "float32")], r, 2)
+
+
+def test_errors_name_the_loss_arguments(lib, rng):
+    """Errors raised by the checks the losses share with dftopk call the arrays by the
+    losses' own names (before 2026-12-06 they said ``x`` and, for a per-stage ``k`` or
+    ``tau``, not which stage), and a mask of the wrong shape is rejected by name in the
+    cascade loss too (it was a backend broadcasting error)."""
+    s = lib.asarray(rng.standard_normal((2, 5)))
+    r = lib.asarray(rng.standard_normal((2, 5)))
+    k_rows = lib.asarray(np.array([1, 2, 3]), "int64")
+    with pytest.raises(ValueError, match=r"axis 3 is out of range for scores with"):
+        topk_bce_loss(s, r, 2, axis=3)
+    with pytest.raises(ValueError, match=r"does not broadcast to scores' shape \(2, 5\)"):
+        topk_bce_loss(s, r, 2, mask=lib.asarray(np.ones((3, 5), bool)))
+    with pytest.raises(ValueError, match=r"^k of shape \(3,\) .*\(scores' shape without"):
+        topk_bce_loss(s, r, k_rows)
+    with pytest.raises(TypeError, match=r"^stage_scores\[0\] must have a real floating"):
+        cascade_joint_loss([lib.asarray(np.ones((2, 5), dtype=np.int64)), s], r, 2)
+    with pytest.raises(ValueError, match=r"^k\[1\] must satisfy 0 <= k <= 5 .*got 9"):
+        cascade_joint_loss([s, s], r, (3, 9))
+    with pytest.raises(ValueError, match=r"^k must satisfy 0 <= k <= 5 .*got 9"):
+        cascade_joint_loss([s, s], r, 9)  # one k for every stage
+    with pytest.raises(ValueError, match=r"^k\[0\] of shape \(3,\).*stage_scores\[0\]'s sha"):
+        cascade_joint_loss([s, s], r, [k_rows, 1])
+    with pytest.raises(ValueError, match=r"^tau\[1\] must be a finite float > 0, got -1.0"):
+        cascade_joint_loss([s, s], r, 2, tau=[1.0, -1.0])
+    with pytest.raises(ValueError, match=r"^axis 5 is out of range for stage_scores\[0\]"):
+        cascade_joint_loss([s, s], r, 2, axis=5)
+    with pytest.raises(ValueError, match=r"^mask of shape \(3, 5\) does not broadcast to stag"):
+        cascade_joint_loss([s, s], r, 2, mask=lib.asarray(np.ones((3, 5), bool)))
+    if lib.name == "numpy":  # values read now (a lazy library checks them when computed)
+        bad = np.array([[1.0], [-2.0]])
+        with pytest.raises(ValueError, match=r"^tau\[1\] must be finite and > 0 everywhere"):
+            cascade_joint_loss([s, s], r, 2, tau=[1.0, bad])
+    # the names apply inside the losses only
+    with pytest.raises(ValueError, match=r"^k must satisfy .* got 9"):
+        tk.dftopk(s, 9)
+    with pytest.raises(ValueError, match=r"axis 3 is out of range for x with"):
+        tk.dftopk(s, 2, axis=3)
 
 
 def test_mixed_libraries_rejected(lib, rng):
@@ -701,7 +740,7 @@ def test_jax_wrappers_check_concrete_k_and_tau():
     bad_tau = jnp.array([[0.5], [-1.0]])
     with pytest.raises(ValueError, match=r"tau must be finite and > 0 everywhere"):
         jax_losses.topk_bce_loss(x, r, 2, tau=bad_tau)
-    with pytest.raises(ValueError, match=r"tau must be finite and > 0 everywhere"):
+    with pytest.raises(ValueError, match=r"^tau\[1\] must be finite and > 0 everywhere"):
         jax_losses.cascade_joint_loss([x, x], r, (3, 2), tau=[0.5, np.array([[1.0], [0.0]])])
     with pytest.raises(ValueError, match=r"tau must be within"):
         jax_losses.topk_bce_loss(x, r, 2, tau=np.array([[1e-39], [1.0]], np.float32))
