@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from topk_core import losses as _losses
-from topk_core._problem import argument_names, check_tau_now, host_values
+from topk_core._problem import check_tau_now, host_values
 from topk_core._registry import get_backend, library_name
 
 __all__ = ["cascade_joint_loss", "init_log_vars", "topk_bce_loss"]
@@ -96,8 +96,7 @@ def _check_now(scores: Any, k: Any, tau: Any, scores_name: str) -> None:
     Messages name the arguments as the core losses do."""
     per_stage = isinstance(tau, (list, tuple))
     for j, t in enumerate(tau if per_stage else (tau,)):
-        with argument_names(x=scores_name, tau=f"tau[{j}]" if per_stage else "tau"):
-            check_tau_now(scores, t)
+        check_tau_now(scores, t, {"x": scores_name, "tau": f"tau[{j}]" if per_stage else "tau"})
     if not isinstance(k, (list, tuple)):
         return
     known = [v if isinstance(v, numbers.Integral) else _host(v) for v in k]

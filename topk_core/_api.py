@@ -146,8 +146,10 @@ def _check_hard(hard: Any, output: Any) -> None:
         )
 
 
-def _run(x, k, tau, axis, mask, largest, output: Output, group, hard: bool = False) -> Array:
-    pb = prepare(x, k, tau, axis, mask, largest, group=group)
+def _run(
+    x, k, tau, axis, mask, largest, output: Output, group, hard: bool = False, names=None
+) -> Array:
+    pb = prepare(x, k, tau, axis, mask, largest, group=group, names=names)
     apply = pb.backend.apply if pb.group is None else pb.group.apply
     if hard:
         # straight-through: the mask forward, the soft p's gradient (where autodiff exists)
@@ -337,6 +339,20 @@ def topk_mask(
     array([0., 1., 0., 0.])
     """
     pb = prepare(x, k, None, axis, mask, largest, need_tau=False, group=group)
+    return pb.restore(hard_forward(pb))
+
+
+def named_logits(x: Array, k: Any, tau: Any, axis: int, mask: Any, names: Any) -> Array:
+    """:func:`dftopk_logits` whose errors call ``x``/``k``/``tau`` by ``names``.
+
+    For callers with their own argument names (the losses: ``{"x": "scores"}``).
+    """
+    return _run(x, k, tau, axis, mask, True, "logits", None, names=names)
+
+
+def named_topk_mask(x: Array, k: Any, axis: int, mask: Any, names: Any) -> Array:
+    """:func:`topk_mask` whose errors call ``x``/``k`` by ``names``."""
+    pb = prepare(x, k, None, axis, mask, True, need_tau=False, names=names)
     return pb.restore(hard_forward(pb))
 
 

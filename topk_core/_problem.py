@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,38 +25,17 @@ Array = Any
 
 __all__ = [
     "Problem",
-    "argument_names",
     "host_values",
     "prepare",
     "normalise_like_tau",
     "reduce_to_tau",
 ]
 
-# what the error messages call x, k and tau: a caller with its own argument names
-# (the losses: "scores", "stage_scores[1]", "k[1]") sets them for its calls
-_NAMES: ContextVar[dict[str, str] | None] = ContextVar("topk_core_argument_names", default=None)
-
-
-@contextmanager
-def argument_names(**names: str) -> Iterator[None]:
-    """Within the block, error messages call ``x``, ``k``, ``tau`` by the given names.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> import topk_core
-    >>> from topk_core._problem import argument_names
-    >>> with argument_names(x="scores"):
-    ...     topk_core.dftopk(np.zeros(3, dtype=np.int64), 1)
-    Traceback (most recent call last):
-    ...
-    TypeError: scores must have a real floating dtype (float16, bfloat16, float32, ...), got int64
-    """
-    token = _NAMES.set({**(_NAMES.get() or {}), **names})
-    try:
-        yield
-    finally:
-        _NAMES.reset(token)
+# Names: what the error messages call x, k and tau.  A caller with its own argument
+# names (the losses: "scores", "stage_scores[1]", "k[1]") passes them explicitly, read
+# only when raising: a context variable would be simpler but torch.compile cannot
+# trace one, and the checks run inside compiled graphs.
+Names = Mapping[str, str] | None
 
 
 def _poss(name: str) -> str:
@@ -66,9 +43,8 @@ def _poss(name: str) -> str:
     return name + ("'" if name.endswith("s") else "'s")
 
 
-def _nm(name: str) -> str:
-    """The name error messages use for the argument ``name`` (see :func:`argument_names`)."""
-    names = _NAMES.get()
+def _nm(name: str, names: Names = None) -> str:
+    """The name error messages use for the argument ``name``."""
     return name if names is None else names.get(name, name)
 
 
@@ -150,9 +126,7 @@ class Problem:
             raise TypeError(f"{name} must have a real floating dtype, got {y.dtype}")
         shape = _x_shape(self)
         if tuple(y.shape) != shape:
-            raise ValueError(
-                f"{name} must have {_poss(_nm('x'))} shape {shape}, got {tuple(y.shape)}"
-            )
+            raise ValueError(f"{name} must have x's shape {shape}, got {tuple(y.shape)}")
         if self.axis != y.ndim - 1:
             y = xp.moveaxis(y, self.axis, -1)
         if self.backend.align is not None:
@@ -178,28 +152,28 @@ def _lib_label(obj: Any) -> str:
     return f"a {lib} array" if lib else f"a {type(obj).__name__}"
 
 
-def _check_same_library(obj: Any, name: str, pb_or_lib: Problem | str) -> None:
+def _check_same_library(obj: Any, name: str, pb_or_lib: Problem | str, names: Names = None) -> None:
     lib = pb_or_lib if isinstance(pb_or_lib, str) else library_name(pb_or_lib.x)
     other = library_name(obj)
     if other is None:
         raise TypeError(
-            f"{name} must be an array of the same library as {_nm('x')} ({lib}), "
+            f"{name} must be an array of the same library as {_nm('x', names)} ({lib}), "
             f"got {_lib_label(obj)}"
         )
     if other != lib:
         raise TypeError(
-            f"{_nm('x')} is a {lib} array but {name} is a {other} array; "
+            f"{_nm('x', names)} is a {lib} array but {name} is a {other} array; "
             f"all array arguments must come from one library"
         )
 
 
-def _check_device(xp: Any, obj: Any, name: str, device: Any) -> None:
+def _check_device(xp: Any, obj: Any, name: str, device: Any, names: Names = None) -> None:
     other = array_api_compat.device(obj)
     # jax tracers report no device; concrete arrays beside them do
     if other is None or device is None:
         return
     if other != device:
-        raise ValueError(f"{name} is on device {other} but {_nm('x')} is on device {device}")
+        raise ValueError(f"{name} is on device {other} but {_nm('x', names)} is on device {device}")
 
 
 def _is_int(k: Any) -> bool:
@@ -210,12 +184,14 @@ def _is_bool(v: Any) -> bool:
     return isinstance(v, bool) or type(v).__name__ in ("bool_", "bool")
 
 
-def _normalise_axis(axis: Any, ndim: int) -> int:
+def _normalise_axis(axis: Any, ndim: int, names: Names = None) -> int:
     if _is_bool(axis) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
     axis = int(axis)
     if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for {_nm('x')} with {ndim} dimensions")
+        raise ValueError(
+            f"axis {axis} is out of range for {_nm('x', names)} with {ndim} dimensions"
+        )
     return axis % ndim
 
 
@@ -228,30 +204,33 @@ def _broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return True
 
 
-def check_x(x: Any) -> tuple[Any, str]:
-    """Validate ``x``; return its namespace and library name."""
+def check_x(x: Any, names: Names = None) -> tuple[Any, str]:
+    """Validate ``x``; return its namespace and library name.
+
+    ``names``: what the messages call ``x`` (``{"x": "scores"}``), as in :func:`prepare`.
+    """
     lib = library_name(x)
     if lib is None:
         raise TypeError(
-            f"{_nm('x')} must be an array of a library with Array API support (NumPy, CuPy, "
+            f"{_nm('x', names)} must be an array of a library with Array API support (NumPy, CuPy, "
             f"PyTorch, JAX, ...), got {type(x).__name__}"
         )
     try:
         xp = array_api_compat.array_namespace(x)
     except TypeError as exc:
         raise TypeError(
-            f"{_nm('x')}: no Array API namespace for {type(x).__name__}: {exc}"
+            f"{_nm('x', names)}: no Array API namespace for {type(x).__name__}: {exc}"
         ) from None
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(
-            f"{_nm('x')} must have a real floating dtype (float16, bfloat16, float32, float64), "
-            f"got {x.dtype}"
+            f"{_nm('x', names)} must have a real floating dtype (float16, bfloat16, "
+            f"float32, float64), got {x.dtype}"
         )
     if x.ndim == 0:
-        raise ValueError(f"{_nm('x')} must have at least one dimension, got a 0-d array")
+        raise ValueError(f"{_nm('x', names)} must have at least one dimension, got a 0-d array")
     if any(s is None or (isinstance(s, float) and math.isnan(s)) for s in x.shape):
         raise ValueError(
-            f"{_nm('x')} must have a known shape, got {tuple(x.shape)} (a dask array after "
+            f"{_nm('x', names)} must have a known shape, got {tuple(x.shape)} (a dask array after "
             f"boolean indexing: call .compute_chunk_sizes() on it first)"
         )
     return xp, lib
@@ -267,11 +246,16 @@ def prepare(
     *,
     need_tau: bool = True,
     group: Any = None,
+    names: Names = None,
 ) -> Problem:
-    """Validate and normalise the arguments shared by every public function."""
-    xp, lib = check_x(x)
+    """Validate and normalise the arguments shared by every public function.
+
+    ``names``: what the error messages call ``x``, ``k`` and ``tau``, for callers
+    with their own argument names (the losses: ``{"x": "scores", "k": "k[1]"}``).
+    """
+    xp, lib = check_x(x, names)
     ndim = x.ndim
-    axis = _normalise_axis(axis, ndim)
+    axis = _normalise_axis(axis, ndim, names)
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be a bool, got {type(largest).__name__} {largest!r}")
     device = array_api_compat.device(x)
@@ -286,21 +270,21 @@ def prepare(
     # mask
     valid = None
     if mask is not None:
-        _check_same_library(mask, "mask", lib)
+        _check_same_library(mask, "mask", lib, names)
         if mask.dtype != xp.bool:
             raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
         if not _broadcastable(tuple(mask.shape), shape):
             raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to {_poss(_nm('x'))} shape "
-                f"{shape}"
+                f"mask of shape {tuple(mask.shape)} does not broadcast to "
+                f"{_poss(_nm('x', names))} shape {shape}"
             )
-        _check_device(xp, mask, "mask", device)
+        _check_device(xp, mask, "mask", device, names)
         valid = xp.broadcast_to(mask, shape)
         if axis != ndim - 1:
             valid = xp.moveaxis(valid, axis, -1)
 
     # k
-    kn, xn_ = _nm("k"), _nm("x")
+    kn, xn_ = _nm("k", names), _nm("x", names)
     if _is_bool(k):
         raise TypeError(f"{kn} must be an int or an integer array, got bool {k!r}")
     if _is_int(k):
@@ -319,7 +303,7 @@ def prepare(
             f"{type(k).__name__} {k!r:.40}"
         )
     else:
-        _check_same_library(k, kn, lib)
+        _check_same_library(k, kn, lib, names)
         if not xp.isdtype(k.dtype, "integral"):
             raise TypeError(
                 f"{kn} must be an int or an integer array, got an array of dtype {k.dtype}"
@@ -329,7 +313,7 @@ def prepare(
                 f"{kn} of shape {tuple(k.shape)} does not broadcast to the batch shape "
                 f"{batch} ({_poss(xn_)} shape without axis {axis})"
             )
-        _check_device(xp, k, kn, device)
+        _check_device(xp, k, kn, device, names)
         k_out = xp.reshape(xp.broadcast_to(k, batch), batch + (1,))
 
     xn = x if axis == ndim - 1 else xp.moveaxis(x, axis, -1)
@@ -370,7 +354,7 @@ def prepare(
             valid = backend.align(valid, xn)
     pb = Problem(xp, backend, xn, k_out, 1.0, valid, axis, largest, None, device, grp)
     if need_tau:
-        pb.tau, pb.tau_shape = _prepare_tau(pb, tau, lib, shape)
+        pb.tau, pb.tau_shape = _prepare_tau(pb, tau, lib, shape, names)
         if pb.tau_shape is not None and backend.align is not None:
             pb.tau = backend.align(pb.tau, xn)
     return pb
@@ -415,9 +399,9 @@ def _resolve_group(backend: Backend, group: Any, x: Any, lib: str, axis: int) ->
     return backend.group(group, x, axis)
 
 
-def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
+def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...], names: Names = None):
     xp = pb.xp
-    tn = _nm("tau")
+    tn = _nm("tau", names)
     if _is_bool(tau):
         raise TypeError(f"{tn} must be a positive float or a positive array, got bool {tau!r}")
     if isinstance(tau, numbers.Real):
@@ -426,43 +410,39 @@ def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...]):
             raise ValueError(f"{tn} must be a finite float > 0, got {tau!r}")
         lo, hi = _tau_range(pb.xp, pb.compute_dtype)
         if not lo <= tau <= hi:
-            text = _range_text(pb.compute_dtype, pb.x.dtype, lo, hi)
+            text = _range_text(pb.compute_dtype, pb.x.dtype, lo, hi, names)
             raise ValueError(f"{text}, got {tau!r}")
         return tau, None
     if isinstance(tau, numbers.Number) or library_name(tau) is None:
         raise TypeError(
-            f"{tn} must be a finite float > 0 or a positive floating array of {_poss(_nm('x'))} "
-            f"library "
-            f"({lib}), got {type(tau).__name__} {tau!r:.40}"
+            f"{tn} must be a finite float > 0 or a positive floating array of "
+            f"{_poss(_nm('x', names))} library ({lib}), got {type(tau).__name__} {tau!r:.40}"
         )
-    _check_same_library(tau, tn, lib)
+    _check_same_library(tau, tn, lib, names)
     if not xp.isdtype(tau.dtype, "real floating"):
         raise TypeError(f"{tn} must have a real floating dtype, got {tau.dtype}")
     tau_shape = tuple(tau.shape)
     if not _broadcastable(tau_shape, shape):
         raise ValueError(
-            f"{tn} of shape {tau_shape} does not broadcast to {_poss(_nm('x'))} shape {shape} "
-            f"(keep the axis, with size 1, for a per-row temperature)"
+            f"{tn} of shape {tau_shape} does not broadcast to {_poss(_nm('x', names))} shape "
+            f"{shape} (keep the axis, with size 1, for a per-row temperature)"
         )
-    _check_device(xp, tau, tn, pb.device)
+    _check_device(xp, tau, tn, pb.device, names)
     lo, hi = _tau_range(pb.xp, pb.compute_dtype)
-    text = _range_text(pb.compute_dtype, pb.x.dtype, lo, hi)
+    text = _range_text(pb.compute_dtype, pb.x.dtype, lo, hi, names)
     values = host_values(pb.backend, tau)
     if values is not None:
-        check_tau_values(values, lo, hi, text)
+        check_tau_values(values, lo, hi, text, tn)
     elif pb.backend.check_lazily is not None:
         # a lazy library: the same check, raised when tau's values are computed
         tau = pb.backend.check_lazily(tau, check_tau_values, lo, hi, text, tn)
     return normalise_like_tau(pb, tau, tau_shape, pb.compute_dtype), tau_shape
 
 
-def check_tau_values(
-    values: Any, lo: float, hi: float, range_text: str, name: str | None = None
-) -> None:
+def check_tau_values(values: Any, lo: float, hi: float, range_text: str, name: str = "tau") -> None:
     """Raise ``ValueError`` unless every value of an array tau is finite, > 0 and in
     ``[lo, hi]`` (:func:`_tau_range`); ``values`` readable on the host.  ``name``:
-    what the message calls tau (default: :func:`argument_names`' name when raised;
-    a lazy check passes the name in force when it was set up).
+    what the message calls tau.
 
     Examples
     --------
@@ -479,7 +459,7 @@ def check_tau_values(
     if not (vmin > 0 and vmax < math.inf):
         got = "NaN" if math.isnan(vmin) or math.isnan(vmax) else f"{vmin:g} to {vmax:g}"
         raise ValueError(
-            f"{name or _nm('tau')} must be finite and > 0 everywhere, got values {got} "
+            f"{name} must be finite and > 0 everywhere, got values {got} "
             "(an array tau is checked wherever its values are concrete: NumPy, torch CPU "
             "tensors in eager mode, concrete JAX arrays; a dask array when it is computed)"
         )
@@ -501,15 +481,15 @@ def _tau_range(xp: Any, cdt: Any) -> tuple[float, float]:
     return lo, 1.0 / lo
 
 
-def _range_text(cdt: Any, x_dtype: Any, lo: float, hi: float) -> str:
+def _range_text(cdt: Any, x_dtype: Any, lo: float, hi: float, names: Names = None) -> str:
     return (
-        f"{_nm('tau')} must be within {lo:.4g} <= tau <= {hi:.4g} (tau and 1/tau normal "
-        f"numbers of {_dtype_name(cdt)}, the dtype the math runs in for {_nm('x')} of dtype "
+        f"{_nm('tau', names)} must be within {lo:.4g} <= tau <= {hi:.4g} (tau and 1/tau normal "
+        f"numbers of {_dtype_name(cdt)}, the dtype the math runs in for {_nm('x', names)} of dtype "
         f"{_dtype_name(x_dtype)})"
     )
 
 
-def check_tau_now(x: Any, tau: Any) -> None:
+def check_tau_now(x: Any, tau: Any, names: Names = None) -> None:
     """Check an array ``tau``'s values for the scores ``x`` now, as :func:`prepare` does,
     where they can be read at no cost (:func:`host_values`); nothing otherwise.
 
@@ -525,7 +505,7 @@ def check_tau_now(x: Any, tau: Any) -> None:
     xp = array_api_compat.array_namespace(x)
     cdt = _compute_dtype(get_backend(library_name(x)), xp, x.dtype)
     lo, hi = _tau_range(xp, cdt)
-    check_tau_values(values, lo, hi, _range_text(cdt, x.dtype, lo, hi))
+    check_tau_values(values, lo, hi, _range_text(cdt, x.dtype, lo, hi, names), _nm("tau", names))
 
 
 def _dtype_name(dtype: Any) -> str:

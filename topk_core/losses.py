@@ -30,8 +30,8 @@ from typing import Any
 import array_api_compat
 
 from . import _math
-from ._api import dftopk_logits, topk_mask
-from ._problem import _check_same_library, _is_bool, argument_names, check_x, host_values
+from ._api import named_logits, named_topk_mask
+from ._problem import _check_same_library, _is_bool, check_x, host_values
 from ._registry import get_backend, under_errstate
 
 Array = Any
@@ -225,13 +225,11 @@ def topk_bce_loss(
     array([[0.2519, 0.5759, 0.5759, 0.1602]])
     """
     _check_reduction(reduction, _REDUCTIONS)
-    with argument_names(x="scores"):
-        xp, lib = check_x(scores)
-        _validate_relevance(xp, relevance, scores, lib, "scores")
-        # logits first: errors about k / tau / mask / axis then refer to the scores
-        z = dftopk_logits(scores, k, tau=tau, axis=axis, mask=mask)
-    with argument_names(x="relevance"):
-        positive = topk_mask(relevance, k, axis=axis, mask=mask) > 0.5
+    xp, lib = check_x(scores, {"x": "scores"})
+    _validate_relevance(xp, relevance, scores, lib, "scores")
+    # logits first: errors about k / tau / mask / axis then refer to the scores
+    z = named_logits(scores, k, tau, axis, mask, {"x": "scores"})
+    positive = named_topk_mask(relevance, k, axis, mask, {"x": "relevance"}) > 0.5
     cdt = _math.compute_dtype(xp, scores.dtype)
     elem = _bce_elementwise(xp, xp.astype(z, cdt, copy=False), positive)
     out = _reduce(xp, elem, _valid_mask(xp, mask, tuple(scores.shape)), reduction)
@@ -478,8 +476,7 @@ def cascade_joint_loss(
             f"cascade_joint_loss needs at least two stages, got {n_stages}; "
             f"use topk_bce_loss for a single stage"
         )
-    with argument_names(x="stage_scores[0]"):
-        xp, lib = check_x(stage_scores[0])
+    xp, lib = check_x(stage_scores[0], {"x": "stage_scores[0]"})
     first = stage_scores[0]
     for j, s in enumerate(stage_scores[1:], start=1):
         _check_same_library(s, f"stage_scores[{j}]", lib)
@@ -512,20 +509,18 @@ def cascade_joint_loss(
     zs = []
     stage_terms = []
     for j in range(n_stages):
-        names = {"k": k_name.format(j), "tau": tau_name.format(j)}
-        with argument_names(x=f"stage_scores[{j}]", **names):
-            z = dftopk_logits(stage_scores[j], ks[j], tau=taus[j], axis=axis, mask=mask)
+        names = {"x": f"stage_scores[{j}]", "k": k_name.format(j), "tau": tau_name.format(j)}
+        z = named_logits(stage_scores[j], ks[j], taus[j], axis, mask, names)
         if j:  # k[j] is valid now (dftopk_logits checked it)
             checked = _check_stage_sizes(xp, lib, ks[j - 1], ks[j], j, _batch_shape(first, axis))
             if checked is not None:
                 # a lazy graph: the stage is rebuilt on the checked k, nothing computed yet
                 ks[j] = checked
-                z = dftopk_logits(stage_scores[j], ks[j], tau=taus[j], axis=axis, mask=mask)
+                z = named_logits(stage_scores[j], ks[j], taus[j], axis, mask, names)
         else:  # the mask is valid now (the first stage's dftopk_logits checked it)
             valid = _valid_mask(xp, mask, tuple(first.shape))
         z = xp.astype(z, cdt, copy=False)
-        with argument_names(x="relevance", **names):
-            y = topk_mask(relevance, ks[j], axis=axis, mask=mask) > 0.5
+        y = named_topk_mask(relevance, ks[j], axis, mask, {**names, "x": "relevance"}) > 0.5
         zs.append(z)
         stage_terms.append(_reduce(xp, _bce_elementwise(xp, z, y), valid, reduction))
     # the last stage's labels are the true top-k set of the whole cascade
