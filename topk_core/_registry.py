@@ -183,27 +183,78 @@ def library_name(obj: Any) -> str | None:
     return None
 
 
-def _load(spec: str) -> Backend:
+def _builtin(spec: str) -> Backend | None:
+    """The built-in backend named by ``spec``, else None.
+
+    Static import statements, not :func:`importlib.import_module`: torch.compile
+    (``fullgraph=True``) can trace an ``import`` statement but not importlib, and
+    the first call of a process may well be a compiled one.
+    """
+    if spec == "topk_core.backends.numpy_backend:BACKEND":
+        from .backends import numpy_backend
+
+        return numpy_backend.BACKEND
+    if spec == "topk_core.backends.torch_backend:BACKEND":
+        from .backends import torch_backend
+
+        return torch_backend.BACKEND
+    if spec == "topk_core.backends.jax_backend:BACKEND":
+        from .backends import jax_backend
+
+        return jax_backend.BACKEND
+    if spec == "topk_core.backends.cupy_backend:BACKEND":
+        from .backends import cupy_backend
+
+        return cupy_backend.BACKEND
+    if spec == "topk_core.backends.dask_backend:BACKEND":
+        from .backends import dask_backend
+
+        return dask_backend.BACKEND
+    if spec in (_GENERIC, "topk_core.backends.generic:STRICT_BACKEND"):
+        from .backends import generic
+
+        return generic.GENERIC_BACKEND if spec == _GENERIC else generic.STRICT_BACKEND
+    return None
+
+
+def _load(spec: str, library: str) -> Backend:
+    """Import the backend ``"module:attr"`` registered for ``library``."""
+    found = _builtin(spec)
+    if found is not None:
+        return found
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        # a backend module missing for a library means: use the generic path
-        if exc.name == module_name:
-            return _load(_GENERIC)
-        raise
-    return getattr(module, attr)
+    except ImportError as exc:
+        raise ImportError(
+            f"the backend {spec!r} registered for {library!r} arrays "
+            f"(topk_core.register_backend) cannot be imported: {exc}"
+        ) from exc
+    try:
+        backend = getattr(module, attr)
+    except AttributeError:
+        raise ImportError(
+            f"the backend {spec!r} registered for {library!r} arrays "
+            f"(topk_core.register_backend): module {module_name!r} has no attribute {attr!r}"
+        ) from None
+    if not isinstance(backend, Backend):
+        raise TypeError(
+            f"the backend {spec!r} registered for {library!r} arrays "
+            f"(topk_core.register_backend) is a {type(backend).__name__}, "
+            f"not a topk_core.Backend"
+        )
+    return backend
 
 
 def get_backend(library: str) -> Backend:
     """Return the backend registered for ``library`` (the generic one if none)."""
     entry = _REGISTRY.get(library)
     if entry is None:
-        return _load(_GENERIC)
+        return _load(_GENERIC, library)
     if isinstance(entry, str):
         # no lock here: torch.compile cannot trace one, imports are already thread-safe,
         # and a racing duplicate load stores the same object
-        entry = _load(entry)
+        entry = _load(entry, library)
         _REGISTRY[library] = entry
     return entry
 
@@ -267,5 +318,13 @@ def register_backend(library: str, backend: Backend | str) -> None:
             f"backend must be a topk_core.Backend or an import path 'module:attr', "
             f"got {type(backend).__name__}"
         )
+    if isinstance(backend, str):
+        module_name, colon, attr = backend.partition(":")
+        parts = module_name.split(".")
+        if not (colon and attr.isidentifier() and all(p.isidentifier() for p in parts)):
+            raise ValueError(
+                f"backend must be an import path 'package.module:ATTRIBUTE' naming a "
+                f"topk_core.Backend, got {backend!r}"
+            )
     with _LOCK:
         _REGISTRY[library] = backend

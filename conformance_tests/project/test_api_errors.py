@@ -8,6 +8,7 @@ import pytest
 from topk_core.conformance.reference import ref_vjp
 
 import topk_core as tk
+from topk_core._registry import get_backend
 
 
 def _strict_x():
@@ -47,6 +48,34 @@ def test_register_backend_errors():
         tk.register_backend("", "m:a")
     with pytest.raises(TypeError, match=r"backend must be a topk_core.Backend"):
         tk.register_backend("mylib", 3)
+
+
+def test_register_backend_import_paths():
+    """A lazily registered backend that cannot be loaded is an error naming the path
+    and the library (before 2026-12-06 a missing module silently fell back to the
+    generic backend, which also skips the eager value checks, and a missing or wrong
+    attribute gave a bare AttributeError on first use); a malformed path is refused
+    at registration."""
+    for bad in ("mylib_topk.backend", "mylib_topk.backend:", ":BACKEND", "a b:BACKEND", "m:1x"):
+        with pytest.raises(ValueError, match=r"backend must be an import path 'package.module"):
+            tk.register_backend("array_api_strict", bad)
+    x = _strict_x()
+    restore = "topk_core.backends.generic:STRICT_BACKEND"
+    cases = [
+        ("topk_core.backends.genericc:STRICT_BACKEND", ImportError, "cannot be imported"),
+        ("topk_core.backends.generic:NO_SUCH", ImportError, "has no attribute 'NO_SUCH'"),
+        ("topk_core.backends.generic:select_pair", TypeError, "is a function, not a topk_core"),
+    ]
+    try:
+        for spec, exc, text in cases:
+            tk.register_backend("array_api_strict", spec)
+            with pytest.raises(
+                exc, match=rf"backend '{spec}' registered for 'array_api_strict'.*{text}"
+            ):
+                tk.dftopk(x, 2)
+    finally:
+        tk.register_backend("array_api_strict", restore)
+    assert get_backend("array_api_strict").name == "array_api_strict"
 
 
 def test_jax_grad_with_concrete_mask_and_k():

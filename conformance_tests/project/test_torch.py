@@ -446,6 +446,32 @@ def test_compile_fullgraph_aot_eager():
     torch.testing.assert_close(g, x.grad)
 
 
+_COLD_COMPILE = """
+import sys
+import torch
+import topk_core
+
+assert "topk_core.backends.torch_backend" not in sys.modules
+x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+f = torch.compile(lambda x: topk_core.dftopk(x, 2, tau=0.5), fullgraph=True, backend="aot_eager")
+torch.testing.assert_close(f(x), topk_core.dftopk(x, 2, tau=0.5))
+print("ok")
+"""
+
+
+def test_compile_fullgraph_as_the_first_call_of_a_process():
+    """The registry imports the torch backend on first use: with static import
+    statements torch.compile traces that (before 2026-12-06 importlib failed under
+    fullgraph=True unless an eager call had loaded the backend first)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _COLD_COMPILE], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_inductor_module():
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(SEED), requires_grad=True)
