@@ -25,7 +25,7 @@ and two per-row sums; fused CuPy kernels for them would plug into
 ``Backend.soft`` and are not written: nothing here can run them).
 
 NOT verified on a GPU: no GPU was available when this was written.  The kernel
-bodies are compiled and checked on the CPU as C (conformance_tests/test_cupy.py).
+bodies are compiled and checked on the CPU as C (conformance_tests/project/test_cupy.py).
 """
 
 from __future__ import annotations
@@ -134,9 +134,16 @@ def sigmoid(z: Any) -> Any:
     return _kernel("sigmoid")(z)
 
 
-def apply(pb: Any, output: str) -> Any:
-    """Fused forward: selection, then logits (and probabilities) in one kernel."""
-    from topk_core._api import select
+def apply(pb: Any, output: str, hard: bool = False) -> Any:
+    """Fused forward: selection, then logits (and probabilities) in one kernel.
+
+    ``hard=True`` (``dftopk(..., hard=True)``): the hard top-k mask, as on NumPy
+    (CuPy has no autodiff, so there is no straight-through derivative to attach).
+    """
+    from topk_core._api import hard_forward, select
+
+    if hard:
+        return hard_forward(pb)
 
     cp = _cupy()
     cdt = pb.compute_dtype

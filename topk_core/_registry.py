@@ -56,7 +56,7 @@ class Backend:
         A native numerically stable ``sigmoid(z)``; ``None`` uses the generic
         one.
     apply : callable, optional
-        ``apply(problem, output) -> array``: an autodiff-aware implementation
+        ``apply(problem, output, hard=False) -> array``: an autodiff-aware implementation
         of the forward (``output`` is ``"probs"`` or ``"logits"``), used by
         frameworks whose gradients must flow through ``topk_core.dftopk``.
         ``dftopk(..., hard=True)`` calls ``apply(problem, "probs", hard=True)``:

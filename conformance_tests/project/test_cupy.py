@@ -170,6 +170,27 @@ def test_fused_forward_kernel_source_matches_math(tmp_path, output, ctype):
         assert (got[~valid] == (0.0 if output == "probs" else -np.inf)).all()
 
 
+def test_hard_forward_through_the_cupy_backend(monkeypatch):
+    """``dftopk(cupy_x, k, hard=True)`` reaches ``apply(pb, "probs", hard=True)``: the
+    CuPy backend's ``apply`` took no ``hard`` (a TypeError before 2026-12-06).  Run on
+    NumPy arrays with the CuPy backend's GPU-mode shims pointed at NumPy."""
+    import dataclasses
+
+    monkeypatch.setattr(cupy_backend, "_SHIMS", [NumpyShims(np, compress=False)])
+    x = np.random.default_rng(0).standard_normal((3, 50))
+    x[0, :4] = 1.5  # ties at the k-th value: lower index first, as topk_mask
+    want = tk.topk_mask(x, 3)
+    backend = dataclasses.replace(cupy_backend.BACKEND, name="cupy-on-numpy")
+    tk.register_backend("numpy", backend)
+    try:
+        got = tk.dftopk(x, 3, hard=True)
+        got_k = tk.dftopk(x, np.array([1, 3, 5]), hard=True, mask=x > -1.0)
+    finally:
+        tk.register_backend("numpy", "topk_core.backends.numpy_backend:BACKEND")
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_k, tk.topk_mask(x, np.array([1, 3, 5]), mask=x > -1.0))
+
+
 def test_forward_body_rejects_unknown_output():
     with pytest.raises(ValueError, match="output"):
         cupy_backend.forward_body("prob")
