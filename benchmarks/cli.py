@@ -1,6 +1,7 @@
 """``python -m benchmarks``: DFTopK against the operators users would pick instead.
 
-Run from a checkout (``benchmarks/`` is never installed)::
+Run from a checkout installed with ``pip install -e .`` (``benchmarks/`` itself is
+never installed)::
 
     python -m benchmarks --quick
     python -m benchmarks --backends torch,jax --sizes 2^16,1e6,1024x4096 --k 0.1
@@ -28,7 +29,7 @@ from typing import Any
 
 from . import ops, passes, report
 
-__all__ = ["main", "parse_sizes", "parse_fractions"]
+__all__ = ["load_results", "main", "parse_sizes", "parse_fractions"]
 
 FULL_SIZES = "2^10,2^12,2^14,2^16,2^18,1e6,2^22,2^24,1024x256,1024x1024,1024x4096,1024x16384"
 QUICK_SIZES = "2^10,2^14,2^18,256x1024"
@@ -151,13 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-seconds",
         type=float,
         default=1.5,
-        help="skip larger sizes of an operator once one call took longer (default 1.5)",
+        help="skip larger sizes of an operator once one call took longer; >= 0 (0: each "
+        "operator at its smallest size only, inf: never skip; default 1.5)",
     )
     p.add_argument(
         "--group-budget",
         type=float,
         default=30.0,
-        help="stop a shape's rounds after this many seconds, keeping >= 3 (default 30)",
+        help="stop a shape's rounds after this many seconds, keeping >= 3; >= 0 "
+        "(inf: no limit; default 30)",
     )
     p.add_argument(
         "--quick",
@@ -204,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pass-budget",
         type=float,
         default=8.0,
-        help="stop a shape's pass-budget rounds after this many seconds, keeping >= 5 (default 8)",
+        help="stop a shape's pass-budget rounds after this many seconds, keeping >= 5; >= 0 "
+        "(inf: no limit; default 8)",
     )
     return p
 
@@ -262,6 +266,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--warmup must be >= 1 (the first call compiles), got {args.warmup}")
     if not args.tau > 0:
         raise ValueError(f"--tau must be > 0, got {args.tau}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    # 0 is a real limit (only the smallest size / the minimum rounds); a negative
+    # --max-seconds skipped sizes no call was timed for, and NaN disables the check
+    for option, value in (
+        ("--max-seconds", args.max_seconds),
+        ("--group-budget", args.group_budget),
+        ("--pass-budget", args.pass_budget),
+    ):
+        if not value >= 0:
+            raise ValueError(f"{option} must be >= 0 seconds (inf: no limit), got {value}")
 
     if args.threads is not None:
         if args.threads < 1:
@@ -340,7 +355,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             skip_key = (backend, dtype, kind, kfrac, op, mode)
             if slowest.get(skip_key, 0.0) > args.max_seconds:
                 row["status"] = (
-                    f"skipped: a smaller size took {slowest[skip_key]:.2f} s "
+                    f"skipped: a smaller size took {slowest[skip_key]:.3g} s "
                     f"> --max-seconds {args.max_seconds}"
                 )
                 continue
@@ -474,6 +489,52 @@ def progress_elapsed(p: Progress) -> float:
     return time.perf_counter() - p.start
 
 
+_JSON_KINDS = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+
+
+def load_results(path: str) -> dict[str, Any]:
+    """Read an earlier ``results.json`` for ``--from-json``.
+
+    Parameters
+    ----------
+    path : str
+        The file.
+
+    Returns
+    -------
+    dict
+        The payload: a JSON object with ``machine``, ``config`` and ``results``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``--from-json`` and the file, when it cannot be read, is not
+        JSON or is not shaped like a ``results.json`` of ``python -m benchmarks``.
+    """
+    import json
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--from-json: cannot read {path!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--from-json: {path!r} is not a UTF-8 text file") from None
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--from-json: {path!r} is not JSON ({exc})") from None
+    what = f"--from-json: {path!r} is not a results.json written by python -m benchmarks"
+    if not isinstance(payload, dict):
+        kind = _JSON_KINDS.get(type(payload), "number")
+        raise ValueError(f"{what}: it holds a JSON {kind}, not an object")
+    for key, kind in (("machine", dict), ("config", dict), ("results", list)):
+        if key not in payload:
+            raise ValueError(f"{what}: it has no {key!r} entry")
+        if not isinstance(payload[key], kind):
+            raise ValueError(f"{what}: its {key!r} is not a JSON {_JSON_KINDS[kind]}")
+    return payload
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -497,16 +558,21 @@ def main(argv: list[str] | None = None) -> int:
     args.sizes = args.sizes or FULL_SIZES
     args.operators = args.operators or ",".join(ops.OPERATORS)
     try:
-        if args.from_json:
-            import json
-
-            payload = json.loads(Path(args.from_json).read_text())
-            payload["ratios"] = report.ratios(payload["results"])
-            payload["slopes"] = report.slopes(payload["results"])
-        else:
-            payload = run_benchmark(args)
+        payload = load_results(args.from_json) if args.from_json else run_benchmark(args)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
+    if args.from_json:
+        try:  # render once in memory: a malformed row must fail before any file is written
+            payload = report.prepare(payload)
+            report.render_markdown(payload, None)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            detail = f"no {exc} entry" if isinstance(exc, KeyError) else str(exc)
+            parser.error(
+                f"--from-json: {args.from_json!r} is not a results.json written by "
+                f"python -m benchmarks ({type(exc).__name__}: {detail})"
+            )
+    else:
+        payload = report.prepare(payload)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / args.device
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "results.json", payload)

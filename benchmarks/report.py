@@ -18,7 +18,9 @@ __all__ = [
     "fit_slope",
     "headline",
     "pass_headline",
+    "prepare",
     "readme_table",
+    "render_markdown",
     "machine_info",
     "ratios",
     "write_json",
@@ -324,6 +326,29 @@ def _round(obj: Any) -> Any:
     return obj
 
 
+def prepare(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload as ``results.json`` stores it, ratios and slopes recomputed from it.
+
+    Floats are cut to 4 significant digits first and everything else is derived
+    from those, so that ``results.md`` rendered from a fresh run and from its
+    ``results.json`` (``--from-json``) is the same text.
+
+    Parameters
+    ----------
+    payload : dict
+        A run's payload: ``machine``, ``config``, ``results`` and optionally ``passes``.
+
+    Returns
+    -------
+    dict
+        A rounded copy with fresh ``ratios`` and ``slopes``.
+    """
+    out = _round(payload)
+    out["ratios"] = ratios(out["results"])
+    out["slopes"] = slopes(out["results"])
+    return _round(out)  # idempotent on what was rounded already
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """One result row per line, floats to 4 significant digits."""
     listed = ("passes", "ratios", "results")
@@ -412,6 +437,25 @@ def readme_table(payload: dict[str, Any]) -> list[str]:
 
 
 def write_markdown(path: Path, payload: dict[str, Any], plot_name: str | None) -> None:
+    """Write :func:`render_markdown` of ``payload`` to ``path``."""
+    path.write_text(render_markdown(payload, plot_name))
+
+
+def render_markdown(payload: dict[str, Any], plot_name: str | None) -> str:
+    """``results.md``: machine, README table, targets, pass budget, ratios, all timings.
+
+    Parameters
+    ----------
+    payload : dict
+        The run's payload with ``ratios`` and ``slopes`` (see :func:`prepare`).
+    plot_name : str or None
+        The plot's file name to link, or None for no plot.
+
+    Returns
+    -------
+    str
+        The Markdown text.
+    """
     rows = payload["results"]
     m = payload["machine"]
     cfg = payload["config"]
@@ -650,7 +694,7 @@ def write_markdown(path: Path, payload: dict[str, Any], plot_name: str | None) -
             seen.add(key)
             lines.append(f"- {r['backend']} {r['dtype']} {r['op']} {r['mode']}: {r['status']}")
         lines.append("")
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def write_plot(path: Path, payload: dict[str, Any]) -> bool:

@@ -297,3 +297,126 @@ def test_cli_rejects_bad_arguments(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 2 and "--operators" in proc.stderr and "nope" in proc.stderr
+
+
+def _main_error(capsys, *argv):
+    """Run ``cli.main`` in-process; the exit code and stderr of its ``parser.error``."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(list(argv))
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--max-seconds", "-1"),  # was a KeyError traceback
+        ("--max-seconds", "-0.5"),
+        ("--max-seconds", "nan"),
+        ("--group-budget", "-5"),  # was accepted silently
+        ("--pass-budget", "-1"),
+        ("--seed", "-1"),  # was numpy's message, naming no option
+    ],
+)
+def test_cli_rejects_negative_limits(tmp_path, capsys, option, value):
+    argv = ["--backends", "numpy", "--sizes", "2^8", "--operators", "ours,hard", "--repeats"]
+    code, err = _main_error(
+        capsys, *argv, "1", "--no-plot", "--out", str(tmp_path / "o"), option, value
+    )
+    assert code == 2 and f"{option} must be >= 0" in err and value.lstrip("-") in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_max_seconds_zero_runs_the_smallest_size_only(tmp_path):
+    # 0 is allowed: every operator runs at its smallest size, the larger ones are skipped
+    _, payload, _ = _run_cli(
+        tmp_path,
+        *("--backends", "numpy", "--operators", "ours,hard", "--modes", "fwd+bwd"),
+        *("--sizes", "2^6,2^7", "--k", "0.5", "--repeats", "1", "--warmup", "1"),
+        *("--max-seconds", "0", "--group-budget", "0", "--no-passes", "--no-plot"),
+    )
+    status = {(r["op"], r["n"]): r["status"] for r in payload["results"]}
+    assert status[("ours", 64)] == "ok" and status[("hard", 64)] == "ok"
+    assert status[("ours", 128)].startswith("skipped") and status[("hard", 128)].startswith(
+        "skipped"
+    )
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "content,expect",
+    [
+        (None, "cannot read"),  # missing file
+        ("hello", "is not JSON"),
+        ("{}", "no 'machine' entry"),  # was KeyError 'results'
+        ("[1, 2]", "JSON array, not an object"),  # was TypeError
+        ('{"machine": {}, "config": {}, "results": {}}', "'results' is not a JSON array"),
+        ('{"machine": {}, "config": {}, "results": [{"status": "ok"}]}', "KeyError"),
+        ('{"machine": {}, "config": {}, "results": [1]}', "TypeError"),
+    ],
+)
+def test_cli_from_json_rejects_bad_files(tmp_path, capsys, content, expect):
+    path = tmp_path / "in.json"
+    if content is not None:
+        path.write_text(content)
+    code, err = _main_error(capsys, "--from-json", str(path), "--out", str(tmp_path / "o"))
+    assert code == 2 and "--from-json" in err and str(path) in err and expect in err, err
+    assert not (tmp_path / "o").exists()  # nothing written from a file that cannot render
+
+
+def _synthetic_payload():
+    # medians whose 5th significant digit makes ms to 3 digits round differently
+    # from the 4-digit value results.json keeps (28.452 ms -> 28.5, its 0.02845 -> 28.4)
+    medians = {"ours": 0.028452268245518695, "official": 0.07585475561418147}
+    medians |= {"hard": 0.04215004732228455, "ours_select": 0.045647303408070515}
+    rows = [
+        _row("torch", op, "sel" if op in ("hard", "ours_select") else "fwd+bwd", t * f, n=n)
+        for op, t in medians.items()
+        for n, f in ((2**16, 0.063), (2**18, 0.25), (2**20, 1.0))
+    ]
+    for r in rows:
+        r["min_s"] = r["median_s"] * 0.9731234
+    machine = {"cpu": "test CPU", "cores": 2, "os": "Linux", "python": "3.11.0"}
+    machine |= {"topk_core": "0.1.0", "loadavg_start": [0.123456, 0.5, 0.5]}
+    config = {"command": "python -m benchmarks", "warmup": 2, "repeats": 3}
+    config |= {"operators_all": list(cli.ops.OPERATORS), "tau": 1.0}
+    payload = {"machine": machine, "config": config, "results": rows, "passes": []}
+    # as run_benchmark returns it: ratios and slopes from the unrounded times
+    return payload | {"ratios": report.ratios(rows), "slopes": report.slopes(rows)}
+
+
+def test_cli_from_json_reproduces_results_md(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "run_benchmark", lambda args: _synthetic_payload())
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert cli.main(["--no-plot", "--out", str(first)]) == 0
+    again = ["--from-json", str(first / "results.json"), "--no-plot", "--out", str(second)]
+    assert cli.main(again) == 0
+    capsys.readouterr()
+    md = (first / "results.md").read_text()
+    assert "| 28.4 |" in md  # rendered from what the JSON keeps, not from 28.452...
+    assert (second / "results.md").read_text() == md
+    assert (second / "results.json").read_text() == (first / "results.json").read_text()
+
+
+def test_benchmarks_need_the_checkout_installed_editable(tmp_path):
+    # a plain `pip install .` leaves no import hook that maps backends/ into the
+    # checkout's topk_core/ (which shadows the installed copy): simulate it by removing
+    # the editable install's finder, as the non-editable install never adds one
+    code = (
+        "import runpy, sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path\n"
+        "                    if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+        "sys.path[:0] = ['']\n"
+        f"sys.argv = ['benchmarks', '--backends', 'numpy', '--sizes', '2^8', '--out', "
+        f"{str(tmp_path / 'o')!r}]\n"
+        "runpy.run_module('benchmarks', run_name='__main__', alter_sys=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "topk_core.backends" in proc.stderr and "pip install -e ." in proc.stderr
