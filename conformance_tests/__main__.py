@@ -13,19 +13,31 @@ then the mutation proof against it, and writes a Markdown report::
 array-api-compat knows (directly through ``__array_namespace__``, or a library
 it wraps, such as ``dask.array``).  ``--backend MODULE:ATTR`` registers your own
 :class:`topk_core.Backend` for that library first, so it is the one under test.
-Arguments after ``--`` go to pytest unchanged.  Exit code: 0 when every check
-passed and every planted bug was caught, 1 otherwise, 2 for bad arguments.
+Arguments after ``--`` go to pytest unchanged.  Exit codes: see :data:`EXIT_CODES`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["EXIT_CODES", "main"]
+
+#: the runner's exit codes (also in ``--help`` and the README)
+EXIT_CODES = """\
+exit codes:
+  0  every check passed and every planted bug was caught
+  1  a check failed, or a planted bug was not caught (see the report)
+  2  bad arguments (checked before anything runs: --array-module, --backend,
+     --report, --jobs), or pytest was interrupted
+  3  pytest internal error
+  4  pytest rejected an argument given after --
+  5  no test selected (-k or -m matched nothing): no report written, an
+     existing report file is left as it was"""
 
 
 def _library_facts(name: str, backend_spec: str | None) -> list[str]:
@@ -65,6 +77,19 @@ def _baseline(report, seconds: float):
     return Outcome("(none)", 1 if bad else 0, first[:160], seconds)
 
 
+def _report_path_problem(path: Path) -> str | None:
+    """Why the report cannot be written to ``path``, or None (checked before the run)."""
+    if path.is_dir():
+        return f"--report {str(path)!r} is a directory; give a file path such as report.md"
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        return f"--report {str(path)!r}: the folder {str(parent)!r} {what}; create it first"
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"--report {str(path)!r} is not writable"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -73,28 +98,46 @@ def main(argv: list[str] | None = None) -> int:
         argv, extra = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(
         prog="python -m topk_core.conformance",
-        description="Check topk-core on one Array API library and write a Markdown report.",
+        usage="%(prog)s --array-module NAME [options] [-- PYTEST_ARGS ...]",
+        description="Check topk-core on one Array API library and write a Markdown report. "
+        "Arguments after -- go to pytest unchanged (e.g. -- -v --tb=long).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--array-module", required=True, metavar="NAME", help="e.g. dask.array")
     parser.add_argument(
-        "--backend", metavar="MODULE:ATTR", help="register this topk_core.Backend first"
+        "--backend",
+        metavar="MODULE:ATTR",
+        help="register this topk_core.Backend for NAME's arrays first (MODULE is "
+        "imported like any module, so one in the current directory works)",
     )
     parser.add_argument(
-        "--report", metavar="PATH", help="Markdown report (default: conformance-NAME.md)"
+        "--report",
+        metavar="PATH",
+        help="Markdown report (default: conformance-NAME.md with the dots of NAME "
+        "replaced by underscores, e.g. conformance-dask_array.md); its folder must exist",
     )
     parser.add_argument("--no-scaling", action="store_true", help="skip the timing checks")
     parser.add_argument("--no-mutation", action="store_true", help="skip the mutation proof")
-    parser.add_argument("--jobs", type=int, default=2, help="parallel mutant runs (default 2)")
+    parser.add_argument(
+        "--jobs", type=int, default=2, metavar="N", help="parallel mutant runs (>= 1, default 2)"
+    )
     parser.add_argument("-k", dest="keyword", metavar="EXPR", help="only tests matching EXPR")
     parser.add_argument("-x", "--exitfirst", action="store_true", help="stop at the first failure")
     args = parser.parse_args(argv)
     if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+        parser.error(f"--jobs must be an integer >= 1, got {args.jobs}")
 
     import pytest
     from topk_core.conformance import SUITE_FILES
     from topk_core.conformance.libs import third_party_lib
-    from topk_core.conformance.mutation_proof import markdown, pytest_args, run_proof
+    from topk_core.conformance.mutation_proof import (
+        EXIT_MEANING,
+        markdown,
+        pytest_args,
+        run_proof,
+    )
+    from topk_core.conformance.plugin import _load_backend
     from topk_core.conformance.report import ConformanceReport
 
     name = args.array_module
@@ -102,11 +145,21 @@ def main(argv: list[str] | None = None) -> int:
         third_party_lib(name)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
+    if args.backend:
+        # checked here, not only in pytest: a bad --backend is a bad argument (exit 2)
+        try:
+            _load_backend(args.backend)
+        except pytest.UsageError as exc:
+            parser.error(str(exc))
     path = Path(args.report or f"conformance-{name.replace('.', '_')}.md")
+    problem = _report_path_problem(path)
+    if problem:  # before the run, not after minutes of it
+        parser.error(problem)
     command = " ".join(
         ["python -m topk_core.conformance", *(argv + (["--", *extra] if extra else []))]
     )
-    report = ConformanceReport(path)
+    # written below, once the mutation proof is in it (and not at all if nothing ran)
+    report = ConformanceReport(path, autowrite=False)
     pargs = pytest_args(SUITE_FILES, name, args.backend) + ["-q", "-rfE"]
     if args.no_scaling:
         pargs += ["-m", "not scaling"]
@@ -119,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rc = int(pytest.main(pargs, plugins=[report]))
     suite_s = time.perf_counter() - t0
-    if rc not in (0, 1):  # usage error, interrupted, nothing collected
-        print(f"pytest exited with {rc}: no report", file=sys.stderr)
+    if rc not in (0, 1):  # interrupted, internal error, usage error, nothing collected
+        meaning = EXIT_MEANING.get(rc, "unexpected exit code")
+        hint = " (-k or -m matched no test)" if rc == 5 else ""
+        print(f"pytest exited with {rc}: {meaning}{hint}; no report written", file=sys.stderr)
         return rc
     report.meta = _library_facts(name, args.backend)
     report.meta.append(f"Command: `{command}`")
@@ -141,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         report.sections.append(("Mutation proof", [intro, "", *markdown(baseline, outcomes)]))
         timing += f", mutation proof {proof_s:.1f} s"
     report.meta.append(timing + f", total {time.perf_counter() - t0:.1f} s.")
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(report.markdown(), encoding="utf-8")
     counts = report.counts.get(name, {"passed": 0, "failed": 0, "skipped": 0})
     print(

@@ -313,7 +313,10 @@ def _from_lib(xp: Any, a: Any, library: str = "the library") -> np.ndarray:
             # copy: the result must not alias the library's buffer
             out = np.array(convert(a), copy=True)
         except Exception as exc:
-            tried.append(f"{name}: {type(exc).__name__}")
+            # the message says why (a failed lazy compute, a missing device, ...)
+            why = " ".join(str(exc).split())
+            why = why if len(why) <= 200 else why[:197] + "..."
+            tried.append(f"{name}: {type(exc).__name__}" + (f": {why}" if why else ""))
             continue
         if out.dtype.kind not in "biuf" or out.shape != shape:
             tried.append(f"{name}: gave a {out.ndim}-d {out.dtype} array of shape {out.shape}")

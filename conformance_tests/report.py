@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["ConformanceReport", "METRICS", "backend_of"]
+__all__ = ["ConformanceReport", "METRICS", "backend_of", "failure_summary"]
 
 #: measurement kinds and how repeated values combine (errors: worst; scaling: last)
 METRICS = {
@@ -42,6 +42,39 @@ def backend_of(item: pytest.Item) -> str:
     return m.group(1) if m else SHARED
 
 
+# lines of a NumPy assertion message that list entries or arrays
+_LISTING = re.compile(r"\[|(x|y|ACTUAL|DESIRED): ")
+
+
+def failure_summary(message: str, limit: int = 240) -> str:
+    """One line saying why a test failed, from pytest's crash message.
+
+    The first line alone is often empty of content: a NumPy assertion's first
+    line is just ``AssertionError:``, and the tolerance, the ``err_msg`` and the
+    mismatch count follow.  So a first line that is only an exception name is
+    joined with the next informative lines (up to three).
+
+    Examples
+    --------
+    >>> failure_summary("AssertionError: \\nNot equal to tolerance rtol=0, atol=1e-06\\n\\n"
+    ...                 "Mismatched elements: 2 / 5 (40%)\\n x: array([1, 2])")
+    'AssertionError: Not equal to tolerance rtol=0, atol=1e-06; Mismatched elements: 2 / 5 (40%)'
+    >>> failure_summary("ValueError: k must be >= 0\\nmore")
+    'ValueError: k must be >= 0'
+    """
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if not lines:
+        return "(no message)"
+    head, rest = lines[0], lines[1:]
+    if re.fullmatch(r"[\w.]+:?", head) and rest:
+        # only the exception name: the content is on the next lines; NumPy's
+        # per-index listings and printed arrays say less than its counts
+        body = [ln for ln in rest if not (_LISTING.match(ln) or ln.endswith(":"))]
+        body = body[:3] or rest[:1]
+        head = f"{head.rstrip(':')}: {'; '.join(body)}"
+    return head if len(head) <= limit else head[: limit - 3] + "..."
+
+
 def _fmt(v: float) -> str:
     if isinstance(v, float) and math.isnan(v):
         return "nan"
@@ -51,9 +84,13 @@ def _fmt(v: float) -> str:
 class ConformanceReport:
     """Pytest plugin object collecting outcomes and measurements."""
 
-    def __init__(self, path: str | Path, args: list[str] | None = None) -> None:
+    def __init__(
+        self, path: str | Path, args: list[str] | None = None, *, autowrite: bool = True
+    ) -> None:
         self.path = Path(path)
         self.args = list(args or [])
+        #: write the file when the session ends (the runner writes it itself, later)
+        self.autowrite = autowrite
         self.backend: dict[str, str] = {}
         self.counts: dict[str, dict[str, int]] = defaultdict(
             lambda: {"passed": 0, "failed": 0, "skipped": 0}
@@ -93,7 +130,7 @@ class ConformanceReport:
             self.counts[lib]["failed"] += 1
             crash = getattr(report.longrepr, "reprcrash", None)
             message = crash.message if crash is not None else str(report.longrepr)
-            self.failures.append((lib, report.nodeid, message.strip().splitlines()[0][:200]))
+            self.failures.append((lib, report.nodeid, failure_summary(message)))
         elif report.skipped and report.when in ("setup", "call"):
             self.counts[lib]["skipped"] += 1
             longrepr = report.longrepr
@@ -103,11 +140,13 @@ class ConformanceReport:
             self.counts[lib]["passed"] += 1
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(self.markdown(), encoding="utf-8")
+        if self.autowrite:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(self.markdown(), encoding="utf-8")
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        terminalreporter.write_line(f"conformance report written to {self.path}")
+        if self.autowrite:
+            terminalreporter.write_line(f"conformance report written to {self.path}")
 
     # ------------------------------------------------------------ output
     def _cell(self, lib: str, kind: str) -> str:

@@ -126,3 +126,157 @@ def test_backend_option_works_for_a_library_reached_through_array_api_compat(tmp
     text = report.read_text()
     assert "arrays of `dask`" in text
     assert "backend: `generic` from `--backend topk_core.backends.generic:GENERIC_BACKEND`" in text
+
+
+# a correct backend and one whose threshold is off (a local module: the
+# README's `--backend mylib_topk:BACKEND` workflow, run from its folder)
+_TOY_BACKENDS = """
+import topk_core
+from topk_core.backends.generic import select_pair
+
+
+def theta_off_select(xp, x, k):
+    a, b = select_pair(xp, x, k)
+    return a + 1e-3, b
+
+
+GOOD = topk_core.Backend("good-local", select_pair, eager=True)
+THETA_OFF = topk_core.Backend("broken-theta", theta_off_select, eager=True)
+NOT_A_BACKEND = 42
+"""
+
+
+def _toy(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "toy_topk.py").write_text(_TOY_BACKENDS)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nocolon", "must look like 'package.module:ATTR', got 'nocolon'"),
+        ("no_such_module_xyz:X", "--backend 'no_such_module_xyz:X': ModuleNotFoundError"),
+        ("topk_core:no_such_attr", "--backend 'topk_core:no_such_attr': AttributeError"),
+        ("toy_topk:NOT_A_BACKEND", "is a int, not a topk_core.Backend"),
+    ],
+)
+def test_bad_backend_is_a_bad_argument_before_the_run(tmp_path, spec, message):
+    """Exit 2 (bad arguments) with the reason, before pytest runs; no report."""
+    _toy(tmp_path)
+    proc = _run(["--array-module", "array_api_strict", "--backend", spec], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "pytest exited" not in proc.stderr and "passed" not in proc.stdout
+    assert not (tmp_path / "conformance-array_api_strict.md").exists()
+
+
+@pytest.mark.parametrize(
+    ("report", "message"),
+    [
+        (".", "is a directory"),
+        ("missing/dir/r.md", "'missing/dir' does not exist"),
+        ("afile/r.md", "'afile' is not a directory"),
+    ],
+)
+def test_bad_report_path_is_a_bad_argument_before_the_run(tmp_path, report, message):
+    (tmp_path / "afile").write_text("")
+    args = ["--array-module", "array_api_strict", "--no-mutation", "--report", report]
+    proc = _run(args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"--report {report!r}" in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr and "passed" not in proc.stdout
+
+
+def test_no_selected_test_keeps_the_existing_report(tmp_path):
+    """-k matching nothing: exit 5, said so, and the previous report is not overwritten."""
+    old = tmp_path / "conformance-array_api_strict.md"
+    old.write_text("previous report\n")
+    proc = _run(["--array-module", "array_api_strict", "-k", "zzznothing"], cwd=tmp_path)
+    assert proc.returncode == 5, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "no tests ran (-k or -m matched no test); no report written" in proc.stderr
+    assert old.read_text() == "previous report\n"
+
+
+def test_help_documents_exit_codes_and_pytest_passthrough(capsys):
+    from topk_core.conformance.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "[-- PYTEST_ARGS ...]" in out and "Arguments after -- go to pytest" in out
+    for code in ("0 every check passed", "2 bad arguments", "5 no test selected"):
+        assert code in out, code
+    assert "conformance-dask_array.md" in out
+
+
+def test_report_failure_messages_say_why(tmp_path):
+    """Failures keep their content: NumPy assertions' first line is empty."""
+    _toy(tmp_path)
+    report = tmp_path / "theta.md"
+    args = ["--array-module", "array_api_strict", "--backend", "toy_topk:THETA_OFF"]
+    args += ["--no-mutation", "--report", str(report), "-k", "test_axis_and_nd_batches"]
+    proc = _run(args, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [ln for ln in report.read_text().splitlines() if ln.startswith("| array_api_strict | `")]
+    assert len(rows) == 4 and all("test_axis_and_nd_batches" in row for row in rows), rows
+    for row in rows:
+        message = row.rstrip("|").rsplit("|", 1)[-1].strip()
+        assert message.startswith("AssertionError: Not equal to tolerance"), row
+        assert "Mismatched elements" in message and "Max absolute difference" in message, row
+
+
+def test_failure_summary_of_a_numpy_assertion():
+    from topk_core.conformance.report import failure_summary
+
+    with pytest.raises(AssertionError) as exc:
+        np.testing.assert_array_equal([1, 2, 3], [1, 2, 4], err_msg="topk_mask differs")
+    got = failure_summary(f"AssertionError: {exc.value}")
+    assert got.startswith("AssertionError: Arrays are not equal; topk_mask differs;"), got
+    assert failure_summary("\n\n") == "(no message)"
+    assert len(failure_summary("ValueError: " + "x" * 1000)) == 240
+
+
+class _FailingCompute:
+    """Like a dask array whose compute raises (no DLPack; __array__ computes)."""
+
+    __module__ = "fakelib.core"
+    shape = (2,)
+    dtype = np.dtype("float64")
+
+    def __array__(self, dtype=None, copy=None):
+        raise ValueError("zero-size array to reduction operation maximum which has no identity")
+
+
+def test_unreadable_result_error_includes_the_exception_messages():
+    with pytest.raises(TypeError) as exc:
+        _from_lib(np, _FailingCompute(), "fakelib")
+    message = str(exc.value)
+    assert (
+        "np.asarray: ValueError: zero-size array to reduction operation maximum "
+        "which has no identity" in message
+    ), message
+
+
+def test_mutation_proof_imports_a_backend_from_the_invoking_directory(tmp_path, monkeypatch):
+    """The mutant subprocesses see the cwd and relative PYTHONPATH like the runner."""
+    from topk_core.conformance import mutation_proof
+
+    _toy(tmp_path)
+    _toy(tmp_path / "sub").joinpath("toy_topk.py").rename(tmp_path / "sub" / "toy_sub.py")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", "sub")
+    for spec in ("toy_topk:GOOD", "toy_sub:GOOD"):
+        out = mutation_proof._pytest("array_api_strict", spec, "off_by_one_k")
+        assert out.returncode == 1 and out.caught, out
+        # the failing test by its file name, not a path relative to the cwd
+        assert out.first_failure.startswith("FAILED test_"), out
+
+
+def test_subprocess_pythonpath_is_absolute(tmp_path, monkeypatch):
+    from topk_core.conformance.mutation_proof import _subprocess_env
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["sub", "", "/abs/dir"]))
+    got = _subprocess_env(tmp_path)["PYTHONPATH"].split(os.pathsep)
+    assert got == [str(tmp_path / "sub"), str(tmp_path), "/abs/dir"]

@@ -145,3 +145,40 @@ def test_bad_options_are_usage_errors(args, message):
 def test_mutation_proof_catches_every_mutant(capsys):
     """Every planted bug makes the forward/gradient/contract files fail."""
     assert proof_main([]) == 0, capsys.readouterr().out
+
+
+def test_proof_says_why_the_clean_run_did_not_run(capsys):
+    """A clean run stopped by a usage error (bad --backend) is not 'failing files'."""
+    assert proof_main(["--backend", "no_such_module_xyz:BACKEND", "--jobs", "1"]) == 2
+    out = capsys.readouterr().out
+    assert "stopped with a usage error (exit 4)" in out, out
+    assert "ModuleNotFoundError" in out and "fail without a planted bug" not in out, out
+
+
+def test_proof_markdown_of_failing_files_and_of_crashed_mutants():
+    from topk_core.conformance.mutation_proof import Outcome, markdown
+
+    failing = markdown(
+        Outcome("(none)", 1, "FAILED test_forward.py::t - AssertionError: x", 1.0), []
+    )
+    assert "fail without a planted bug (exit 1): `FAILED test_forward.py::t" in failing[0]
+    crashed = Outcome("off_by_one_k", 4, "ERROR: --backend 'm:X' | bad", 1.0)
+    row = next(ln for ln in markdown(Outcome("(none)", 0, "", 1.0), [crashed]) if "off_by" in ln)
+    assert "| NO | 4 (usage error) | `ERROR: --backend 'm:X' / bad` |" in row, row
+
+
+@pytest.mark.parametrize("jobs", ["0", "-3"])
+def test_proof_rejects_jobs_below_one(jobs, capsys):
+    with pytest.raises(SystemExit) as exc:
+        proof_main(["--jobs", jobs])
+    assert exc.value.code == 2
+    assert f"--jobs must be an integer >= 1, got {jobs}" in capsys.readouterr().err
+
+
+def test_proof_help_names_the_module(capsys):
+    with pytest.raises(SystemExit) as exc:
+        proof_main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m topk_core.conformance.mutation_proof"), out
+    assert "Exit code: 0 when every planted bug was caught" in " ".join(out.split())

@@ -16,6 +16,7 @@ from topk_core.conformance.scaling import (
     _forward_with,
     check_linear,
     quadratic_select_pair,
+    sort_select_pair,
 )
 
 import topk_core
@@ -33,6 +34,24 @@ def test_quadratic_select_is_correct(rng):
     np.testing.assert_allclose(
         _forward_with(quadratic_select_pair)(x), topk_core.dftopk(x, 5, tau=TAU), rtol=1e-12
     )
+
+
+def test_sort_control_really_sorts(rng, monkeypatch):
+    """The n log n control is a full sort, not NumPy's O(n) ``np.partition``."""
+
+    def no_partition(*args, **kwargs):
+        raise AssertionError("the sort control must not use np.partition (O(n))")
+
+    x = np.round(rng.standard_normal((3, 50)), 1)  # with ties
+    want = _forward_with(quadratic_select_pair)(x)
+    monkeypatch.setattr(np, "partition", no_partition)
+    monkeypatch.setattr(np, "argpartition", no_partition)
+    for k in (0, 1, 7, 49, 50):
+        a, b = sort_select_pair(np, x, k)
+        qa, qb = quadratic_select_pair(np, x, k)
+        np.testing.assert_array_equal(a, qa)
+        np.testing.assert_array_equal(b, qb)
+    np.testing.assert_allclose(_forward_with(sort_select_pair)(x), want, rtol=1e-12)
 
 
 @pytest.mark.scaling
@@ -53,8 +72,6 @@ def test_quadratic_control_is_flagged(conformance_record):
         f"quadratic selection was not flagged: exponent {quad.exponent:.2f} <= {BOUND} "
         f"after {quad.attempts} attempts"
     )
-
-    from topk_core.backends.generic import select_pair as sort_select_pair
 
     srt = check_linear(_forward_with(sort_select_pair), np.exp, make, SIZES, retries=0)
     print(f"sort control: normalised exponent {srt.exponent:.3f} (raw {srt.raw_exponent:.3f})")
