@@ -20,10 +20,25 @@ import pytest
 
 __all__ = ["ConformanceReport", "METRICS", "backend_of", "failure_summary"]
 
+
+def _worst(old: float, new: float) -> float:
+    """The larger error, NaN above everything (``max`` keeps whichever NaN argument
+    comes first, so an earlier finite value could hide a NaN).
+
+    Examples
+    --------
+    >>> _worst(1e-3, float("nan")), _worst(float("nan"), 1e-3), _worst(1e-6, 1e-3)
+    (nan, nan, 0.001)
+    """
+    if math.isnan(old) or math.isnan(new):
+        return math.nan
+    return max(old, new)
+
+
 #: measurement kinds and how repeated values combine (errors: worst; scaling: last)
 METRICS = {
-    "forward_err": max,
-    "grad_err": max,
+    "forward_err": _worst,
+    "grad_err": _worst,
     "scaling_fwd": lambda old, new: new,
     "scaling_fwd_bwd": lambda old, new: new,
 }

@@ -167,6 +167,15 @@ def test_agrees_with_numpy(lib, dtype, name, conformance_record):
     got |= {"vjp_x": gx, "vjp_tau": gtau, "jvp_p": p_j, "jvp_dp": dp}
     want |= {"vjp_x": gx64, "vjp_tau": gtau64, "jvp_p": p_j64, "jvp_dp": dp64}
 
+    # for the report: distance to the independent float64 reference, recorded
+    # before the checks below, so that a failing case shows its error too
+    ref_p = ref_dftopk(pr.x64, pr.k64, **kw64)
+    ref_g, _ = ref_vjp(pr.x64, pr.k64, pr.g64, **kw64)
+    p = lib.to_numpy(got["dftopk"]).astype(np.float64)
+    g = lib.to_numpy(gx).astype(np.float64)
+    conformance_record("forward_err", float(np.max(np.abs(p - ref_p))), lib=lib.name, dtype=dtype)
+    conformance_record("grad_err", float(np.max(np.abs(g - ref_g))), lib=lib.name, dtype=dtype)
+
     for key, ref in want.items():
         out = lib.to_numpy(got[key]).astype(np.float64)
         ref = _cast(np.asarray(ref, dtype=np.float64), dtype)
@@ -183,14 +192,6 @@ def test_agrees_with_numpy(lib, dtype, name, conformance_record):
                 key,
                 relative=True,
             )
-
-    # for the report: distance to the independent float64 reference
-    ref_p = ref_dftopk(pr.x64, pr.k64, **kw64)
-    ref_g, _ = ref_vjp(pr.x64, pr.k64, pr.g64, **kw64)
-    p = lib.to_numpy(got["dftopk"]).astype(np.float64)
-    g = lib.to_numpy(gx).astype(np.float64)
-    conformance_record("forward_err", float(np.max(np.abs(p - ref_p))), lib=lib.name, dtype=dtype)
-    conformance_record("grad_err", float(np.max(np.abs(g - ref_g))), lib=lib.name, dtype=dtype)
 
 
 def _all_outputs(pr: Prepared) -> dict[str, Any]:

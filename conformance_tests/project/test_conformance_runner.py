@@ -280,3 +280,18 @@ def test_subprocess_pythonpath_is_absolute(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["sub", "", "/abs/dir"]))
     got = _subprocess_env(tmp_path)["PYTHONPATH"].split(os.pathsep)
     assert got == [str(tmp_path / "sub"), str(tmp_path), "/abs/dir"]
+
+
+def test_report_shows_the_errors_of_failing_cases(tmp_path):
+    """A broken backend's error columns show its error, not the 0 of passing cases."""
+    _toy(tmp_path)
+    report = tmp_path / "theta.md"
+    args = ["--array-module", "array_api_strict", "--backend", "toy_topk:THETA_OFF"]
+    args += ["--no-mutation", "--report", str(report), "-k", "agrees and float32"]
+    proc = _run(args, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = report.read_text().splitlines()
+    row = next(ln for ln in lines if ln.startswith("| array_api_strict | f"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1].removeprefix("float32: ")) > 1e-4, row  # forward error
+    assert float(cells[2].removeprefix("float32: ")) > 1e-4, row  # gradient error
