@@ -552,6 +552,10 @@ class DFTopKFunction(_DFTopKNoJvp):
     @staticmethod
     def jvp(ctx, x_t, tau_t, _k_t, _valid_t, _kind_t):
         x, xc, tau, valid, a, b = _unpack(ctx)
+        # constants, as in the backward: z's straight-through term carries d theta / dx.
+        # The saved a and b are this Function's differentiable outputs, so reverse mode
+        # over this tangent (jacrev(jacfwd(f))) counted d theta / dx twice through them
+        a, b = a.detach(), b.detach()
         z = _logits(xc, a, b, tau, valid, differentiable=True)
         u = torch.zeros_like(xc) if x_t is None else x_t.to(xc.dtype)
         dtau = tau_t if isinstance(tau_t, torch.Tensor) else None

@@ -278,8 +278,50 @@ def test_torch_func_tau_and_hessian(rng):
     eps = 1e-6
     eye = torch.eye(6, dtype=F64)
     fd = torch.stack([(grad(x + eps * e) - grad(x - eps * e)) / (2 * eps) for e in eye])
-    for hess in (torch.func.hessian(loss), torch.func.jacrev(torch.func.jacrev(loss))):
+    for hess in (
+        torch.func.hessian(loss),
+        torch.func.jacrev(torch.func.jacrev(loss)),
+        torch.func.jacrev(torch.func.jacfwd(loss)),
+    ):
         np.testing.assert_allclose(hess(x).numpy(), fd.numpy(), atol=1e-7)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_reverse_over_forward_second_derivatives(rng, hard):
+    """Reverse mode over the custom jvp (``jacrev(jacfwd(f))``, autograd over
+    ``forward_ad``) gave a wrong Hessian with no error before 2026-12-06: the jvp
+    took d theta / dx both from its straight-through term and through the saved,
+    differentiable ``a``/``b`` (the columns of the tied entries were off by up to
+    half the Hessian's largest entry).  Ties, a mask, per-row k and a tensor tau,
+    against reverse-over-reverse; and one column through plain autograd."""
+    x = _t(rng.standard_normal((2, 7)))
+    x[0, 4] = x[0, 1]  # a tie at a (k = 2 in row 0)
+    x[1, 5] = x[1, 2]
+    k = torch.tensor([2, 3])
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 0] = False
+    tau = _t([[0.6], [1.3]])
+    w = _t(rng.standard_normal((2, 7)))
+
+    def f(v, t):
+        return (w * topk_core.dftopk(v, k, tau=t, mask=mask, hard=hard)).sum()
+
+    for argnums in (0, 1):
+        rr = torch.func.jacrev(torch.func.jacrev(f, argnums=argnums), argnums=argnums)(x, tau)
+        rf = torch.func.jacrev(torch.func.jacfwd(f, argnums=argnums), argnums=argnums)(x, tau)
+        assert rr.abs().max() > 1e-3
+        torch.testing.assert_close(rf, rr, rtol=0, atol=1e-12)
+    import torch.autograd.forward_ad as fwad
+
+    xr = x.clone().requires_grad_()
+    u = torch.zeros_like(x)
+    u[0, 1] = 1.0  # the tangent of a tied entry: d theta moves with it
+    with fwad.dual_level():
+        dual = fwad.make_dual(xr, u)
+        tangent = fwad.unpack_dual(f(dual, tau)).tangent
+    (col,) = torch.autograd.grad(tangent, xr)
+    hess = torch.func.hessian(f)(x, tau)
+    torch.testing.assert_close(col, (hess.reshape(14, 14) @ u.reshape(-1)).reshape(2, 7))
 
 
 INF = np.inf
