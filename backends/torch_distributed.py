@@ -406,12 +406,19 @@ class GroupDFTopKFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, x_t, tau_t, _k_t, _valid_t, _kind_t, _group_t):
         x, xc, tau, valid, a, b = _unpack(ctx)
-        z = _math.logits(_XP, xc, a, b, tau, valid, eager=x.device.type == "cpu")
+        row_sum = row_sum_of(_XP, ctx.group)
+        if torch.is_grad_enabled() and xc.requires_grad:
+            # reverse mode over this tangent needs d theta / dx (a and b are constants):
+            # the straight-through z of the backward's graph (one more all-reduce, only
+            # where x is differentiated)
+            from topk_core.adapters.torch_adapter import _logits
+
+            z = _logits(xc, a, b, tau, valid, differentiable=True, row_sum=row_sum)
+        else:
+            z = _math.logits(_XP, xc, a, b, tau, valid, eager=x.device.type == "cpu")
         u = torch.zeros_like(xc) if x_t is None else x_t.to(xc.dtype)
         dtau = tau_t if isinstance(tau_t, torch.Tensor) else None
-        d = _math.jvp(
-            _XP, xc, a, b, z, u, tau, dtau, valid, ctx.kind, row_sum=row_sum_of(_XP, ctx.group)
-        )
+        d = _math.jvp(_XP, xc, a, b, z, u, tau, dtau, valid, ctx.kind, row_sum=row_sum)
         return d.to(x.dtype), None, None
 
     @staticmethod

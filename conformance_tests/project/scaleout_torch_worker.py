@@ -274,6 +274,7 @@ def check_closed_form_vjp_jvp(c):
 
 
 def check_forward_mode_ad(c):
+    import torch
     import torch.autograd.forward_ad as fwad
 
     import topk_core as tk
@@ -285,7 +286,27 @@ def check_forward_mode_ad(c):
         got = fwad.unpack_dual(p).tangent
     _, want = tk.dftopk_jvp(x, 25, u, tau=0.4)
     _close(got, c.shard(want), 2e-5, "forward AD")
-    return "ok"
+    # reverse over forward: the gradient of sum(w * tangent), which needs d theta / dx
+    # inside the jvp (ties across ranks, a mask, per-row tau), against one process
+    x = _data((3, 100), 21, torch.float64)
+    x[0, :50] = torch.round(x[0, :50])
+    u, w = _data((3, 100), 22, torch.float64), _data((3, 100), 23, torch.float64)
+    mask = _data((3, 100), 24) > -1
+    tau = torch.tensor([[0.3], [0.8], [1.5]], dtype=torch.float64)
+    for k in (1, 30):
+        xs = c.shard(x).requires_grad_(True)
+        with fwad.dual_level():
+            p = tk.dftopk(
+                fwad.make_dual(xs, c.shard(u)), k, tau=tau, mask=c.shard(mask), group=c.group
+            )
+            t = fwad.unpack_dual(p).tangent
+        (got,) = torch.autograd.grad((t * c.shard(w)).sum(), xs)
+        xf = x.clone().requires_grad_(True)
+        with fwad.dual_level():
+            tf = fwad.unpack_dual(tk.dftopk(fwad.make_dual(xf, u), k, tau=tau, mask=mask)).tangent
+        (want,) = torch.autograd.grad((tf * w).sum(), xf)
+        _close(got, c.shard(want), 1e-10, f"reverse over forward k={k}")
+    return "tangents and reverse over forward match"
 
 
 def check_double_backward(c):
