@@ -84,7 +84,9 @@ def select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
     ([inf, nan], [4.0, 2.0])
     """
     n = x.shape[-1]
-    if n == 0:
+    if n == 0 or 0 in x.shape[:-1]:
+        # n = 0: only k = 0 is possible, both sentinels.  An empty batch has nothing to
+        # select, and Dask's max fails on it even along a non-empty axis
         return sentinel(xp, x, xp.inf), sentinel(xp, x, -xp.inf)
     nan = xp.isnan(x)
     xm = xp.where(nan, xp.asarray(xp.inf, dtype=x.dtype), x)

@@ -356,3 +356,22 @@ def test_docstring_examples():
 
     result = doctest.testmod(dask_backend, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0, 5)])
+def test_generic_backend_on_empty_dask_batches(shape):
+    """Dask through the generic backend (the README's third-party row): an empty batch
+    failed on compute (Dask's max of an empty block, "zero-size array to reduction
+    operation maximum") before 2026-12-06; the built-in Dask backend never did."""
+    x = da.from_array(np.zeros(shape), chunks=tuple(max(s, 1) for s in shape))
+    tk.register_backend("dask", "topk_core.backends.generic:GENERIC_BACKEND")
+    try:
+        p = tk.dftopk(x, 2).compute()
+        gx, _ = tk.dftopk_vjp(x, 2, x)
+        theta = tk.topk_threshold(x, 2).compute()
+        mask = tk.topk_mask(x, da.ones(shape[:-1], dtype=np.int64, chunks=1)).compute()
+        gx = gx.compute()
+    finally:
+        tk.register_backend("dask", "topk_core.backends.dask_backend:BACKEND")
+    assert p.shape == gx.shape == mask.shape == shape
+    assert theta.shape == shape[:-1] + (1,)
