@@ -211,15 +211,22 @@ def test_help_documents_exit_codes_and_pytest_passthrough(capsys):
     assert "conformance-dask_array.md" in out
 
 
-def test_report_failure_messages_say_why(tmp_path):
-    """Failures keep their content: NumPy assertions' first line is empty."""
+def _theta_off_report(tmp_path, selection):
+    """The report lines of a run of the tests ``-k selection`` on a backend whose
+    threshold is off (it must fail)."""
     _toy(tmp_path)
     report = tmp_path / "theta.md"
     args = ["--array-module", "array_api_strict", "--backend", "toy_topk:THETA_OFF"]
-    args += ["--no-mutation", "--report", str(report), "-k", "test_axis_and_nd_batches"]
+    args += ["--no-mutation", "--report", str(report), "-k", selection]
     proc = _run(args, cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = [ln for ln in report.read_text().splitlines() if ln.startswith("| array_api_strict | `")]
+    return report.read_text().splitlines()
+
+
+def test_report_failure_messages_say_why(tmp_path):
+    """Failures keep their content: NumPy assertions' first line is empty."""
+    lines = _theta_off_report(tmp_path, "test_axis_and_nd_batches")
+    rows = [ln for ln in lines if ln.startswith("| array_api_strict | `")]
     assert len(rows) == 4 and all("test_axis_and_nd_batches" in row for row in rows), rows
     for row in rows:
         message = row.rstrip("|").rsplit("|", 1)[-1].strip()
@@ -284,13 +291,7 @@ def test_subprocess_pythonpath_is_absolute(tmp_path, monkeypatch):
 
 def test_report_shows_the_errors_of_failing_cases(tmp_path):
     """A broken backend's error columns show its error, not the 0 of passing cases."""
-    _toy(tmp_path)
-    report = tmp_path / "theta.md"
-    args = ["--array-module", "array_api_strict", "--backend", "toy_topk:THETA_OFF"]
-    args += ["--no-mutation", "--report", str(report), "-k", "agrees and float32"]
-    proc = _run(args, cwd=tmp_path)
-    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = report.read_text().splitlines()
+    lines = _theta_off_report(tmp_path, "agrees and float32")
     row = next(ln for ln in lines if ln.startswith("| array_api_strict | f"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[1].removeprefix("float32: ")) > 1e-4, row  # forward error
