@@ -165,6 +165,29 @@ def align(arr: Any, like: Any) -> Any:
     return arr if chunks == arr.chunks else arr.rechunk(chunks)
 
 
+def compact(x: Any) -> Any:
+    """``x`` without empty chunks along the last axis, else ``x`` itself.
+
+    Empty chunks come from boolean indexing followed by ``compute_chunk_sizes()``;
+    Dask's keepdims reductions (``max``) and ``cumsum`` fail on empty blocks, and
+    a row's entries are the same without them.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> from topk_core.backends.dask_backend import compact
+    >>> x = da.from_array(np.ones((2, 4)), chunks=((2,), (2, 0, 2)))
+    >>> y = compact(x)
+    >>> y.chunks, compact(y) is y
+    (((2,), (2, 2)), True)
+    """
+    last = tuple(c for c in x.chunks[-1] if c)
+    if len(last) == len(x.chunks[-1]) or not last:
+        return x
+    return x.rechunk(x.chunks[:-1] + (last,))
+
+
 def _no_group(group: Any, x: Any, axis: int) -> Any:
     raise TypeError(
         f"group={group!r} is not used with dask arrays: their chunks along the axis are "
@@ -180,4 +203,5 @@ BACKEND = Backend(
     group=_no_group,
     check_lazily=check_lazily,
     align=align,
+    compact=compact,
 )

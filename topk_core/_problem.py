@@ -84,6 +84,10 @@ class Problem:
         Set by the selection where the backend's ``select_candidates`` found
         them: flat positions of ``x`` holding every entry tied with ``a`` or
         ``b`` (see :class:`topk_core.Backend`); None otherwise.
+    layout : array or None
+        The normalised ``x`` as the user chunked it, where the backend's
+        ``compact`` re-chunked ``x`` for the computation: :meth:`restore` puts
+        outputs back on its chunks.  None otherwise.
     """
 
     xp: Any
@@ -98,6 +102,7 @@ class Problem:
     device: Any
     group: Any = None
     candidates: Any = None
+    layout: Any = None
 
     @property
     def dtype(self) -> Any:
@@ -113,7 +118,9 @@ class Problem:
         return _compute_dtype(self.backend, self.xp, self.x.dtype)
 
     def restore(self, y: Array) -> Array:
-        """Move the last axis back to the user's axis."""
+        """Move the last axis back to the user's axis (on x's own chunks)."""
+        if self.layout is not None:
+            y = self.backend.align(y, self.layout)
         if self.axis == y.ndim - 1:
             return y
         return self.xp.moveaxis(y, -1, self.axis)
@@ -319,6 +326,13 @@ def prepare(
     xn = x if axis == ndim - 1 else xp.moveaxis(x, axis, -1)
     if not largest:
         xn = -xn
+    layout = None
+    if backend.compact is not None:
+        compact = backend.compact(xn)
+        if compact is not xn:
+            layout, xn = xn, compact
+            if valid is not None:
+                valid = backend.align(valid, xn)
 
     if valid is not None or not isinstance(k_out, int) or n_all is None:
         count_t = xp.int32 if n_all is not None and n_all < 2**31 else xp.int64
@@ -353,6 +367,7 @@ def prepare(
         if valid is not None:
             valid = backend.align(valid, xn)
     pb = Problem(xp, backend, xn, k_out, 1.0, valid, axis, largest, None, device, grp)
+    pb.layout = layout
     if need_tau:
         pb.tau, pb.tau_shape = _prepare_tau(pb, tau, lib, shape, names)
         if pb.tau_shape is not None and backend.align is not None:

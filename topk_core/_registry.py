@@ -127,6 +127,13 @@ class Backend:
         the normalised ``x``: each axis of ``like``'s size or 1) on ``like``'s
         chunks, so that outputs keep x's chunks whatever the other arguments'
         chunking.  ``None``: nothing to align.
+    compact : callable, optional
+        ``compact(x) -> x``: for a chunked library, the normalised ``x``
+        re-chunked for the computation (Dask: without its empty chunks along
+        the selection axis, which Dask's reductions and cumulative sums cannot
+        take), or ``x`` itself when nothing changes.  The other arguments are
+        aligned to it, and outputs go back to x's own chunks through ``align``
+        (needed with ``compact``).  ``None``: ``x`` as given.
     """
 
     name: str
@@ -143,6 +150,7 @@ class Backend:
     cond: Callable[[Any, Any, Any], Any] | None = None
     check_lazily: Callable[..., Any] | None = None
     align: Callable[[Any, Any], Any] | None = None
+    compact: Callable[[Any], Any] | None = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily

@@ -375,3 +375,34 @@ def test_generic_backend_on_empty_dask_batches(shape):
         tk.register_backend("dask", "topk_core.backends.dask_backend:BACKEND")
     assert p.shape == gx.shape == mask.shape == shape
     assert theta.shape == shape[:-1] + (1,)
+
+
+def test_empty_chunks_along_the_axis():
+    """Empty chunks along the selection axis (boolean indexing, then
+    compute_chunk_sizes(), as the error for unknown chunks advises) failed on compute
+    before 2026-12-06 (Dask's keepdims max and cumsum on an empty block); now the
+    selection runs without them and every output keeps x's own chunks."""
+    xn = _data((3, 9), seed=5).astype(np.float64)
+    xn[1, 2] = xn[1, 7]  # a tie
+    x = da.from_array(xn, chunks=((2, 1), (2, 0, 4, 0, 3)))
+    mask_n = xn > -1.5
+    mask = da.from_array(mask_n, chunks=((1, 2), (3, 3, 3)))
+    k_n = np.array([1, 3, 9])
+    k = da.from_array(k_n, chunks=1)
+    for fn in (tk.dftopk, tk.dftopk_logits, tk.topk_mask):
+        got = fn(x, k, mask=mask)
+        assert got.chunks == x.chunks
+        _close(got.compute(), fn(xn, k_n, mask=mask_n))
+    theta = tk.topk_threshold(x, 2)
+    _close(theta.compute(), tk.topk_threshold(xn, 2))
+    gx, gt = tk.dftopk_vjp(x, k, x, tau=0.7, mask=mask)
+    gxn, gtn = tk.dftopk_vjp(xn, k_n, xn, tau=0.7, mask=mask_n)
+    assert gx.chunks == x.chunks
+    _close(gx.compute(), gxn)
+    _close(gt.compute(), gtn)
+    # one row, the case the review found: topk_mask's cumsum
+    v = da.from_array(np.array([3.0, 1.0, -1.0, -2.0, 2.0, 2.5]), chunks=2)
+    v = v[v > 0.7].compute_chunk_sizes()
+    assert 0 in v.chunks[0]
+    assert v.chunks == tk.topk_mask(v, 2).chunks
+    np.testing.assert_array_equal(tk.topk_mask(v, 2).compute(), [1.0, 0.0, 0.0, 1.0])
