@@ -138,6 +138,24 @@ class TorchGroup:
                 f"shards of equal length)"
             )
 
+    def check_same_k(self, k: int) -> None:
+        """Every rank must pass the same int ``k``: each rank's selection would
+        otherwise look for a different rank of one global row (a silently wrong
+        answer).  One small all-gather, on CPU tensors (gloo) only, like the
+        call's handshake (``n_total`` is None elsewhere).
+        """
+        if self.n_total is None:
+            return
+        t = torch.tensor([k], dtype=torch.int64)
+        every = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(every, t, group=self.pg)
+        ks = [int(e) for e in every]
+        if len(set(ks)) > 1:
+            raise ValueError(
+                f"k: the ranks of the group passed different values (by rank: {ks}); every "
+                f"rank must pass the same k, the size of the top-k set of the whole row"
+            )
+
     def max(self, v: torch.Tensor) -> torch.Tensor:
         return _GroupOp.apply(v, self, "max")
 

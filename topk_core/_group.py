@@ -62,6 +62,12 @@ class Group(Protocol):
     #: ``apply(problem, output)``: an autodiff-aware forward (as ``Backend.apply``), or None.
     apply: Callable[..., Array] | None
 
+    #: ``check_same_k(k)`` for a Python int ``k``: raise ``ValueError`` on every member
+    #: unless all members passed the same ``k`` (members that each pass their own
+    #: arguments, as torch.distributed ranks do), or None where one program serves
+    #: every member (a JAX mesh axis: ``k`` is static).
+    check_same_k: Callable[[int], None] | None
+
 
 def local_row_sum(xp: Any, v: Array) -> Array:
     """Per-row sum over the last axis, ``(..., 1)``."""

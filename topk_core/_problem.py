@@ -296,6 +296,9 @@ def prepare(
         raise TypeError(f"{kn} must be an int or an integer array, got bool {k!r}")
     if _is_int(k):
         k = int(k)
+        same_k = getattr(grp, "check_same_k", None)
+        if same_k is not None:
+            same_k(k)  # before the range check, which would then raise on some members only
         if grp is not None and not (0 <= k and (n_all is None or k <= n_all)):
             raise ValueError(
                 f"{kn} must satisfy 0 <= k <= {n_all if n_all is not None else 'n'} (the global "

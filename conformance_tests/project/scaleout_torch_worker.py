@@ -473,6 +473,8 @@ def check_communication_independent_of_n(c):
 
 
 def check_errors(c):
+    import functools
+
     import numpy as np
     import torch
 
@@ -498,6 +500,12 @@ def check_errors(c):
     expect(ValueError, "different dtypes", lambda: tk.dftopk(xd, 3, group=c.group))
     xb = torch.cat([x, x]) if c.rank == 2 else x
     expect(ValueError, "batch shapes", lambda: tk.dftopk(xb, 3, group=c.group))
+    # one rank passes another k (also one past the global length): every rank gets the
+    # same error; it was a silently wrong answer (topk_mask gave 9 ones for k = 3 or 4)
+    for k_rank in (3 + c.rank, 101 if c.rank == 0 else 3):
+        for fn in (tk.dftopk, tk.topk_mask):
+            call = functools.partial(fn, x, k_rank, group=c.group)
+            expect(ValueError, "passed different values", call)
     return "ok"
 
 
