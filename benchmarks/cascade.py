@@ -407,6 +407,28 @@ def _versions() -> dict[str, str]:
 
 
 def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Train every framework x method x seed; per method the recall and step time.
+
+    Parameters
+    ----------
+    cfg : Config
+        The run; ``cfg.steps`` must exceed ``cfg.warmup``, the steps left out of
+        the timing.
+    progress : bool, optional
+        Print one line per run to stderr.
+
+    Returns
+    -------
+    dict
+        The report: config, per-framework per-method results, versions, machine.
+        ``recall_std`` and ``curve_std`` are the sample standard deviations over
+        seeds, None for a single seed (where they are undefined).
+    """
+    if cfg.steps <= cfg.warmup:
+        raise ValueError(
+            f"steps must be > warmup ({cfg.warmup}): the warm-up steps are left out of "
+            f"the timing, got steps={cfg.steps}"
+        )
     results: dict[str, Any] = {}
     runners = {"torch": run_torch, "jax": run_jax}
     data = {seed: make_data(cfg, seed) for seed in cfg.seeds}
@@ -432,13 +454,14 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
             step_ms = [1e3 * float(np.median(r["step_times"][cfg.warmup :])) for r in runs]
             results.setdefault(fw, {})[method] = {
                 "recall_mean": float(finals.mean()),
-                "recall_std": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+                # sample std (ddof=1): undefined for one seed, so None, not 0
+                "recall_std": float(finals.std(ddof=1)) if len(runs) > 1 else None,
                 "recall_per_seed": finals.tolist(),
                 "step_ms_median": float(np.median(step_ms)),
                 "step_ms_per_seed": step_ms,
                 "curve_steps": steps,
                 "curve_mean": curves.mean(0).tolist(),
-                "curve_std": (curves.std(0, ddof=1) if len(runs) > 1 else 0 * curves[0]).tolist(),
+                "curve_std": curves.std(0, ddof=1).tolist() if len(runs) > 1 else None,
                 "final_loss_per_seed": [r["final_loss"] for r in runs],
             }
     from topk_core._registry import get_backend
@@ -454,7 +477,31 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     }
 
 
+def _mean_std(mean: float, std: float | None) -> str:
+    """``"0.745 ± 0.012"``, or ``"0.745 ± n/a"`` when the std is undefined (one seed).
+
+    Examples
+    --------
+    >>> _mean_std(0.7449, 0.0123), _mean_std(0.7449, None)
+    ('0.745 ± 0.012', '0.745 ± n/a')
+    """
+    return f"{mean:.3f} ± " + ("n/a" if std is None else f"{std:.3f}")
+
+
 def markdown(report: dict[str, Any]) -> str:
+    """The results table and a note on the setup (Markdown).
+
+    Parameters
+    ----------
+    report : dict
+        What :func:`run` returns.
+
+    Returns
+    -------
+    str
+        One row per method: Recall@k mean ± sample std over seeds (``n/a`` for a
+        single seed) and the median ms per step, for each framework.
+    """
     cfg = report["config"]
     res = report["results"]
     fws = list(res)
@@ -465,14 +512,20 @@ def markdown(report: dict[str, Any]) -> str:
         cells = []
         for fw in fws:
             r = res[fw][method]
-            cells.append(f"{r['recall_mean']:.3f} ± {r['recall_std']:.3f}")
+            cells.append(_mean_std(r["recall_mean"], r["recall_std"]))
             cells.append(f"{r['step_ms_median']:.2f}")
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    seeds = list(cfg["seeds"])
+    spread = (
+        f"mean ± sample std over seeds {seeds}"
+        if len(seeds) > 1
+        else f"one seed ({seeds[0]}), so no sample std (n/a)"
+    )
     note = (
         f"\nRecall@{cfg['k']} of the hard cascade (top-{cfg['k1']} by retrieval, then "
         f"top-{cfg['k']} by ranking) on {cfg['n_test']} held-out lists of "
         f"{cfg['list_min']}-{cfg['list_max']} candidates after {cfg['steps']} steps "
-        f"(batch {cfg['batch']}); mean ± sample std over seeds {list(cfg['seeds'])}. "
+        f"(batch {cfg['batch']}); {spread}. "
         f"ms/step: median wall time of one training step (forward, loss, backward, Adam), "
         f"median over seeds, one thread per framework, on a shared CPU "
         f"({report['machine']}); total run {report['total_seconds']:.0f} s.\n"
@@ -493,9 +546,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         for method, r in methods.items():
             x = np.array(r["curve_steps"])
             m = np.array(r["curve_mean"])
-            s = np.array(r["curve_std"])
             ax.plot(x, m, label=method)
-            ax.fill_between(x, m - s, m + s, alpha=0.2)
+            if r["curve_std"] is not None:  # no band for a single seed
+                s = np.array(r["curve_std"])
+                ax.fill_between(x, m - s, m + s, alpha=0.2)
         ax.set_title(f"{fw}: two-stage cascade")
         ax.set_xlabel("training step")
         ax.set_ylabel(f"held-out Recall@{cfg['k']}")
@@ -538,8 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="small run (~1-2 min on 2 cores): 150 steps, 3 seeds"
     )
-    parser.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
-    parser.add_argument("--steps", type=int, help="training steps per run")
+    parser.add_argument(
+        "--seeds", type=int, help="number of seeds (0..N-1), >= 1; one seed gives no std"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help=f"training steps per run, > {Config.warmup} (warm-up steps, left out of the timing)",
+    )
     parser.add_argument("--methods", type=lambda t: _csv(t, METHODS, "--methods"))
     parser.add_argument("--frameworks", type=lambda t: _csv(t, FRAMEWORKS, "--frameworks"))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
@@ -552,8 +612,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--seeds must be >= 1, got {args.seeds}")
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
     if args.steps is not None:
-        if args.steps < 1:
-            parser.error(f"--steps must be >= 1, got {args.steps}")
+        # the first cfg.warmup steps are left out of ms/step: fewer would leave no timing
+        if args.steps <= cfg.warmup:
+            parser.error(
+                f"--steps must be > {cfg.warmup} (the first {cfg.warmup} steps are warm-up, "
+                f"left out of the ms/step timing), got {args.steps}"
+            )
         cfg = replace(cfg, steps=args.steps, eval_every=max(1, min(cfg.eval_every, args.steps)))
     if args.methods:
         cfg = replace(cfg, methods=args.methods)

@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.scaleout`` (or ``python -m benchmarks scaleout``)
 shards one row of ``n`` float32 scores over ``P`` devices (``P(None, "d")``)
-and times the forward ``p = dftopk(x, k = n/10)`` three ways:
+and times the forward ``p = dftopk(x, k)``, ``k = max(1, n // 10)``, three ways:
 
 ``ours``
     ``shard_map`` + ``topk_core.dftopk(x_local, k, group="d")``: the radix
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -251,7 +252,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                     slow[method, batch] = max(slow.get((method, batch), 0.0), row["median_s"])
                 del live, x
                 print(
-                    f"{batch} x 2^{n.bit_length() - 1} P={p}: "
+                    f"{batch} x {_fmt_n(n)} P={p}: "
                     + ", ".join(
                         f"{r['method']} {r.get('median_s', float('nan')) * 1e3:.1f} ms "
                         f"{r.get('bytes_per_device', float('nan')) / 1024:.1f} KiB"
@@ -282,7 +283,7 @@ def write_markdown(path: Path, payload: dict[str, Any], plot: str | None) -> Non
         "# Scale-out: DFTopK over a sharded selection axis (simulated JAX CPU devices)",
         "",
         f"Command: `{cfg['command']}`.  `batch` rows of n float32 scores, the axis of "
-        f"length n sharded over P devices, k = n/10, tau = {cfg['tau']}, forward only; "
+        f"length n sharded over P devices, k = max(1, n // 10), tau = {cfg['tau']}, forward only; "
         f"median of {cfg['repeats']} interleaved calls after compiling.",
         f"Machine: {m.get('cpu')}, {m.get('cores')} cores, load average "
         f"{_load(m.get('loadavg_start'))} at the start, {_load(m.get('loadavg_end'))} at the "
@@ -301,7 +302,7 @@ def write_markdown(path: Path, payload: dict[str, Any], plot: str | None) -> Non
     for batch in cfg["batch"]:
         for n in cfg["n"]:
             for p in cfg["p"]:
-                cells = [str(batch), f"2^{n.bit_length() - 1}", str(p)]
+                cells = [str(batch), _fmt_n(n), str(p)]
                 for method in METHODS:
                     r = by.get((batch, n, p, method))
                     if r is None:
@@ -314,6 +315,17 @@ def write_markdown(path: Path, payload: dict[str, Any], plot: str | None) -> Non
     if plot:
         lines += ["", f"![scale-out]({plot})"]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _fmt_n(n: int) -> str:
+    """``2^j`` for a power of two, else the number (``--n`` accepts any n).
+
+    Examples
+    --------
+    >>> _fmt_n(2**20), _fmt_n(3000)
+    ('2^20', '3000')
+    """
+    return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else str(n)
 
 
 def _load(v: Any) -> str:
@@ -370,7 +382,9 @@ def write_plot(path: Path, payload: dict[str, Any]) -> bool:
     for ax in axes.ravel():
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle("DFTopK over a sharded axis on simulated JAX CPU devices (k = n/10, float32)")
+    fig.suptitle(
+        "DFTopK over a sharded axis on simulated JAX CPU devices (k = max(1, n // 10), float32)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -383,7 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="DFTopK over a selection axis sharded across simulated JAX CPU devices: "
         "topk-core's group= against GSPMD and local top-k + all-gather.",
     )
-    p.add_argument("--n", default=None, help="comma list of n (default 2^20,2^22,2^24)")
+    p.add_argument(
+        "--n",
+        default=None,
+        help="comma list of n, each >= 2 and divisible by every P (default 2^20,2^22,2^24)",
+    )
     p.add_argument("--p", default=None, help="comma list of device counts (default 1,2,4,8)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument(
@@ -393,16 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-gib",
         type=float,
         default=6.0,
-        help="skip a case whose estimated host memory exceeds this (default 6)",
+        help="skip a case whose estimated host memory exceeds this many GiB, > 0 (default 6)",
     )
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument("--tau", type=float, default=1.0, help="temperature, finite > 0 (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--max-seconds",
         type=float,
         default=20.0,
-        help="skip larger n for a method once one call took longer (default 20)",
+        help="skip larger n for a method once one call took longer, > 0; inf: never (default 20)",
     )
     p.add_argument(
         "--quick", action="store_true", help="smoke run: n 2^12,2^14, P 1,2, batch 1,2, 2 repeats"
@@ -431,8 +449,77 @@ def _ints(text: str, what: str) -> list[int]:
             raise ValueError(f"{what}: cannot read {item!r}; use an integer or 2^20")
         out.append(int(m.group(1)) ** int(m.group(2)) if m.group(2) else int(m.group(1)))
     if not out:
-        raise ValueError(f"{what}: nothing given")
+        raise ValueError(f"{what}: nothing given; use a comma list of integers such as 1,2^20")
     return out
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Read the comma lists into ``args`` and reject what cannot give a useful run.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        Reports a bad value with ``parser.error`` (exit status 2).
+    args : argparse.Namespace
+        The parsed arguments; ``n``, ``p``, ``batch`` and ``methods`` become lists.
+    """
+    try:
+        # "is None", not truthiness: an empty --n '' is an error, not the default sizes
+        args.n = (
+            _ints(args.n, "--n")
+            if args.n is not None
+            else list(QUICK_SIZES if args.quick else FULL_SIZES)
+        )
+        args.p = (
+            _ints(args.p, "--p") if args.p is not None else list(QUICK_P if args.quick else FULL_P)
+        )
+        default_batch = "1,2" if args.quick else "1,4"
+        args.batch = _ints(args.batch if args.batch is not None else default_batch, "--batch")
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad or not args.methods:
+        parser.error(f"--methods: got {bad or args.methods}; allowed: {', '.join(METHODS)}")
+    if any(p < 1 or p > DEVICES for p in args.p):
+        parser.error(f"--p: device counts must lie in [1, {DEVICES}], got {args.p}")
+    if any(b < 1 for b in args.batch):
+        parser.error(f"--batch: rows per call must be >= 1, got {args.batch}")
+    # k = max(1, n // 10); the all-gather baseline reads the (k+1)-th value, so n >= 2
+    if any(n < 2 for n in args.n):
+        parser.error(f"--n: every n must be >= 2 (k = max(1, n // 10) < n), got {args.n}")
+    for n in args.n:
+        for p in args.p:
+            if n % p:
+                parser.error(
+                    f"--n: every n must be divisible by every P (--p {args.p}), "
+                    f"got n = {n}, not divisible by {p}"
+                )
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if not (math.isfinite(args.tau) and args.tau > 0):
+        parser.error(f"--tau must be a finite number > 0, got {args.tau}")
+    # 0 would skip every case after the first n; inf (never skip) is meaningful
+    if not args.max_seconds > 0:
+        parser.error(
+            f"--max-seconds must be > 0 (inf: never skip a larger n), got {args.max_seconds}"
+        )
+    if not args.max_gib > 0:
+        parser.error(f"--max-gib must be > 0 (inf: no memory limit), got {args.max_gib}")
+    smallest = min(
+        _estimated_bytes(m, b, n, p)
+        for m in args.methods
+        for b in args.batch
+        for n in args.n
+        for p in args.p
+    )
+    if smallest > args.max_gib * 2**30:
+        parser.error(
+            f"--max-gib {args.max_gib:g} skips every case: the smallest needs "
+            f"~{smallest / 2**30:.3g} GiB; raise --max-gib or lower --n/--batch"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_args(parser, args)  # before any re-run: bad input fails fast, without JAX
     flag = f"--xla_force_host_platform_device_count={DEVICES}"
     if "jax" in sys.modules or flag not in os.environ.get("XLA_FLAGS", ""):
         if "jax" in sys.modules:
@@ -451,25 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             return subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1]).returncode
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    try:
-        args.n = _ints(args.n, "--n") if args.n else list(QUICK_SIZES if args.quick else FULL_SIZES)
-        args.p = _ints(args.p, "--p") if args.p else list(QUICK_P if args.quick else FULL_P)
-        default_batch = "1,2" if args.quick else "1,4"
-        args.batch = _ints(args.batch or default_batch, "--batch")
-    except ValueError as exc:
-        parser.error(str(exc))
     if args.quick:
         args.repeats = min(args.repeats, 2)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in args.methods if m not in METHODS]
-    if bad or not args.methods:
-        parser.error(f"--methods: got {bad or args.methods}; allowed: {', '.join(METHODS)}")
-    if any(p < 1 or p > DEVICES for p in args.p):
-        parser.error(f"--p: device counts must lie in [1, {DEVICES}], got {args.p}")
-    if any(n % p for n in args.n for p in args.p):
-        parser.error("--n: every n must be divisible by every P")
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
     start = time.perf_counter()
     machine = _machine()
     payload = _run(args)
