@@ -520,8 +520,8 @@ def check_tau_now(x: Any, tau: Any, names: Names = None) -> None:
     values = host_values(get_backend(lib), tau)
     if values is None:
         return
-    xp = array_api_compat.array_namespace(x)
-    cdt = _compute_dtype(get_backend(library_name(x)), xp, x.dtype)
+    xp, lib_x = check_x(x, names)  # a bad x gets x's own error, not a namespace lookup's
+    cdt = _compute_dtype(get_backend(lib_x), xp, x.dtype)
     lo, hi = _tau_range(xp, cdt)
     check_tau_values(values, lo, hi, _range_text(cdt, x.dtype, lo, hi, names), _nm("tau", names))
 

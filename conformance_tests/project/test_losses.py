@@ -744,6 +744,9 @@ def test_jax_wrappers_check_concrete_k_and_tau():
         jax_losses.cascade_joint_loss([x, x], r, (3, 2), tau=[0.5, np.array([[1.0], [0.0]])])
     with pytest.raises(ValueError, match=r"tau must be within"):
         jax_losses.topk_bce_loss(x, r, 2, tau=np.array([[1e-39], [1.0]], np.float32))
+    # scores that are no array: the loss's own error, before the tau check reads them
+    with pytest.raises(TypeError, match=r"^scores must be an array of a library"):
+        jax_losses.topk_bce_loss(np.asarray(x).tolist(), r, 2, tau=jnp.array([[0.5], [2.0]]))
     # traced values stay unchecked (as in the core), valid ones pass
     ok = (jnp.array([3, 3]), jnp.array([2, 3]))
     want = float(jax_losses.cascade_joint_loss([x, x], r, ok))
