@@ -191,6 +191,12 @@ class CascadeJointLoss(nn.Module):
         return_terms: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Joint loss of ``stage_scores`` (one tensor per stage, cascade order)."""
+        if not isinstance(stage_scores, (list, tuple)):
+            # a stacked tensor would be split into its rows, one "stage" each
+            raise TypeError(
+                f"stage_scores must be a list or tuple of {self.n_stages} score tensors "
+                f"(one per stage), got {type(stage_scores).__name__}"
+            )
         if len(stage_scores) != self.n_stages:
             raise ValueError(
                 f"expected {self.n_stages} stage score tensors, got {len(stage_scores)}"

@@ -131,7 +131,7 @@ def _check_reduction(reduction: Any, allowed: tuple[str, ...]) -> None:
 
 
 def _validate_relevance(xp: Any, relevance: Any, scores: Any, lib: str, name: str) -> None:
-    _check_same_library(relevance, "relevance", lib)
+    _check_same_library(relevance, "relevance", lib, {"x": name})
     if not xp.isdtype(relevance.dtype, "real floating"):
         raise TypeError(
             f"relevance must have a real floating dtype (cast integer or bool labels "
@@ -347,7 +347,7 @@ def _batch_shape(x: Any, axis: int) -> tuple[int, ...]:
 
 
 def _check_log_vars(xp: Any, log_vars: Any, lib: str, n_terms: int) -> None:
-    _check_same_library(log_vars, "log_vars", lib)
+    _check_same_library(log_vars, "log_vars", lib, {"x": "stage_scores[0]"})
     if not xp.isdtype(log_vars.dtype, "real floating"):
         raise TypeError(f"log_vars must have a real floating dtype, got {log_vars.dtype}")
     if tuple(log_vars.shape) != (n_terms,):
@@ -479,7 +479,7 @@ def cascade_joint_loss(
     xp, lib = check_x(stage_scores[0], {"x": "stage_scores[0]"})
     first = stage_scores[0]
     for j, s in enumerate(stage_scores[1:], start=1):
-        _check_same_library(s, f"stage_scores[{j}]", lib)
+        _check_same_library(s, f"stage_scores[{j}]", lib, {"x": "stage_scores[0]"})
         if tuple(s.shape) != tuple(first.shape):
             raise ValueError(
                 f"stage_scores[{j}] has shape {tuple(s.shape)} but stage_scores[0] has "

@@ -398,10 +398,14 @@ def test_mixed_libraries_rejected(lib, rng):
     if lib.name == "numpy":
         pytest.skip("needs a second library")
     s = lib.asarray(rng.standard_normal((2, 5)))
-    with pytest.raises(TypeError, match="relevance"):
+    with pytest.raises(TypeError, match=r"^scores is a \w+ array but relevance is a numpy"):
         topk_bce_loss(s, rng.standard_normal((2, 5)), 2)
-    with pytest.raises(TypeError, match=r"stage_scores\[1\]"):
+    with pytest.raises(TypeError, match=r"^relevance must be an array of the same library as scor"):
+        topk_bce_loss(s, rng.standard_normal((2, 5)).tolist(), 2)
+    with pytest.raises(TypeError, match=r"^stage_scores\[0\] is a \w+ array but stage_scores\[1\]"):
         cascade_joint_loss([s, rng.standard_normal((2, 5))], s, 2)
+    with pytest.raises(TypeError, match=r"^stage_scores\[0\] is a \w+ array but relevance is"):
+        cascade_joint_loss([s, s], rng.standard_normal((2, 5)), 2)
 
 
 # ---------------------------------------------------------------------------
@@ -649,6 +653,9 @@ def test_torch_modules(rng):
         TopKBCELoss(k=2.5)
     with pytest.raises(ValueError, match="expected 2 stage"):
         crit([s1, s2, s1], r)
+    # a stacked tensor was split into its rows, one "stage" each (a shape error at best)
+    with pytest.raises(TypeError, match="stage_scores must be a list or tuple of 2 score tensors"):
+        crit(torch.stack([s1[0], s2[0]]), r[0])
     # the loss's own checks run at construction too (they waited for the first call before)
     with pytest.raises(ValueError, match=r"reduction must be one of .*'avg'"):
         TopKBCELoss(k=2, reduction="avg")
