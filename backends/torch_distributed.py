@@ -99,12 +99,22 @@ class TorchGroup:
     Shard order is the rank within ``group``.
     """
 
-    def __init__(self, group: Any, n_total: int | None) -> None:
+    def __init__(self, group: Any, shard: tuple[torch.Tensor, int] | None) -> None:
         self.pg = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
-        self.n_total = n_total
+        # (x, axis) until the call's handshake (CPU tensors only) has run; then the
+        # global axis length is known
+        self._shard = shard
+        self.n_total: int | None = None
         self.label = f"torch.distributed group of {self.size} ranks"
+
+    def _gather_ints(self, values: list[int]) -> list[list[int]]:
+        """Every rank's ``values`` (the same count on each), in rank order."""
+        t = torch.tensor(values, dtype=torch.int64)
+        every = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(every, t, group=self.pg)
+        return [e.tolist() for e in every]
 
     def _reduce(self, v: torch.Tensor, op: Any) -> torch.Tensor:
         # c10d collectives are in place and not autograd-aware: reduce a detached copy
@@ -126,10 +136,7 @@ class TorchGroup:
         """
         if device.type != "cpu":
             return
-        t = torch.tensor([size], dtype=torch.int64)
-        every = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(every, t, group=self.pg)
-        sizes = [int(e) for e in every]
+        sizes = [e[0] for e in self._gather_ints([size])]
         if len(set(sizes)) > 1:
             raise ValueError(
                 f"torch.func.vmap over a call with group=: the ranks map over different "
@@ -138,23 +145,19 @@ class TorchGroup:
                 f"shards of equal length)"
             )
 
-    def check_same_k(self, k: int) -> None:
-        """Every rank must pass the same int ``k``: each rank's selection would
+    def check_same_k(self, k: int | None) -> None:
+        """The call's handshake, with ``k`` (an int, or None for an array ``k``).
+
+        Every rank must pass the same int ``k``: each rank's selection would
         otherwise look for a different rank of one global row (a silently wrong
-        answer).  One small all-gather, on CPU tensors (gloo) only, like the
-        call's handshake (``n_total`` is None elsewhere).
+        answer).  ``k`` rides in the handshake's one all-gather (CPU tensors only;
+        elsewhere there is no handshake and ``n_total`` stays None).
         """
-        if self.n_total is None:
+        if self._shard is None:
             return
-        t = torch.tensor([k], dtype=torch.int64)
-        every = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(every, t, group=self.pg)
-        ks = [int(e) for e in every]
-        if len(set(ks)) > 1:
-            raise ValueError(
-                f"k: the ranks of the group passed different values (by rank: {ks}); every "
-                f"rank must pass the same k, the size of the top-k set of the whole row"
-            )
+        x, axis = self._shard
+        self._shard = None
+        self.n_total = _handshake(self, x, axis, k)
 
     def max(self, v: torch.Tensor) -> torch.Tensor:
         return _GroupOp.apply(v, self, "max")
@@ -176,6 +179,8 @@ class TorchGroup:
         return out
 
     def total(self, n_local: int) -> int | None:
+        if self._shard is not None:  # no check_same_k before: the handshake without k
+            self.check_same_k(None)
         return self.n_total
 
     def select_pair(self, xp: Any, x: torch.Tensor, k: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,22 +308,17 @@ def resolve_group(group: Any, x: torch.Tensor, axis: int) -> TorchGroup:
             f"group uses the {backend!r} backend, which has no CPU collectives, but x is a "
             f"CPU tensor; use a gloo group (or move x to CUDA for NCCL)"
         )
-    n_total = _handshake(group, x, axis) if x.device.type == "cpu" else None
-    return TorchGroup(group, n_total)
+    return TorchGroup(group, (x, axis) if x.device.type == "cpu" else None)
 
 
-def _handshake(group: Any, x: torch.Tensor, axis: int) -> int:
-    """All-gather every rank's (axis length, dtype, batch shape); check; the global length."""
+def _handshake(group: TorchGroup, x: torch.Tensor, axis: int, k: int | None) -> int:
+    """All-gather every rank's (axis length, dtype, batch shape, k); check; the global length."""
     batch = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1 :])
     code = _DTYPE_CODES.get(x.dtype, 0)
-    # the batch shape as (ndim, numel, a hash): equal shapes give equal triples
-    info = torch.tensor(
-        [x.shape[axis], code, len(batch), math.prod(batch), hash(batch) % (2**62)],
-        dtype=torch.int64,
-    )
-    size = dist.get_world_size(group)
-    every = [torch.empty_like(info) for _ in range(size)]
-    dist.all_gather(every, info, group=group)
+    # the batch shape as (ndim, numel, a hash): equal shapes give equal triples; k as
+    # (is an int, value)
+    info = [x.shape[axis], code, len(batch), math.prod(batch), hash(batch) % (2**62)]
+    every = group._gather_ints(info + ([1, k] if k is not None else [0, 0]))
     names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
     dtypes = [names.get(int(e[1]), "?") for e in every]
     if len(set(dtypes)) > 1:
@@ -326,10 +326,16 @@ def _handshake(group: Any, x: torch.Tensor, axis: int) -> int:
             f"x: the shards of the group have different dtypes (by rank: {dtypes}); every "
             f"rank must pass the same floating dtype"
         )
-    if len({tuple(e[2:].tolist()) for e in every}) > 1:
+    if len({tuple(e[2:5]) for e in every}) > 1:
         raise ValueError(
             f"x: the shards of the group have different batch shapes (x's shape without axis "
             f"{axis}; this rank: {batch}); only the selection axis may differ between ranks"
+        )
+    if len({tuple(e[5:]) for e in every}) > 1:
+        ks = [e[6] if e[5] else "an array" for e in every]
+        raise ValueError(
+            f"k: the ranks of the group passed different values (by rank: {ks}); every "
+            f"rank must pass the same k, the size of the top-k set of the whole row"
         )
     return int(sum(int(e[0]) for e in every))
 

@@ -62,10 +62,11 @@ class Group(Protocol):
     #: ``apply(problem, output)``: an autodiff-aware forward (as ``Backend.apply``), or None.
     apply: Callable[..., Array] | None
 
-    #: ``check_same_k(k)`` for a Python int ``k``: raise ``ValueError`` on every member
-    #: unless all members passed the same ``k`` (members that each pass their own
-    #: arguments, as torch.distributed ranks do), or None where one program serves
-    #: every member (a JAX mesh axis: ``k`` is static).
+    #: ``check_same_k(k)``, ``k`` a Python int or None for an array ``k``, called once
+    #: per call before :meth:`total`: raise ``ValueError`` on every member unless all
+    #: members passed the same ``k`` (members that each pass their own arguments, as
+    #: torch.distributed ranks do); or None where one program serves every member
+    #: (a JAX mesh axis: ``k`` is static).
     check_same_k: Callable[[int], None] | None
 
 

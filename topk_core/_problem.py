@@ -271,6 +271,10 @@ def prepare(
     n = shape[axis]
     batch = shape[:axis] + shape[axis + 1 :]
     grp = _resolve_group(backend, group, x, lib, axis)
+    same_k = getattr(grp, "check_same_k", None)
+    if same_k is not None:
+        # before anything can raise on some members only (k's range check would)
+        same_k(int(k) if _is_int(k) else None)
     # the global axis length (None: not known on the host without a device sync)
     n_all = n if grp is None else grp.total(n)
 
@@ -296,9 +300,6 @@ def prepare(
         raise TypeError(f"{kn} must be an int or an integer array, got bool {k!r}")
     if _is_int(k):
         k = int(k)
-        same_k = getattr(grp, "check_same_k", None)
-        if same_k is not None:
-            same_k(k)  # before the range check, which would then raise on some members only
         if grp is not None and not (0 <= k and (n_all is None or k <= n_all)):
             raise ValueError(
                 f"{kn} must satisfy 0 <= k <= {n_all if n_all is not None else 'n'} (the global "

@@ -502,7 +502,8 @@ def check_errors(c):
     expect(ValueError, "batch shapes", lambda: tk.dftopk(xb, 3, group=c.group))
     # one rank passes another k (also one past the global length): every rank gets the
     # same error; it was a silently wrong answer (topk_mask gave 9 ones for k = 3 or 4)
-    for k_rank in (3 + c.rank, 101 if c.rank == 0 else 3):
+    k_rows = torch.full((2,), 3)  # an int k on rank 0, a per-row array elsewhere
+    for k_rank in (3 + c.rank, 101 if c.rank == 0 else 3, 3 if c.rank == 0 else k_rows):
         for fn in (tk.dftopk, tk.topk_mask):
             call = functools.partial(fn, x, k_rank, group=c.group)
             expect(ValueError, "passed different values", call)
