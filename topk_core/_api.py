@@ -338,7 +338,11 @@ def topk_mask(
     >>> topk_mask(np.array([1.0, 3.0, 3.0, 2.0]), 1)
     array([0., 1., 0., 0.])
     """
-    pb = prepare(x, k, None, axis, mask, largest, need_tau=False, group=group)
+    return _mask(x, k, axis, mask, largest, group)
+
+
+def _mask(x, k, axis, mask, largest, group, names=None) -> Array:
+    pb = prepare(x, k, None, axis, mask, largest, need_tau=False, group=group, names=names)
     return pb.restore(hard_forward(pb))
 
 
@@ -352,8 +356,7 @@ def named_logits(x: Array, k: Any, tau: Any, axis: int, mask: Any, names: Any) -
 
 def named_topk_mask(x: Array, k: Any, axis: int, mask: Any, names: Any) -> Array:
     """:func:`topk_mask` whose errors call ``x``/``k`` by ``names``."""
-    pb = prepare(x, k, None, axis, mask, True, need_tau=False, names=names)
-    return pb.restore(hard_forward(pb))
+    return _mask(x, k, axis, mask, True, None, names)
 
 
 def _tangent_problem(

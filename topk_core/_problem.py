@@ -23,13 +23,7 @@ from ._registry import Backend, get_backend, library_name
 
 Array = Any
 
-__all__ = [
-    "Problem",
-    "host_values",
-    "prepare",
-    "normalise_like_tau",
-    "reduce_to_tau",
-]
+__all__ = ["Problem", "host_values", "prepare", "normalise_like_tau", "reduce_to_tau"]
 
 # Names: what the error messages call x, k and tau.  A caller with its own argument
 # names (the losses: "scores", "stage_scores[1]", "k[1]") passes them explicitly, read
