@@ -32,7 +32,7 @@ each, so the compare-count advantage seen in a bare binary search
 
 Issue 11 (same machine, load 4-6; min ms of 15 calls, ``jit``): the bin that
 holds the wanted rank is now found in two levels (blocks of bins, then the
-bins of one block: :func:`topk_core._radix._locate`) instead of a prefix sum
+bins of one block: :func:`topk_core._radix._locate_blocks`) instead of a prefix sum
 over every bin, which made wide digits cheap: one scatter-add pass costs
 ~1.1 ms per million entries here (~10 passes of ``x * 2``), so fewer, wider
 passes win where the counters stay small:
@@ -104,6 +104,15 @@ Later still (issue 11; idle machine, min of 30-60 interleaved calls, ``jit``):
   so the forward's tie weights need no reduction over ``x``: the two
   count reductions cost 0.31-0.46 ms at 1e6 (about two passes of ``x * 2``);
   forward math after the selection 0.99 -> 0.49 ms.
+* **one block's bins by a gather** (:meth:`JaxShims.block_bins`): the driver
+  used to pick the bins of the block that holds the rank with a one-hot sum
+  over every bin (Array API only), a read of the whole histogram per rank and
+  pass, and the 16-bit second pass copied its two halves apart first.  Same
+  process A/B, min (p10) of 300-400 interleaved calls, load 1.3-1.7: 65536
+  entries fwd+bwd 0.39 (0.47) -> 0.32 (0.42) ms, selection 0.28 (0.32) -> 0.23
+  (0.28) ms: the fixed cost per call; 1e6 within noise (1.85 (2.46) -> 1.93
+  (2.36) ms); 8192 x 256 20.0 (23.9) -> 17.5 (23.6) ms; 1024 x 4096 19.8 (26.4)
+  -> 19.6 (24.7) ms.
 
 Multi-threshold counting passes (several compare-and-sum reductions over
 one read) compile to far slower loops on XLA's CPU backend (3 thresholds:
@@ -167,6 +176,14 @@ class JaxShims:
 
     def from_keys(self, keys: Any, dtype: Any) -> Any:
         return keys_to_float(jnp, keys, dtype, _bitcast)
+
+    def block_bins(self, blocks: Any, rows: Any) -> Any:
+        """Row ``rows`` (``(..., 1)``) of ``blocks`` ``(..., n_blocks, width)``: a gather.
+
+        Instead of the driver's one-hot sum, which reads every bin (module docstring).
+        """
+        idx = jnp.expand_dims(rows.astype(jnp.int32), -1)
+        return jnp.take_along_axis(blocks, idx, axis=-2)[..., 0, :]
 
     def row_histogram(self, digits: Any, active: Any, nbins: int) -> Any:
         """Per-row counts of active entries per digit: a few independent scatter-adds.

@@ -103,6 +103,11 @@ class NumpyShims:
     def from_keys(self, keys: Any, dtype: Any) -> Any:
         return keys_to_float(self.mod, keys, dtype, _view)
 
+    def block_bins(self, blocks: Any, rows: Any) -> Any:
+        """Row ``rows`` (``(..., 1)``) of ``blocks`` ``(..., n_blocks, width)``: a gather."""
+        idx = rows[..., None].astype(self.mod.intp)
+        return self.mod.take_along_axis(blocks, idx, axis=-2)[..., 0, :]
+
     def row_histogram(self, digits: Any, active: Any, nbins: int) -> Any:
         """Per-row counts: one bincount over ``row * nbins + digit`` of the active entries."""
         m = self.mod

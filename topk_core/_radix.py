@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 MAX_DIGIT_BITS = 16
+_FLAT_BITS = 6  # digits up to this wide: one prefix sum over the bins, no blocks
 
 
 class RadixShims(Protocol):
@@ -70,6 +71,11 @@ class RadixShims(Protocol):
         ``digits`` ``(..., n)`` unsigned ints in ``[0, nbins)``, ``active``
         bool ``(..., n)``; returns integer counts ``(..., nbins)``.
         """
+
+    # Optional (looked up with getattr, so not part of the protocol's signature):
+    # ``block_bins(blocks, rows) -> (..., width)``, row ``rows`` (integer ``(..., 1)``)
+    # of ``blocks`` ``(..., n_blocks, width)``: a gather.  Without it the driver
+    # picks that row with a one-hot sum, which reads every block.
 
 
 def _int_dtype(xp: Any, bits: int) -> Any:
@@ -284,24 +290,48 @@ def _find_bin(xp: Any, hist: Array, remaining: Array) -> tuple[Array, Array, Arr
     return digit, gt, count
 
 
-def _locate(xp: Any, hist: Array, remaining: Array, w: int) -> tuple[Array, Array, Array]:
-    """:func:`_find_bin` over ``2**w`` bins, in two levels for wide digits.
+def _blocks(xp: Any, hist: Array, w: int) -> tuple[Array, Array]:
+    """``hist`` as blocks of ``2**(w - w // 2)`` bins: ``(blocks, block_sums)``.
+
+    ``hist`` may hold several histograms of ``2**w`` bins side by side (the
+    ``track_b`` passes); the blocks of the ``j``-th start at ``j * 2**(w // 2)``.
+    """
+    lead = tuple(hist.shape[:-1])
+    width = 1 << (w - w // 2)
+    blocks = xp.reshape(hist, lead + (hist.shape[-1] // width, width))
+    return blocks, xp.sum(blocks, axis=-1)
+
+
+def _locate_blocks(
+    xp: Any,
+    blocks: Array,
+    sums: Array,
+    remaining: Array,
+    offset: Any,
+    take: Callable[[Array, Array], Array] | None,
+) -> tuple[Array, Array, Array]:
+    """:func:`_find_bin` in two levels: the block first (``sums``), then its bins.
 
     A prefix sum over every bin costs a scan of the whole histogram (slow on
     XLA's CPU backend: 0.5 ms for 65536 bins); blocks of bins first, then the
     bins of the one block that holds the rank, scan ``2 * 2**(w/2)`` values.
+    ``sums`` are the block sums of one histogram whose blocks start at row
+    ``offset`` (an int or a ``(..., 1)`` array) of ``blocks``.  ``take(blocks,
+    rows)`` returns the bins of row ``rows`` (``(..., 1)``) of ``blocks``: a
+    library's gather (``RadixShims.block_bins``); without it, a one-hot sum over
+    every block (Array API only, but a read of the whole histogram).
     """
-    if w <= 6:
-        return _find_bin(xp, hist, remaining)
-    lead = tuple(hist.shape[:-1])
-    n_blocks = 1 << (w // 2)
-    width = (1 << w) // n_blocks
-    blocks = xp.reshape(hist, lead + (n_blocks, width))
-    block, above, _ = _find_bin(xp, xp.sum(blocks, axis=-1), remaining)
-    # the bins of that block (a one-hot sum: no gather needed from the namespace)
-    ids = xp.reshape(xp.arange(n_blocks, dtype=block.dtype), (1,) * len(lead) + (n_blocks, 1))
-    hit = ids == xp.reshape(block, lead + (1, 1))
-    inner = xp.sum(xp.where(hit, blocks, xp.zeros_like(blocks)), axis=-2)
+    lead = tuple(blocks.shape[:-2])
+    width = blocks.shape[-1]
+    block, above, _ = _find_bin(xp, sums, remaining)
+    row = block + offset
+    if take is not None:
+        inner = take(blocks, row)
+    else:
+        ids = xp.arange(blocks.shape[-2], dtype=block.dtype)
+        ids = xp.reshape(ids, (1,) * len(lead) + (blocks.shape[-2], 1))
+        hit = ids == xp.reshape(row, lead + (1, 1))
+        inner = xp.sum(xp.where(hit, blocks, xp.zeros_like(blocks)), axis=-2)
     digit, gt, count = _find_bin(xp, inner, remaining - above)
     return block * width + digit, above + gt, count
 
@@ -410,6 +440,7 @@ def radix_select_pair(
     zero_i = xp.zeros_like(kk)
     one_i = xp.ones_like(kk)
     keys = shims.to_keys(x)
+    take = getattr(shims, "block_bins", None)  # optional: a gather of one block's bins
     key_bits = xp.iinfo(keys.dtype).bits
     # signed keys are the unsigned ones minus 2**(key_bits-1): the same order, the
     # top digit's sign bit flipped, and the type's minimum as "no key"
@@ -447,24 +478,43 @@ def radix_select_pair(
             hist2 = xp.astype(shims.row_histogram(both, active | active_b, 2 * nbins), idx)
             if group is not None:
                 hist2 = group.sum(hist2)
-            hist = hist2[..., :nbins]
-            hist_b = xp.where(same, hist, hist2[..., nbins:])
+            if w > _FLAT_BITS:
+                # both halves' blocks at once; b reads the upper half's only once apart
+                blocks, sums2 = _blocks(xp, hist2, w)
+                nb = 1 << (w // 2)
+                sums = sums2[..., :nb]
+                sums_b = xp.where(same, sums, sums2[..., nb:])
+                off_b = xp.where(same, zero_i, zero_i + nb)
+                digit, gt, in_bin = _locate_blocks(xp, blocks, sums, remaining, 0, take)
+                digit_b, gt_b, n_equal_b = _locate_blocks(xp, blocks, sums_b, rem_b, off_b, take)
+            else:
+                hist = hist2[..., :nbins]
+                hist_b = xp.where(same, hist, hist2[..., nbins:])
+                digit, gt, in_bin = _find_bin(xp, hist, remaining)
+                digit_b, gt_b, n_equal_b = _find_bin(xp, hist_b, rem_b)
         else:
             hist = xp.astype(shims.row_histogram(digits, active, nbins), idx)
             if group is not None:
                 hist = group.sum(hist)
-            hist_b = hist
+            if w > _FLAT_BITS:
+                blocks, sums = _blocks(xp, hist, w)
+                digit, gt, in_bin = _locate_blocks(xp, blocks, sums, remaining, 0, take)
+            else:
+                sums = hist
+                digit, gt, in_bin = _find_bin(xp, hist, remaining)
             if track_b:
-                total = xp.sum(hist, axis=-1, keepdims=True)
+                total = xp.sum(sums, axis=-1, keepdims=True)
                 b_none = kk >= total  # k = n: no (k+1)-th entry
                 rem_b = xp.minimum(rem_b, xp.maximum(total, one_i))
-        digit, gt, in_bin = _locate(xp, hist, remaining, w)
+                if w > _FLAT_BITS:
+                    digit_b, gt_b, n_equal_b = _locate_blocks(xp, blocks, sums, rem_b, 0, take)
+                else:
+                    digit_b, gt_b, n_equal_b = _find_bin(xp, hist, rem_b)
         remaining = remaining - gt
         above = above + gt
         d = xp.astype(digit, keys.dtype)
         prefix = _put_digit(xp, prefix, digit, p, shift, nbins, signed)
         if track_b:
-            digit_b, gt_b, n_equal_b = _locate(xp, hist_b, rem_b, w)
             rem_b = rem_b - gt_b
             d_b = xp.astype(digit_b, keys.dtype)
             prefix_b = _put_digit(xp, prefix_b, digit_b, p, shift, nbins, signed)

@@ -39,9 +39,21 @@ def _view(a, dt):
 GENERIC = GenericShims(np, _view)
 
 
+class OneHotShims(NumpyShims):
+    """NumPy's shims without the optional ``block_bins`` gather: the driver's one-hot pick."""
+
+    block_bins = None
+
+
+ONE_HOT = OneHotShims()
+
+
 def shims_for(digit_bits):
-    # the comparison histogram costs one reduction per bin: only for tiny digits
-    return [SHIMS, GENERIC] if digit_bits <= 2 else [SHIMS]
+    # the comparison histogram costs one reduction per bin: only for tiny digits; the
+    # one-hot pick of a block's bins (no gather in the namespace) from 7-bit digits on
+    if digit_bits <= 2:
+        return [SHIMS, GENERIC]
+    return [SHIMS, ONE_HOT] if digit_bits > 6 else [SHIMS]
 
 
 def adversarial_values(dtype):
@@ -223,7 +235,22 @@ def test_many_ties_and_clusters(digit_bits):
     steps = rng.integers(-3, 4, size=(6, 200))
     x = (base + steps * np.finfo(np.float32).eps).astype(np.float32)
     k = rng.integers(0, 201, size=(6, 1))
-    check_pair(x, k, digit_bits, SHIMS)
+    for shims in shims_for(digit_bits):
+        check_pair(x, k, digit_bits, shims)
+
+
+@pytest.mark.parametrize("shims", [SHIMS, ONE_HOT], ids=["gather", "one-hot"])
+def test_wide_digits_a_and_b_in_different_blocks(shims):
+    # 16-bit digits, track_b: the k-th and (k+1)-th share the first digit but sit in
+    # different blocks of the second pass's bins, or in different first-pass bins
+    # (b then read from the upper half's blocks); both block pickers agree with a sort
+    lo = np.float32(1.0).view(np.uint32)
+    steps = np.array([0, 1, 255, 256, 257, 65535, 65536, 65537, 131072], dtype=np.uint32)
+    x = (lo + steps).view(np.float32)
+    x = np.stack([x, x[::-1], np.roll(x, 3)])
+    for k in range(x.shape[-1] + 1):
+        for digit_bits in (8, 11, 16):
+            check_pair(x, k, digit_bits, shims)
 
 
 def test_n_zero_and_n_one():
