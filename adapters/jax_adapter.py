@@ -51,7 +51,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from topk_core.backends.jax_backend import select_pair_counts
 
@@ -88,8 +87,13 @@ def _pair_jvp(sel, primals, tangents):
 
 
 def _int_zero(c: Any) -> Any:
-    """The (symbolic) tangent of an integer output: zeros of ``float0``."""
-    return np.zeros(c.shape, dtype=jax.dtypes.float0)
+    """The (symbolic) tangent of an integer output: zeros of ``float0``.
+
+    Typed from ``c`` itself, so it also carries the mesh axes ``c`` varies over
+    inside ``shard_map`` (rows sharded over another axis than ``group``'s): a
+    NumPy ``float0`` array would not, and JAX rejects the rule's output then.
+    """
+    return jnp.zeros_like(c, dtype=jax.dtypes.float0)
 
 
 def _tie_mean(xs: Any, v: Any, dxs: Any, group: Any = None) -> Any:

@@ -38,6 +38,7 @@ CASES = [
     "dtypes",
     "batch_sharded_without_group",
     "hlo_collectives_independent_of_n",
+    "size_one_axis",
     "errors",
 ]
 
@@ -493,7 +494,17 @@ def check_tuple_axis_names():
         return (tk.dftopk(x, 9, group=g), tk.topk_mask(jnp.round(x), 9, group=g))
 
     summary2 = _compare(m, body2, [_data((8, 40), seed=22)], [ab], [ab, ab], [1e-6, 0], "b")
-    return f"{summary}; axis over b only: {summary2}"
+
+    # second order there: the tie counts' zero tangents vary over "a" like the rows
+    # (a float0 NumPy zero did not: JAX rejected the selection's JVP rule)
+    def hvp(g, x, v):
+        f = lambda x: jnp.sum(v * tk.dftopk(x, 9, tau=0.5, group=g) ** 2)  # noqa: E731
+        return (jax.jvp(jax.grad(f), (x,), (v,))[1],)
+
+    summary3 = _compare(
+        m, hvp, [_data((8, 40), seed=23), _data((8, 40), seed=24)], [ab] * 2, [ab], 2e-4, "b"
+    )
+    return f"{summary}; axis over b only: {summary2}; its hvp: {summary3}"
 
 
 def check_dtypes():
@@ -601,6 +612,64 @@ def check_hlo_collectives_independent_of_n():
             raise AssertionError(f"{name}: collectives differ: {seen[0]} vs {seen[1]}")
         lines.append(f"{name}: {len(c)} collectives, {sum(x.nbytes for x in c)} B")
     return "; ".join(lines)
+
+
+def check_size_one_axis():
+    """A mesh axis of size 1 as the group: the single-device selection, results typed
+    as the group's (replicated thresholds), same values and gradients."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    import topk_core as tk
+
+    m = _Mesh((DEVICES, 1), ("d", "m"))
+    spec = P("d", "m")
+    n = 2**16  # long rows: 16-bit digits on the single-device path
+    x = _data((DEVICES, n), seed=30)
+    x = x.at[:, :5].set(jnp.inf).at[0, 7:11].set(x[0, 100])  # infinities and ties
+    w = _data((DEVICES, n), seed=31)
+    k_rows = jnp.arange(1, DEVICES + 1) * 997
+
+    def body(g, x, w, k):
+        return (
+            tk.dftopk(x, k, group=g),
+            tk.topk_mask(x, 1234, group=g),
+            tk.dftopk(x, 1234, hard=True, group=g),
+            jax.grad(lambda x: jnp.sum(w * tk.dftopk(x, k, tau=0.3, group=g)))(x),
+            jax.grad(lambda x: jnp.sum(w * tk.dftopk(x, k, mask=w > -1, group=g)))(x),
+            tk.topk_threshold(x, k, group=g),
+        )
+
+    summary = _compare(
+        m,
+        body,
+        [x, w, k_rows],
+        [spec, spec, P("d")],
+        [spec] * 5 + [P("d")],  # the thresholds: the same on the one member of "m"
+        [1e-6, 0, 0, 2e-5, 2e-5, 0],
+        "m",
+    )
+
+    # second order through the shortcut
+    def hvp(g, x, w):
+        f = lambda x: jnp.sum(w * tk.dftopk(x, 50, tau=0.5, group=g) ** 2)  # noqa: E731
+        return (jax.jvp(jax.grad(f), (x,), (w,))[1],)
+
+    small = _data((DEVICES, 64), seed=32)
+    summary2 = _compare(
+        m, hvp, [small, _data((DEVICES, 64), seed=33)], [spec] * 2, [spec], 2e-4, "m"
+    )
+
+    def scatters(fn):
+        f = jax.jit(jax.shard_map(fn, mesh=m.mesh, in_specs=(spec,), out_specs=spec))
+        return f.lower(m.put(x, spec)).compile().as_text().count(" scatter(")
+
+    alone = jax.jit(lambda r: tk.dftopk(r, 1234)).lower(x[:1]).compile().as_text()
+    got, want = scatters(lambda r: tk.dftopk(r, 1234, group="m")), alone.count(" scatter(")
+    if got != want:
+        raise AssertionError(f"group of one: {got} scatters, the single-device program {want}")
+    return f"{summary}; second order: {summary2}; {got} scatters as alone"
 
 
 def check_errors():
