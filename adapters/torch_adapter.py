@@ -598,6 +598,24 @@ def apply_problem(pb: Any, output: str, hard: bool = False) -> torch.Tensor:
     return out
 
 
+def _check_learnable_tau(tau: float, log_tau: torch.Tensor) -> None:
+    """A learnable tau must start where its parameter's dtype can call with it.
+
+    ``exp(log_tau)`` is computed in the parameter's dtype (the default dtype, float32
+    unless changed): a tau whose image there is not a normal number (or whose inverse
+    is not) would make every call raise tau's ``ValueError``.
+    """
+    lo = torch.finfo(log_tau.dtype).smallest_normal
+    value = float(log_tau.exp())
+    if not lo <= value <= 1.0 / lo:
+        raise ValueError(
+            f"tau={tau!r} with learnable_tau=True: its {str(log_tau.dtype)[6:]} parameter "
+            f"log_tau gives exp(log_tau) = {value!r}, outside {lo:.4g} <= tau <= {1.0 / lo:.4g} "
+            f"(tau and 1/tau normal numbers of that dtype), so every call would raise; pick a "
+            f"tau in that range or set torch's default dtype to float64 first"
+        )
+
+
 class SoftTopK(nn.Module):
     """Differentiable top-k layer (DFTopK): ``sigmoid((x - theta) / tau)``.
 
@@ -617,7 +635,8 @@ class SoftTopK(nn.Module):
         Learn the temperature.  It is stored as the parameter ``log_tau`` and
         used as ``tau = exp(log_tau)``, so gradient steps keep it positive (a
         float32 ``log_tau`` past about -87 or +87 leaves tau's allowed range, and
-        the call raises tau's ``ValueError``).
+        the call raises tau's ``ValueError``; an initial tau outside it, such as
+        1e-39 in float32, is a ``ValueError`` here).
     axis : int, default -1
         Axis along which to select.
     largest : bool, default True
@@ -664,7 +683,9 @@ class SoftTopK(nn.Module):
         self.largest = args.largest
         self.output = args.output
         if learnable_tau:
-            self.log_tau = nn.Parameter(torch.tensor(math.log(float(tau))))
+            log_tau = torch.tensor(math.log(float(tau)))
+            _check_learnable_tau(float(tau), log_tau)
+            self.log_tau = nn.Parameter(log_tau)
             self._tau = None
         else:
             self.register_parameter("log_tau", None)
@@ -728,7 +749,7 @@ class SoftTopK(nn.Module):
             if log_tau.device.type == "meta" or type(log_tau) is not torch.Tensor:
                 tau = "exp(log_tau)"
             else:
-                tau = round(float(log_tau.exp()), 6)
+                tau = float(f"{float(log_tau.exp()):.6g}")  # 6 significant digits, any scale
         return (
             f"k={self.k}, tau={tau}, learnable_tau={self.learnable_tau}, axis={self.axis}, "
             f"largest={self.largest}, output={self.output!r}"

@@ -609,6 +609,30 @@ def test_soft_topk_module_repr_and_forward():
     assert "tau=exp(log_tau), learnable_tau=True" in repr(meta)
 
 
+def test_soft_topk_learnable_tau_out_of_its_dtype_range():
+    # float32 log_tau: exp(log(1e-39)) is subnormal, so every call would raise tau's
+    # ValueError; the constructor says so instead (and 1e38, whose 1/tau is subnormal)
+    for tau in (1e-39, 1e38):
+        with pytest.raises(ValueError, match=r"learnable_tau=True: its float32 parameter"):
+            SoftTopK(2, tau=tau, learnable_tau=True)
+    # the edges of the range are fine, and printed at their scale (not rounded to 0.0)
+    small = SoftTopK(2, tau=1.2e-38, learnable_tau=True)
+    assert "tau=1.2e-38," in repr(small)
+    assert small(_t([3.0, 2.0, 1.0]).float()).dtype == torch.float32
+    assert "tau=8.00002e+37," in repr(SoftTopK(2, tau=8e37, learnable_tau=True))
+    # a fixed tau is checked at call time against x's dtype (float64 x allows 1e-39)
+    fixed = SoftTopK(2, tau=1e-39)
+    assert fixed(_t([3.0, 2.0, 1.0])).tolist() == [1.0, 1.0, 0.0]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        layer = SoftTopK(2, tau=1e-39, learnable_tau=True)
+    finally:
+        torch.set_default_dtype(old)
+    assert layer.log_tau.dtype == torch.float64
+    assert layer(_t([3.0, 2.0, 1.0])).tolist() == [1.0, 1.0, 0.0]
+
+
 def test_soft_topk_learnable_tau_gradient_and_positivity():
     layer = SoftTopK(2, tau=0.5, learnable_tau=True).double()
     x = _t([4.0, 1.0, 3.0, 2.0])
