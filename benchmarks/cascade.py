@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from .cli import no_repeats
+
 METHODS = ("dftopk", "lapsum", "bce", "softmax")
 FRAMEWORKS = ("torch", "jax")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cascade"
@@ -580,7 +582,10 @@ def _csv(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
     bad = [t for t in items if t not in allowed]
     if bad or not items:
         raise argparse.ArgumentTypeError(f"{what} must be a comma list of {allowed}, got {text!r}")
-    return items
+    try:
+        return tuple(no_repeats(list(items), what))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 from . import ops, passes, report
 
-__all__ = ["load_results", "main", "parse_sizes", "parse_fractions"]
+__all__ = ["load_results", "main", "no_repeats", "parse_sizes", "parse_fractions"]
 
 FULL_SIZES = "2^10,2^12,2^14,2^16,2^18,1e6,2^22,2^24,1024x256,1024x1024,1024x4096,1024x16384"
 QUICK_SIZES = "2^10,2^14,2^18,256x1024"
@@ -58,6 +58,33 @@ def _parse_int(text: str, what: str) -> int:
     return value
 
 
+def no_repeats(items: list[Any], what: str) -> list[Any]:
+    """``items`` unchanged, or a ``ValueError`` naming a value given twice.
+
+    A repeated value would only repeat rows of the results (and their time).
+
+    Examples
+    --------
+    >>> no_repeats([1, 2], "--p")
+    [1, 2]
+    >>> no_repeats([(None, 1000), (None, 1000)], "--sizes")
+    Traceback (most recent call last):
+    ...
+    ValueError: --sizes: 1000 is given more than once; give each value once
+    """
+    seen = set()
+    for item in items:
+        if item in seen:
+            shown = (
+                (f"{item[0]}x{item[1]}" if item[0] is not None else item[1])
+                if isinstance(item, tuple)
+                else item
+            )
+            raise ValueError(f"{what}: {shown} is given more than once; give each value once")
+        seen.add(item)
+    return items
+
+
 def parse_sizes(text: str) -> list[tuple[int | None, int]]:
     """``"2^10,1e6,1024x4096"`` -> ``[(None, 1024), (None, 1000000), (1024, 4096)]``.
 
@@ -78,7 +105,7 @@ def parse_sizes(text: str) -> list[tuple[int | None, int]]:
             out.append((None, _parse_int(item, "--sizes")))
     if not out:
         raise ValueError(f"--sizes: no size given in {text!r}")
-    return out
+    return no_repeats(out, "--sizes")
 
 
 def parse_fractions(text: str) -> list[float]:
@@ -102,7 +129,7 @@ def parse_fractions(text: str) -> list[float]:
         out.append(f)
     if not out:
         raise ValueError(f"--k: no fraction given in {text!r}")
-    return out
+    return no_repeats(out, "--k")
 
 
 def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -110,7 +137,7 @@ def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
     bad = [t for t in items if t not in allowed]
     if bad or not items:
         raise ValueError(f"{what}: got {bad or text!r}; allowed: {', '.join(allowed)}")
-    return items
+    return no_repeats(items, what)
 
 
 def build_parser() -> argparse.ArgumentParser:

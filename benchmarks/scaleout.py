@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cli import no_repeats
+
 __all__ = ["METHODS", "Collective", "collectives", "main", "per_device_bytes"]
 
 METHODS = ("ours", "gspmd", "allgather")
@@ -450,7 +452,7 @@ def _ints(text: str, what: str) -> list[int]:
         out.append(int(m.group(1)) ** int(m.group(2)) if m.group(2) else int(m.group(1)))
     if not out:
         raise ValueError(f"{what}: nothing given; use a comma list of integers such as 1,2^20")
-    return out
+    return no_repeats(out, what)
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -481,6 +483,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
         parser.error(f"--methods: got {bad or args.methods}; allowed: {', '.join(METHODS)}")
+    try:
+        no_repeats(args.methods, "--methods")
+    except ValueError as e:
+        parser.error(str(e))
     if any(p < 1 or p > DEVICES for p in args.p):
         parser.error(f"--p: device counts must lie in [1, {DEVICES}], got {args.p}")
     if any(b < 1 for b in args.batch):

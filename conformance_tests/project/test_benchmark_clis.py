@@ -66,6 +66,11 @@ def scaleout_argv(monkeypatch, tmp_path):
         (["--max-gib", "1e-9"], ["--max-gib", "skips every case", "GiB"]),
         (["--seed", "-1"], ["--seed", ">= 0", "got -1"]),
         (["--repeats", "0"], ["--repeats", ">= 1", "got 0"]),
+        # repeats only repeated rows (and their time)
+        (["--n", "2^4,16"], ["--n", "16 is given more than once"]),
+        (["--p", "1,2,1"], ["--p", "1 is given more than once"]),
+        (["--batch", "1,1"], ["--batch", "1 is given more than once"]),
+        (["--methods", "ours,ours"], ["--methods", "ours is given more than once"]),
     ],
 )
 def test_scaleout_rejects_bad_arguments(scaleout_argv, capsys, bad, expected):
@@ -145,6 +150,15 @@ def test_cascade_rejects_steps_within_the_warmup(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"--steps must be > {cascade.Config.warmup}" in err and f"got {steps}" in err
+
+
+def test_cascade_rejects_repeated_methods(cascade_quiet, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cascade, "run", _refuse)
+    for option, value in (("--methods", "bce,dftopk,bce"), ("--frameworks", "torch,torch")):
+        with pytest.raises(SystemExit) as exc:
+            cascade.main([option, value, "--no-plot", "--out", str(tmp_path)])
+        assert exc.value.code == 2
+        assert "is given more than once" in capsys.readouterr().err
 
 
 def test_cascade_run_rejects_steps_within_the_warmup():

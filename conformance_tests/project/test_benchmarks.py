@@ -326,6 +326,26 @@ def test_cli_rejects_negative_limits(tmp_path, capsys, option, value):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "option,value,shown",
+    [
+        ("--sizes", "2^8,256", "256"),  # the same n written two ways
+        ("--sizes", "4x8,2^8,4x8", "4x8"),
+        ("--k", "0.5,0.50", "0.5"),
+        ("--operators", "ours,hard,ours", "ours"),
+        ("--modes", "fwd,fwd", "fwd"),
+        ("--dtype", "float32,float32", "float32"),
+        ("--backends", "numpy,numpy", "numpy"),
+    ],
+)
+def test_cli_rejects_repeated_values(tmp_path, capsys, option, value, shown):
+    """A value given twice used to run twice and repeat its rows in the results."""
+    argv = ["--backends", "numpy", "--sizes", "2^8", "--operators", "ours", "--repeats", "1"]
+    code, err = _main_error(capsys, *argv, "--no-plot", "--out", str(tmp_path / "o"), option, value)
+    assert code == 2 and f"{option}: {shown} is given more than once" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_max_seconds_zero_runs_the_smallest_size_only(tmp_path):
     # 0 is allowed: every operator runs at its smallest size, the larger ones are skipped
     _, payload, _ = _run_cli(
