@@ -76,7 +76,9 @@ class Backend:
         ``group(g, x, axis) -> topk_core._group.Group``: resolve the public
         API's ``group=g`` (``x``'s ``axis`` is one shard of a longer axis)
         into the library's collectives, raising a ``TypeError``/``ValueError``
-        for a ``g`` it cannot use.  ``None``: the library has no ``group``.
+        for a ``g`` it cannot use; it may return None for a group of one member
+        (the shard is the whole axis: the call runs as without ``group``).
+        ``None``: the library has no ``group``.
     soft : object, optional
         The math after the selection, for libraries that can do it in fewer
         passes than the generic Array API code: an object with

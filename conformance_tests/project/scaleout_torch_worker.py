@@ -42,6 +42,7 @@ CASES = [
     "errors",
     "torch_compile",
     "torch_func_transforms",
+    "group_of_one",
 ]
 
 # shard boundaries of a length-100 axis: unequal on purpose
@@ -629,6 +630,42 @@ def check_torch_func_transforms(c):
     else:
         _MISMATCHES.append("jacrev on unequal shards did not raise")
     return "vmap (every public function), vmap of grad, jacrev, jacfwd, hessian with group="
+
+
+def check_group_of_one(c):
+    """Each rank alone in a group: the call runs as without ``group`` (no collective),
+    same values and gradients (the group's driver and generic math were 5-13x slower)."""
+    import torch
+    import torch.distributed as dist
+
+    import topk_core as tk
+
+    # new_group is collective: every rank creates every one-rank group, in order
+    alone = [dist.new_group([r]) for r in range(WORLD)][c.rank]
+    calls = []
+    real = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
+    x = _data((3, 50), 40 + c.rank).requires_grad_(True)
+    w = _data((3, 50), 50)
+    k_rows = torch.tensor([1, 25, 50])
+    try:
+        for name in real:
+            setattr(dist, name, lambda *a, _n=name, **kw: calls.append(_n) or real[_n](*a, **kw))
+        outs = []
+        for group in (alone, None):
+            p = tk.dftopk(x, k_rows, tau=0.3, group=group)
+            (g,) = torch.autograd.grad((w * p).sum(), x)
+            gx, gt = tk.dftopk_vjp(x.detach(), 7, w, tau=torch.tensor(0.5), group=group)
+            outs.append(
+                (p, g, gx, gt, tk.topk_mask(x.detach(), 7, group=group), tk.topk_threshold(x, 7))
+            )
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+    for i, (got, want) in enumerate(zip(*outs)):
+        _close(got, want, 0, f"output {i}")
+    if calls:
+        _MISMATCHES.append(f"a group of one made collectives: {calls}")
+    return f"{len(outs[0])} outputs as without group, no collective"
 
 
 def _rank_main(rank, port, out_dir, only):
