@@ -20,7 +20,7 @@ from typing import Any
 
 import keras
 
-from .._layer_args import check_layer_args
+from .._layer_args import check_layer_args, check_learnable_tau
 
 __all__ = ["SUPPORTED_BACKENDS", "SoftTopK"]
 
@@ -37,6 +37,14 @@ def _check_backend() -> str:
             f"{name!r}; set KERAS_BACKEND=jax or KERAS_BACKEND=torch before importing keras"
         )
     return name
+
+
+def _check_learnable_tau(tau: float, dtype: str) -> None:
+    """:func:`topk_core._layer_args.check_learnable_tau` in the weight's dtype."""
+    import numpy as np
+
+    value = float(np.exp(np.asarray(math.log(tau), dtype=dtype)))
+    check_learnable_tau(tau, dtype, value, float(np.finfo(dtype).smallest_normal))
 
 
 @keras.saving.register_keras_serializable(package="topk_core")
@@ -57,7 +65,9 @@ class SoftTopK(keras.layers.Layer):
         Temperature > 0 (the initial value when learnable).
     learnable_tau : bool, default False
         Learn the temperature: stored as the weight ``log_tau``, used as
-        ``tau = exp(log_tau)``, so training keeps it positive.
+        ``tau = exp(log_tau)``, so training keeps it positive.  An initial
+        ``tau`` outside the normal range of the weight's dtype (float32:
+        ``1.18e-38 <= tau <= 8.5e37``) is a ``ValueError``.
     output : {"probs", "logits"}, default "probs"
         Probabilities, or the logits ``(x - theta) / tau`` (for a
         ``BinaryCrossentropy(from_logits=True)``).  Masked entries give 0
@@ -75,11 +85,18 @@ class SoftTopK(keras.layers.Layer):
 
     Notes
     -----
-    ``call(inputs, mask=None)`` takes a boolean ``mask`` broadcastable to the
-    inputs (True = valid); Keras' own propagated masks also reach it.  A mask
-    with one dimension fewer than the inputs (Keras' per-timestep convention)
-    is applied to every entry of the last axis.  ``get_config`` holds the
-    constructor arguments (``tau`` is the initial value); a learned
+    ``call(inputs, mask=None, k=None)`` takes a boolean ``mask`` broadcastable
+    to the inputs (True = valid); Keras' own propagated masks also reach it.  A
+    mask with one dimension fewer than the inputs follows Keras' per-timestep
+    convention instead: it applies to every entry of the last axis (so for
+    square inputs it differs from broadcasting; give the inputs' rank to
+    broadcast).  The layer consumes the mask (``compute_mask`` is None).  ``k``
+    overrides the layer's ``k`` for one call (an int or a per-row integer
+    tensor); :meth:`hard_mask` gives the matching hard mask.  With a mask and
+    ``output="logits"`` the masked logits are ``-inf``, where Keras'
+    ``BinaryCrossentropy(from_logits=True)`` gives NaN (``-inf * 0``): train
+    masked rows on ``"probs"`` or replace those logits first.  ``get_config``
+    holds the constructor arguments (``tau`` is the initial value); a learned
     ``log_tau`` is saved with the weights (``model.save``).
 
     Examples
@@ -119,6 +136,7 @@ class SoftTopK(keras.layers.Layer):
         self.supports_masking = True
         self.log_tau = None
         if learnable_tau:
+            _check_learnable_tau(self.tau_init, self.variable_dtype)
             # no dependence on the input shape: created here, so a loaded model finds it
             self.log_tau = self.add_weight(
                 name="log_tau",
@@ -135,20 +153,84 @@ class SoftTopK(keras.layers.Layer):
             return self.tau_init
         return keras.ops.exp(self.log_tau)
 
-    def call(self, inputs: Any, mask: Any = None) -> Any:
+    def call(self, inputs: Any, mask: Any = None, k: Any = None) -> Any:
         from topk_core import dftopk, dftopk_logits
 
-        if mask is not None and len(mask.shape) == len(inputs.shape) - 1:
-            mask = keras.ops.expand_dims(mask, -1)
+        k = self._k_for(k)
+        mask = self._mask_for(inputs, mask)
         tau = self.tau
         if not isinstance(tau, float):
             tau = keras.ops.convert_to_tensor(tau)  # the backend's own tensor
         kw = dict(tau=tau, axis=self.axis, mask=mask, largest=self.largest)
         if self.output_kind == "logits":
-            return dftopk_logits(inputs, self.k, **kw)
-        return dftopk(inputs, self.k, hard=self.hard, **kw)
+            return dftopk_logits(inputs, k, **kw)
+        return dftopk(inputs, k, hard=self.hard, **kw)
+
+    def hard_mask(self, inputs: Any, mask: Any = None, k: Any = None) -> Any:
+        """The matching hard 0/1 top-k mask (:func:`topk_core.topk_mask`), e.g. for labels.
+
+        ``mask`` and ``k`` as in :meth:`call`; not differentiable.
+        """
+        from topk_core import topk_mask
+
+        inputs = keras.ops.convert_to_tensor(inputs)  # as Layer.__call__ does for call
+        k = self._k_for(k)
+        mask = self._mask_for(inputs, mask)
+        return topk_mask(inputs, k, axis=self.axis, mask=mask, largest=self.largest)
+
+    def _k_for(self, k: Any) -> Any:
+        """The call's ``k``: the layer's, an int, or a per-row array as a backend tensor."""
+        if k is None:
+            return self.k
+        if hasattr(k, "shape") and hasattr(k, "dtype"):
+            return keras.ops.convert_to_tensor(k)  # e.g. a NumPy array: one library with x
+        return k
+
+    @staticmethod
+    def _mask_for(inputs: Any, mask: Any) -> Any:
+        """The mask as ``topk_core`` takes it: Keras' per-timestep masks get the last axis."""
+        if mask is None:
+            return None
+        if not hasattr(mask, "shape"):
+            raise TypeError(
+                f"mask must be a boolean tensor or array (True = valid), got {type(mask).__name__}"
+            )
+        mask = keras.ops.convert_to_tensor(mask)  # e.g. a NumPy array: one library with x
+        x_shape, m_shape = tuple(inputs.shape), tuple(mask.shape)
+        if len(m_shape) != len(x_shape) - 1:
+            return mask
+        # Keras' convention (what an Embedding(mask_zero=True) passes on): one dimension
+        # fewer, per timestep, applied to the whole last axis
+        lead = x_shape[:-1]
+        fits = all(
+            m in (1, None) or d in (1, None) or m == d for m, d in zip(m_shape[::-1], lead[::-1])
+        )
+        if not fits:
+            raise ValueError(
+                f"mask of shape {m_shape} has one dimension fewer than the inputs {x_shape}: "
+                f"Keras' per-timestep convention applies it to the whole last axis, so it must "
+                f"broadcast to {lead}; give a mask of the inputs' rank to broadcast it as "
+                f"topk_core.dftopk does"
+            )
+        return keras.ops.expand_dims(mask, -1)
+
+    def compute_mask(self, inputs: Any, mask: Any = None) -> None:
+        # the mask is consumed (masked entries are 0, or -inf logits): passing it on
+        # would make Keras weight the loss with it, whose shape it does not fit
+        return None
 
     def compute_output_shape(self, input_shape: Any) -> Any:
+        ndim = len(input_shape)
+        if not -ndim <= self.axis < ndim:
+            raise ValueError(
+                f"axis {self.axis} is out of range for inputs of shape {tuple(input_shape)}"
+            )
+        n = input_shape[self.axis]
+        if n is not None and self.k > n:
+            raise ValueError(
+                f"k must satisfy 0 <= k <= {n} (the size of axis {self.axis} of the inputs "
+                f"{tuple(input_shape)}), got {self.k}"
+            )
         return input_shape
 
     def get_config(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import _math
-from .._layer_args import check_layer_args
+from .._layer_args import check_layer_args, check_learnable_tau
 from ..backends import torch_backend as _backend
 from ..backends.torch_backend import host_ok, select_pair
 
@@ -599,21 +599,14 @@ def apply_problem(pb: Any, output: str, hard: bool = False) -> torch.Tensor:
 
 
 def _check_learnable_tau(tau: float, log_tau: torch.Tensor) -> None:
-    """A learnable tau must start where its parameter's dtype can call with it.
-
-    ``exp(log_tau)`` is computed in the parameter's dtype (the default dtype, float32
-    unless changed): a tau whose image there is not a normal number (or whose inverse
-    is not) would make every call raise tau's ``ValueError``.
-    """
-    lo = torch.finfo(log_tau.dtype).smallest_normal
-    value = float(log_tau.exp())
-    if not lo <= value <= 1.0 / lo:
-        raise ValueError(
-            f"tau={tau!r} with learnable_tau=True: its {str(log_tau.dtype)[6:]} parameter "
-            f"log_tau gives exp(log_tau) = {value!r}, outside {lo:.4g} <= tau <= {1.0 / lo:.4g} "
-            f"(tau and 1/tau normal numbers of that dtype), so every call would raise; pick a "
-            f"tau in that range or set torch's default dtype to float64 first"
-        )
+    """:func:`topk_core._layer_args.check_learnable_tau` in the parameter's dtype (the
+    default dtype, float32 unless changed)."""
+    check_learnable_tau(
+        tau,
+        str(log_tau.dtype).replace("torch.", ""),
+        float(log_tau.exp()),
+        torch.finfo(log_tau.dtype).smallest_normal,
+    )
 
 
 class SoftTopK(nn.Module):

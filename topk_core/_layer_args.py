@@ -12,7 +12,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LayerArgs", "check_axis", "check_layer_args", "check_tau"]
+__all__ = ["LayerArgs", "check_axis", "check_layer_args", "check_learnable_tau", "check_tau"]
 
 
 @dataclass(frozen=True)
@@ -83,3 +83,27 @@ def check_axis(axis: Any) -> None:
     """A layer's (or loss module's) axis: an int (its range is checked against x)."""
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
+
+
+def check_learnable_tau(tau: float, dtype: str, value: float, smallest_normal: float) -> None:
+    """A learnable tau must start where its weight's dtype can call with it.
+
+    ``value`` is ``exp(log(tau))`` computed in the weight's ``dtype`` (its name):
+    a value that is not a normal number of that dtype, or whose inverse is not,
+    would make every call raise tau's ``ValueError``.
+
+    Examples
+    --------
+    >>> from topk_core._layer_args import check_learnable_tau
+    >>> check_learnable_tau(1e-39, "float32", 1e-39, 1.1754944e-38)
+    Traceback (most recent call last):
+    ...
+    ValueError: tau=1e-39 with learnable_tau=True: its float32 weight log_tau gives ...
+    """
+    if not smallest_normal <= value <= 1.0 / smallest_normal:
+        raise ValueError(
+            f"tau={tau!r} with learnable_tau=True: its {dtype} weight log_tau gives "
+            f"exp(log_tau) = {value!r}, outside {smallest_normal:.4g} <= tau <= "
+            f"{1.0 / smallest_normal:.4g} (tau and 1/tau normal numbers of that dtype), so "
+            f"every call would raise; pick a tau in that range or a wider dtype for the weight"
+        )

@@ -124,6 +124,39 @@ def main(out_dir: str) -> dict:
         got, topk_core.dftopk(x, 1, axis=0, mask=np.broadcast_to(rows[:, None], x.shape)), atol=1e-6
     )
 
+    # a full-shape mask in model.fit with a Keras loss: the layer consumes the mask
+    # (it used to pass it on, and Keras weighted the loss with it: a shape error)
+    xi, mi = keras.Input((n,)), keras.Input((n,), dtype="bool")
+    mm = keras.Model([xi, mi], SoftTopK(k)(keras.layers.Dense(n)(xi), mask=mi))
+    mm.compile(optimizer="adam", loss="binary_crossentropy")
+    mlosses = mm.fit([x, valid], (x > 0).astype(np.float32), epochs=2, verbose=0).history["loss"]
+    assert all(math.isfinite(v) for v in mlosses), mlosses
+    assert SoftTopK(k).compute_mask(x, valid) is None
+    # per-call k (int or per-row) and hard_mask, NumPy arguments converted like inputs
+    layer = SoftTopK(k, tau=0.5)
+    k_rows = np.array([0, 1, 3, n, 2])
+    for kk in (1, k_rows):
+        got = keras.ops.convert_to_numpy(layer(x, k=kk))
+        np.testing.assert_allclose(got, topk_core.dftopk(x, kk, tau=0.5), atol=1e-6)
+        hm = keras.ops.convert_to_numpy(layer.hard_mask(x, mask=valid, k=kk))
+        np.testing.assert_array_equal(hm, topk_core.topk_mask(x, kk, mask=valid))
+    # clear errors: a per-timestep mask that does not fit, a mask that is no array, a k
+    # above the axis when the model is built, a learnable tau float32 cannot hold
+    errors = []
+    for exc, text, fn in (
+        (ValueError, "one dimension fewer", lambda: SoftTopK(1)(x, mask=np.ones(n, bool))),
+        (TypeError, "mask must be a boolean tensor", lambda: SoftTopK(1)(x, mask=[[True] * n])),
+        (ValueError, "k must satisfy 0 <= k <= 12", lambda: SoftTopK(13)(keras.Input((n,)))),
+        (ValueError, "its float32 weight", lambda: SoftTopK(1, 1e-39, learnable_tau=True)),
+    ):
+        try:
+            fn()
+        except exc as e:
+            assert text in str(e), (text, str(e))
+            errors.append(text)
+        else:
+            raise AssertionError(f"no {exc.__name__} ({text})")
+
     # config round trip, save / load without custom_objects
     for layer in (model.get_layer(h) for h in heads):
         config = layer.get_config()
@@ -157,6 +190,7 @@ def main(out_dir: str) -> dict:
         "jit_losses": [round(v, 5) for v in jit_losses],
         "tau": math.exp(log_tau),
         "max_err": err,
+        "errors": errors,
         "seconds": round(time.perf_counter() - start, 1),
     }
 

@@ -613,7 +613,7 @@ def test_soft_topk_learnable_tau_out_of_its_dtype_range():
     # float32 log_tau: exp(log(1e-39)) is subnormal, so every call would raise tau's
     # ValueError; the constructor says so instead (and 1e38, whose 1/tau is subnormal)
     for tau in (1e-39, 1e38):
-        with pytest.raises(ValueError, match=r"learnable_tau=True: its float32 parameter"):
+        with pytest.raises(ValueError, match=r"learnable_tau=True: its float32 weight"):
             SoftTopK(2, tau=tau, learnable_tau=True)
     # the edges of the range are fine, and printed at their scale (not rounded to 0.0)
     small = SoftTopK(2, tau=1.2e-38, learnable_tau=True)
