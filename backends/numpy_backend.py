@@ -228,16 +228,33 @@ def _select_radix(x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
 def _select_sorted(x: np.ndarray, k: Any) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``(a, b)`` for short rows: NumPy's SIMD sort, then two gathers."""
     n = x.shape[-1]
+    if n == 0:  # only k = 0 (clipped): the sentinels
+        shape = x.shape[:-1] + (1,)
+        return np.full(shape, np.inf, dtype=x.dtype), np.full(shape, -np.inf, dtype=x.dtype)
     srt = np.sort(x, axis=-1)
     if isinstance(k, int):  # 0 < k < n
-        return srt[..., n - k : n - k + 1].copy(), srt[..., n - k - 1 : n - k].copy()
+        pair = srt[..., n - k : n - k + 1].copy(), srt[..., n - k - 1 : n - k].copy()
+        return _quiet_nan(pair[0]), _quiet_nan(pair[1])
     kk = k.astype(np.intp, copy=False)
     a = np.take_along_axis(srt, np.clip(n - kk, 0, n - 1), axis=-1)
     b = np.take_along_axis(srt, np.clip(n - kk - 1, 0, n - 1), axis=-1)
     a = np.where(kk == 0, np.asarray(np.inf, dtype=x.dtype), a)
     b = np.where(kk == n, np.asarray(-np.inf, dtype=x.dtype), b)
     # NaN sorts last, i.e. as the largest value: the ranks above already count it so
-    return a, b
+    return _quiet_nan(a), _quiet_nan(b)
+
+
+def _quiet_nan(v: np.ndarray) -> np.ndarray:
+    """``v`` with a quiet NaN for every NaN (float16 only: a per-row value, no cost).
+
+    NumPy's float16 sort hands back NaN as the signalling pattern 0x7c01, which
+    sets the invalid flag in the next arithmetic (a warning, or a
+    ``FloatingPointError`` under ``np.seterr(all='raise')``).  ``isnan`` only
+    classifies the bits: it raises nothing.
+    """
+    if v.dtype != np.float16:
+        return v
+    return np.where(np.isnan(v), np.asarray(np.nan, dtype=v.dtype), v)
 
 
 def _sample_size(n: int) -> int:

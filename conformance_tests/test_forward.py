@@ -337,6 +337,27 @@ def test_empty_selection_axis(lib):
     x = np.zeros((3, 0))
     p = tk.dftopk(lib.asarray(x), 0)
     assert lib.to_numpy(p).shape == (3, 0)
+    # a per-row k (clipped to 0) too: NumPy's short-row sort path raised IndexError
+    xx = lib.asarray(x)
+    for k in (lib.asarray(np.zeros(3, dtype=np.int64)), lib.asarray(np.array(2))):
+        for out in (tk.dftopk(xx, k), tk.dftopk_logits(xx, k), tk.topk_mask(xx, k)):
+            assert lib.to_numpy(out).shape == (3, 0)
+        assert lib.to_numpy(tk.dftopk_vjp(xx, k, xx)[0]).shape == (3, 0)
+        np.testing.assert_array_equal(lib.to_numpy(tk.topk_threshold(xx, k)), np.zeros((3, 1)))
+
+
+@pytest.mark.parametrize("kdtype", ["int8", "uint8", "int16", "uint16", "int32", "uint32"])
+def test_narrow_integer_k(lib, kdtype):
+    """A k array of any integer dtype selects as an int64 one: the clipping to the row
+    counts used to run in k's own dtype, where 300 wraps (int8 k = 100 selected 44)."""
+    x = np.arange(600.0).reshape(2, 300)
+    info = np.iinfo(kdtype)
+    k = np.array([min(100, info.max), info.max])  # the dtype's largest is clipped to n
+    want = np.minimum(k, 300)
+    got = tk.topk_mask(lib.asarray(x), lib.asarray(k.astype(kdtype)))
+    np.testing.assert_array_equal(lib.to_numpy(got), ref_topk_mask(x, want))
+    out = tk.dftopk(lib.asarray(x), lib.asarray(k.astype(kdtype)), tau=2.0)
+    _check(lib, out, ref_dftopk(x, want, tau=2.0), "float64")
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (2, 0, 5), (0, 70001)], ids=str)

@@ -351,7 +351,7 @@ def prepare(
             keep = backend.eager and bool(xp.all(n_valid >= k_out))
             k_arr = None if keep else xp.full(batch + (1,), k_out, dtype=count_t, device=device)
         else:
-            k_arr = k_out
+            k_arr = _widen_k(xp, k_out, count_t, n_all, device)
         if k_arr is not None:
             k_out = xp.minimum(
                 xp.maximum(k_arr, xp.zeros_like(k_arr)),
@@ -395,6 +395,27 @@ def _tau_bounds(values: Any) -> tuple[float, float]:
     if math.prod(values.shape) == 0:
         return 1.0, 1.0
     return float(vxp.min(values)), float(vxp.max(values))
+
+
+def _widen_k(xp: Any, k: Array, count_t: Any, n_all: int | None, device: Any) -> Array:
+    """An integer ``k`` array in ``count_t``, the type the row counts are clipped in.
+
+    A narrower ``k`` (int8, uint8, ...) is widened: clipping in its own type would
+    wrap the row counts (int8 ``k = 100`` over 300 entries selected 44).  A wider
+    or unsigned one is first clipped to what ``count_t`` holds, so that the cast
+    cannot wrap either; the clip to ``[0, n_valid]`` follows.
+    """
+    if k.dtype == count_t:
+        return k
+    if array_api_compat.is_torch_namespace(xp) and k.dtype == xp.uint32:
+        k = xp.astype(k, xp.int64)  # torch has no minimum/maximum for uint32; int64 holds it
+    ki, ci = xp.iinfo(k.dtype), xp.iinfo(count_t)
+    if ki.max > ci.max:
+        top = ci.max if n_all is None else min(ci.max, n_all)
+        k = xp.minimum(k, xp.asarray(top, dtype=k.dtype, device=device))
+    if ki.min < ci.min:
+        k = xp.maximum(k, xp.asarray(0, dtype=k.dtype, device=device))
+    return xp.astype(k, count_t)
 
 
 def _resolve_group(backend: Backend, group: Any, x: Any, lib: str, axis: int) -> Any:

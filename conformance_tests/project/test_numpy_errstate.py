@@ -124,3 +124,25 @@ def test_overflowed_gradient_sum_and_tau_tangent_neither_warn_nor_raise():
                 assert gx[1 - k] == -np.inf and not np.isnan(gx).any()
             _, d = tk.dftopk_jvp(xf, 1, np.zeros_like(xf), tau=1e-3, tau_tangent=10.0)
     np.testing.assert_array_equal(d, 0.0)
+
+
+@pytest.mark.parametrize("n", [3, 300, 3000])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_float16_nan_neither_warns_nor_raises(n, per_row):
+    """NumPy's float16 sort hands NaN back as the signalling pattern 0x7c01, whose next
+    arithmetic set the invalid flag (a warning; under ``seterr(all='raise')`` a
+    FloatingPointError) on the short-row sort path; the README promises no exception."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, n)).astype(np.float16)
+    x[0, :1] = np.nan  # k > m: a finite threshold
+    x[1, :3] = np.nan  # k <= m: a NaN threshold
+    k = np.array([2, 2]) if per_row else 2
+    g = np.ones_like(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(all="raise"):
+            theta = tk.topk_threshold(x, k)
+            p = tk.dftopk(x, k)
+            tk.dftopk_vjp(x, k, g)
+    assert np.isfinite(theta[0, 0]) and np.isnan(theta[1, 0])
+    assert np.isnan(p[1]).all() and np.isnan(p[0, 0]) and np.isfinite(p[0, 1:]).all()
