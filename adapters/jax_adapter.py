@@ -57,7 +57,7 @@ from topk_core.backends.jax_backend import select_pair_counts
 from topk_core import _math
 from topk_core._group import row_sum_of
 
-__all__ = ["apply", "backward_math", "forward_math", "tangent_math"]
+__all__ = ["apply", "backward_math", "differentiable_pair", "forward_math", "tangent_math"]
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -84,6 +84,21 @@ def _pair_jvp(sel, primals, tangents):
     da = _tie_mean(xs, a, dxs, group)
     db = _tie_mean(xs, b, dxs, group)
     return (a, b, ca, cb), (da, db, _int_zero(ca), None if cb is None else _int_zero(cb))
+
+
+def differentiable_pair(x: Any, k: Any, group: Any = None) -> tuple[Any, Any]:
+    """``(a, b)`` of ``x`` (masked entries already ``-inf``), differentiable in ``x``.
+
+    The selection through the ``_pair`` rule: ``da`` is the mean of the tangent
+    over the entries tied with ``a`` (0 for an infinite ``a``), likewise ``db``,
+    so ``jax.grad`` of ``topk_threshold`` puts the spec's weights ``w`` on the
+    tied entries, and differentiating ``dftopk_vjp``/``dftopk_jvp`` in ``x``
+    (second order) keeps the threshold's term.  What the jax backend's
+    ``select_pair`` (and a ``JaxGroup``'s) hands the public API.
+    """
+    k_static, k_arr = (k, None) if isinstance(k, int) else (None, k)
+    a, b, _, _ = _pair((k_static, group), x, k_arr)
+    return a, b
 
 
 def _int_zero(c: Any) -> Any:

@@ -456,10 +456,12 @@ class JaxGroup:
         return n_local * self.size
 
     def select_pair(self, xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
+        """The group's ``(a, b)``, differentiable in ``x`` like the backend's (the adapter's
+        ``_pair`` rule, whose tie means sum over the group)."""
+        from topk_core.adapters.jax_adapter import differentiable_pair
+
         del xp
-        if self.size == 1:
-            return self._whole_axis(select_pair(jnp, x, k))
-        return radix_select_pair(jnp, x, k, SHIMS, digit_bits=DIGIT_BITS, group=self)
+        return differentiable_pair(x, k, self)
 
     def select_pair_counts(self, x: Any, k: Any) -> tuple[Any, Any, Any, Any]:
         """:meth:`select_pair` plus the global tie counts (:func:`select_pair_counts`)."""
@@ -514,9 +516,19 @@ def resolve_group(group: Any, x: Any, axis: int = -1) -> JaxGroup:
     return JaxGroup(group, int(size))
 
 
+def _public_select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
+    """:func:`select_pair`, differentiable in ``x`` (the adapter's ``_pair`` rule): the
+    public API's ``topk_threshold`` and closed-form functions select through it, so
+    ``jax.grad`` of them does not treat ``a``, ``b`` as constants."""
+    from topk_core.adapters.jax_adapter import differentiable_pair
+
+    del xp
+    return differentiable_pair(x, k)
+
+
 BACKEND = Backend(
     name="jax",
-    select_pair=select_pair,
+    select_pair=_public_select_pair,
     eager=False,
     sigmoid=jax.nn.sigmoid,
     apply=_apply,

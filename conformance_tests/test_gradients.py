@@ -308,6 +308,29 @@ def test_dftopk_and_vjp_equals_separate_calls(lib, rng, case, output):
 
 
 @pytest.mark.parametrize("output", ["probs", "logits"])
+@pytest.mark.parametrize("largest", [True, False])
+def test_dftopk_and_vjp_ignores_later_in_place_changes(lib, output, largest):
+    """The returned ``vjp`` is the gradient at the forward's ``x`` and ``tau``: changing
+    them in place afterwards (where the library allows it) changes nothing.  It used to
+    read them again (NumPy ``x += 1``: the tie weights moved to other entries)."""
+    x0 = np.array([[4.0, 1.0, 3.0, 2.0, 3.0], [0.5, -1.0, 2.0, 2.0, 0.0]])
+    t0 = np.array([[0.5], [2.0]])
+    g = lib.asarray(np.array([[1.0, 0.0, 0.2, -0.3, 0.0], [0.0, 1.0, 0.5, 0.0, -2.0]]))
+    kw = {"output": output, "largest": largest}
+    want = tk.dftopk_vjp(lib.asarray(x0), 2, g, tau=lib.asarray(t0), **kw)
+    x, tau = lib.asarray(x0), lib.asarray(t0)
+    _, vjp = tk.dftopk_and_vjp(x, 2, tau=tau, **kw)
+    try:
+        x[...] = lib.asarray(x0[:, ::-1] + 1.0)
+        tau[...] = lib.asarray(t0 * 10.0)
+    except (TypeError, ValueError, NotImplementedError, AttributeError):
+        pytest.skip(f"{lib.name} arrays cannot change in place")
+    got = vjp(g)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(lib.to_numpy(a), lib.to_numpy(b))
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_nan_entries_are_constants_for_gradients(lib, rng, k, output):
     """NaN rule for gradients: a NaN entry keeps its own term (NaN for probabilities,

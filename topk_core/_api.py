@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
+import array_api_compat
+
 from . import _math
 from ._problem import Problem, host_values, normalise_like_tau, prepare, reduce_to_tau
 from ._registry import under_errstate
@@ -474,7 +476,9 @@ def dftopk_and_vjp(
         ``p`` (or ``z``, or the mask), as :func:`dftopk` (or :func:`dftopk_logits`)
         returns it.
     vjp : callable
-        ``vjp(cotangent) -> (grad_x, grad_tau)``, as :func:`dftopk_vjp` returns them.
+        ``vjp(cotangent) -> (grad_x, grad_tau)``, as :func:`dftopk_vjp` returns them,
+        at the ``x`` and ``tau`` of this call: it keeps its own copies (where the
+        library's arrays can change in place), so a later ``x += 1`` does not reach it.
 
     Examples
     --------
@@ -492,6 +496,7 @@ def dftopk_and_vjp(
     """
     _check_hard(hard, output)
     pb, a, b = _soft_problem(x, k, tau, axis, mask, largest, output, group)
+    _own_inputs(pb)
     # straight-through: the hard mask from the same selection, the soft residuals
     out, res = soft_forward(pb, a, b, output, keep=True, out=not hard)
     if hard:
@@ -503,6 +508,22 @@ def dftopk_and_vjp(
         return _vjp(pb, res, pb.in_layout(cotangent, "cotangent"), tau)
 
     return out, vjp
+
+
+def _own_inputs(pb: Problem) -> None:
+    """Copies of ``x`` and an array ``tau`` for a ``vjp`` that runs later.
+
+    The residuals keep ``pb.x``/``pb.tau``, which may be views of the caller's
+    arrays: an in-place change between the forward and the ``vjp`` call
+    (``x += 1`` on NumPy) silently changed the gradient.  JAX and Dask arrays
+    cannot change in place; every other library's can.
+    """
+    if array_api_compat.is_jax_array(pb.x) or array_api_compat.is_dask_array(pb.x):
+        return
+    xp = pb.xp
+    pb.x = xp.asarray(pb.x, copy=True)
+    if not isinstance(pb.tau, float):
+        pb.tau = xp.asarray(pb.tau, copy=True)
 
 
 @under_errstate
@@ -578,13 +599,14 @@ def _primal(pb: Problem, xc: Array, a: Array, z: Array, output: Output, hard: bo
 def _tau_tangent(pb: Problem, tau_tangent: Any) -> Any:
     import numbers
 
-    from ._problem import _check_same_library, _is_bool
+    from ._problem import _check_device, _check_same_library, _is_bool
 
     if _is_bool(tau_tangent):
         raise TypeError("tau_tangent must be a float or an array of tau's shape, got bool")
     if isinstance(tau_tangent, numbers.Real):
         return float(tau_tangent)
     _check_same_library(tau_tangent, "tau_tangent", pb)
+    _check_device(pb.xp, tau_tangent, "tau_tangent", pb.device)
     expected = pb.tau_shape if pb.tau_shape is not None else ()
     if tuple(tau_tangent.shape) != expected:
         raise ValueError(

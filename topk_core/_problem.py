@@ -122,6 +122,7 @@ class Problem:
     def in_layout(self, y: Array, name: str) -> Array:
         """Validate an x-shaped array argument (cotangent/tangent) and lay it out like x."""
         _check_same_library(y, name, self)
+        _check_device(self.xp, y, name, self.device)
         xp = self.xp
         if not xp.isdtype(y.dtype, "real floating"):
             raise TypeError(f"{name} must have a real floating dtype, got {y.dtype}")

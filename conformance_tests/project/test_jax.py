@@ -250,6 +250,34 @@ def test_threshold_and_hard_mask_traceable():
     np.testing.assert_array_equal(np.asarray(hm).sum(-1), np.minimum(3, MASK.sum(-1)))
 
 
+def test_threshold_and_closed_form_functions_differentiate_the_selection():
+    """``a``, ``b`` are differentiable in ``x`` (tie means): ``jax.grad`` of
+    ``topk_threshold`` has the spec's weights, and second order through
+    ``dftopk_vjp``/``dftopk_jvp``/``dftopk_and_vjp`` keeps the threshold's term (it
+    used to treat ``a``, ``b`` as constants: zeros, and a silently wrong Hessian)."""
+    x = jnp.asarray([4.0, 1.0, 3.0, 2.0, 2.5, 3.0])  # a tie at the k-th largest (3.0)
+    g = jnp.asarray([1.0, 0.2, 0.0, -0.4, 0.3, 0.5])
+    v = jnp.asarray([0.0, 0.5, 1.0, 0.0, 2.0, -1.0])
+    # k = 3: a = 3.0 (twice), b = 2.5: w = 1/4, 1/4 on the 3.0s, 1/2 on 2.5
+    th = jax.grad(lambda x: tk.topk_threshold(x, 3)[0])(x)
+    np.testing.assert_allclose(np.asarray(th), [0, 0, 0.25, 0, 0.5, 0.25])
+    th = jax.grad(lambda x: tk.topk_threshold(x, jnp.asarray(3), largest=False)[0])(x)
+    # the 3 smallest: a = 2.5, b = 3.0 (twice)
+    np.testing.assert_allclose(np.asarray(th), [0, 0, 0.25, 0, 0.5, 0.25])
+    fns = {
+        "vjp": lambda x: jnp.vdot(tk.dftopk_vjp(x, 2, g, tau=0.5)[0], v),
+        "jvp": lambda x: jnp.vdot(tk.dftopk_jvp(x, 2, g, tau=0.5)[1], v),
+        "and_vjp": lambda x: jnp.vdot(tk.dftopk_and_vjp(x, 2, tau=0.5)[1](g)[0], v),
+        "mask": lambda x: jnp.vdot(tk.dftopk_vjp(x, 4, g, mask=x < 3.5)[0], v),
+    }
+    xs = jnp.asarray([4.0, 1.0, 3.1, 2.0, 2.5, 2.9])  # no ties: finite differences apply
+    eps = 1e-6
+    for name, f in fns.items():
+        got = np.asarray(jax.grad(f)(xs))
+        fd = [(f(xs + eps * e) - f(xs - eps * e)) / (2 * eps) for e in np.eye(6)]
+        np.testing.assert_allclose(got, np.asarray(fd), atol=1e-6, err_msg=name)
+
+
 def test_hard_mask_branches_under_jit():
     """Under jit topk_mask takes a traced cond (eagerly the branch is taken on the host,
     which the conformance suite covers): batches that need no tie ranking (distinct

@@ -681,6 +681,22 @@ def test_bad_inputs_raise_clear_errors():
         topk_core.dftopk(x, 2, mask=torch.ones(3, 5, dtype=torch.bool, device="meta"))
     with pytest.raises(ValueError, match="device"):
         topk_core.dftopk(x, torch.ones(3, dtype=torch.int64, device="meta"))
+    # the closed-form functions' cotangent, tangent and tau tangent too (each was
+    # torch's "Tensor on device cpu is not on the expected device meta")
+    on_meta = torch.ones(3, 5, device="meta")
+    for call, name in (
+        (lambda: topk_core.dftopk_vjp(x, 2, on_meta), "cotangent"),
+        (lambda: topk_core.dftopk_and_vjp(x, 2)[1](on_meta), "cotangent"),
+        (lambda: topk_core.dftopk_jvp(x, 2, on_meta), "tangent"),
+        (
+            lambda: topk_core.dftopk_jvp(
+                x, 2, x, tau=torch.ones(3, 1), tau_tangent=torch.ones(3, 1, device="meta")
+            ),
+            "tau_tangent",
+        ),
+    ):
+        with pytest.raises(ValueError, match=f"^{name} is on device meta but x is on device cpu"):
+            call()
     with pytest.raises(TypeError, match="real floating"):
         topk_core.dftopk(torch.arange(5), 2)
     with pytest.raises(TypeError, match="k must be a non-negative int"):
