@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 MAX_DIGIT_BITS = 16
-_FLAT_BITS = 6  # digits up to this wide: one prefix sum over the bins, no blocks
+_FLAT_BITS = 6  # digits up to this wide: one block of all the bins (a short prefix sum)
 
 
 class RadixShims(Protocol):
@@ -291,13 +291,15 @@ def _find_bin(xp: Any, hist: Array, remaining: Array) -> tuple[Array, Array, Arr
 
 
 def _blocks(xp: Any, hist: Array, w: int) -> tuple[Array, Array]:
-    """``hist`` as blocks of ``2**(w - w // 2)`` bins: ``(blocks, block_sums)``.
+    """``hist`` as blocks of bins: ``(blocks, block_sums)``.
 
-    ``hist`` may hold several histograms of ``2**w`` bins side by side (the
-    ``track_b`` passes); the blocks of the ``j``-th start at ``j * 2**(w // 2)``.
+    Blocks of ``2**(w - w // 2)`` bins for wide digits; up to :data:`_FLAT_BITS`
+    bits one block of all ``2**w`` bins (its prefix sum is cheap).  ``hist``
+    may hold several histograms of ``2**w`` bins side by side (the ``track_b``
+    passes); the blocks of the ``j``-th start at ``j * n_blocks``.
     """
     lead = tuple(hist.shape[:-1])
-    width = 1 << (w - w // 2)
+    width = 1 << (w if w <= _FLAT_BITS else w - w // 2)
     blocks = xp.reshape(hist, lead + (hist.shape[-1] // width, width))
     return blocks, xp.sum(blocks, axis=-1)
 
@@ -478,38 +480,25 @@ def radix_select_pair(
             hist2 = xp.astype(shims.row_histogram(both, active | active_b, 2 * nbins), idx)
             if group is not None:
                 hist2 = group.sum(hist2)
-            if w > _FLAT_BITS:
-                # both halves' blocks at once; b reads the upper half's only once apart
-                blocks, sums2 = _blocks(xp, hist2, w)
-                nb = 1 << (w // 2)
-                sums = sums2[..., :nb]
-                sums_b = xp.where(same, sums, sums2[..., nb:])
-                off_b = xp.where(same, zero_i, zero_i + nb)
-                digit, gt, in_bin = _locate_blocks(xp, blocks, sums, remaining, 0, take)
-                digit_b, gt_b, n_equal_b = _locate_blocks(xp, blocks, sums_b, rem_b, off_b, take)
-            else:
-                hist = hist2[..., :nbins]
-                hist_b = xp.where(same, hist, hist2[..., nbins:])
-                digit, gt, in_bin = _find_bin(xp, hist, remaining)
-                digit_b, gt_b, n_equal_b = _find_bin(xp, hist_b, rem_b)
+            # both halves' blocks at once; b reads the upper half's only once apart
+            blocks, sums2 = _blocks(xp, hist2, w)
+            nb = sums2.shape[-1] // 2
+            sums = sums2[..., :nb]
+            sums_b = xp.where(same, sums, sums2[..., nb:])
+            off_b = xp.where(same, zero_i, zero_i + nb)
+            digit, gt, in_bin = _locate_blocks(xp, blocks, sums, remaining, 0, take)
+            digit_b, gt_b, n_equal_b = _locate_blocks(xp, blocks, sums_b, rem_b, off_b, take)
         else:
             hist = xp.astype(shims.row_histogram(digits, active, nbins), idx)
             if group is not None:
                 hist = group.sum(hist)
-            if w > _FLAT_BITS:
-                blocks, sums = _blocks(xp, hist, w)
-                digit, gt, in_bin = _locate_blocks(xp, blocks, sums, remaining, 0, take)
-            else:
-                sums = hist
-                digit, gt, in_bin = _find_bin(xp, hist, remaining)
+            blocks, sums = _blocks(xp, hist, w)
+            digit, gt, in_bin = _locate_blocks(xp, blocks, sums, remaining, 0, take)
             if track_b:
                 total = xp.sum(sums, axis=-1, keepdims=True)
                 b_none = kk >= total  # k = n: no (k+1)-th entry
                 rem_b = xp.minimum(rem_b, xp.maximum(total, one_i))
-                if w > _FLAT_BITS:
-                    digit_b, gt_b, n_equal_b = _locate_blocks(xp, blocks, sums, rem_b, 0, take)
-                else:
-                    digit_b, gt_b, n_equal_b = _find_bin(xp, hist, rem_b)
+                digit_b, gt_b, n_equal_b = _locate_blocks(xp, blocks, sums, rem_b, 0, take)
         remaining = remaining - gt
         above = above + gt
         d = xp.astype(digit, keys.dtype)
