@@ -124,15 +124,15 @@ POOL = ScratchPool()
 class _Residuals:
     """What :meth:`NumpySoft.backward` needs; pooled buffers go back when this dies."""
 
-    x: np.ndarray  # the normalised input, x's dtype (which of a, b each tie equals)
     ties: np.ndarray  # flat positions of the valid entries tied with a or b
+    tie_values: np.ndarray  # x there, x's dtype (which of a, b each tie equals)
+    nan_rows: tuple[np.ndarray, np.ndarray] | None  # see _nan_rows
     a: np.ndarray
     b: np.ndarray
     r: np.ndarray  # -z (probs) or z (logits); masked entries 0
     d: np.ndarray | None  # sign * p (1 - p) / tau (probs)
     scale: Any  # sign / tau (logits)
     r_sign: float  # grad_tau = r_sign * sum(s * r)
-    valid: np.ndarray | None
     invalid: np.ndarray | None
     pooled: list = field(default_factory=list)
 
@@ -172,7 +172,15 @@ def _is_one(tau: Any) -> bool:
 
 
 class NumpySoft:
-    """The ``soft`` hook: forward and backward of the DFTopK math on NumPy arrays."""
+    """The ``soft`` hook: forward and backward of the DFTopK math on NumPy arrays.
+
+    Its residuals keep no reference to ``x`` or the mask: the values of the
+    tied entries and, in the rare rows whose threshold is NaN, their NaN
+    positions are copied, so the caller may change ``x`` and the mask in place
+    before the backward (:func:`topk_core.dftopk_and_vjp`) at no cost.
+    """
+
+    owns_residuals = True
 
     def forward(
         self, pb: Any, a: np.ndarray, b: np.ndarray, output: str, *, keep: bool, out: bool = True
@@ -242,8 +250,9 @@ class NumpySoft:
             if not probs:
                 scale = sign / tau if isinstance(tau, float) else None
             res = _Residuals(
-                x=x,
                 ties=ties,
+                tie_values=_at(x, ties),
+                nan_rows=_nan_rows(x, a, b, pb.valid),
                 a=a,
                 b=b,
                 r=r,
@@ -251,7 +260,6 @@ class NumpySoft:
                 scale=scale,
                 # grad_tau = -sum(s z): r is -z (times log2(e) with exp2) for p, z for logits
                 r_sign=(sign / (_LOG2E if two else 1.0)) if probs else -sign,
-                valid=pb.valid,
                 invalid=invalid,
                 pooled=pooled,
             )
@@ -399,23 +407,48 @@ def _scale_into(d: np.ndarray, tau: Any, sign: float) -> None:
         np.negative(d, out=d)
 
 
+def _nan_rows(
+    x: np.ndarray, a: np.ndarray, b: np.ndarray, valid: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(rows, is_nan)`` for the rows whose ``a`` or ``b`` is NaN, else None (the common case).
+
+    Elsewhere a logit is NaN exactly at a valid NaN entry of ``x`` (finite
+    ``theta``, or the limit rule's comparisons for an infinite one), so the
+    backward finds them in its own ``r``.  In these rows every logit is NaN:
+    the valid NaN entries of ``x`` are copied here (flat row numbers, and a
+    bool row each), one read of the few rows and only when there are any.
+    """
+    bad = np.isnan(a) | np.isnan(b)
+    if not bool(bad.any()):
+        return None
+    n = x.shape[-1]
+    rows = np.flatnonzero(bad)
+    is_nan = np.isnan(x.reshape(-1, n)[rows])
+    if valid is not None:
+        is_nan &= np.broadcast_to(valid, x.shape).reshape(-1, n)[rows]
+    return rows, is_nan
+
+
 def _nan_entries(res: _Residuals, total: np.ndarray) -> np.ndarray | None:
     """The valid NaN entries of ``x``, or None when there are none (the common case).
 
     Checked only where a NaN can hide: for ``p`` a NaN entry makes its ``s`` and
     so ``total`` NaN (free to see); for logits ``s`` stays finite and ``r = z``
-    is NaN exactly there (one read of ``r``).
+    is NaN exactly there (one read of ``r``).  Read off ``r`` (0 at masked
+    entries), with the rows of a NaN threshold from :func:`_nan_rows`.
     """
+    r = res.r
     if res.d is not None:
         suspect = not bool(np.isfinite(total).all())
     else:
         with np.errstate(invalid="ignore"):  # +inf and -inf together also land here
-            suspect = bool(np.isnan(np.sum(res.r)))
+            suspect = bool(np.isnan(np.sum(r)))
     if not suspect:
         return None
-    nan_x = np.isnan(res.x)
-    if res.valid is not None:
-        nan_x &= res.valid
+    nan_x = np.isnan(r)
+    if res.nan_rows is not None:
+        rows, is_nan = res.nan_rows
+        nan_x.reshape(-1, r.shape[-1])[rows] = is_nan
     return nan_x if bool(nan_x.any()) else None
 
 
@@ -545,11 +578,10 @@ def _subtract_ties(s: np.ndarray, res: _Residuals, total: np.ndarray) -> None:
     pos = res.ties
     if pos.size == 0:
         return
-    x = res.x
-    n = x.shape[-1]
+    n = s.shape[-1]
     n_rows = s.size // n if n else 0
     rows = pos // n
-    xv = _at(x, pos)
+    xv = res.tie_values
     flat_s = s.reshape(-1)
     flat_total = total.reshape(-1)
     for v in (res.a.reshape(-1), res.b.reshape(-1)):

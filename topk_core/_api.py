@@ -477,8 +477,12 @@ def dftopk_and_vjp(
         returns it.
     vjp : callable
         ``vjp(cotangent) -> (grad_x, grad_tau)``, as :func:`dftopk_vjp` returns them,
-        at the ``x`` and ``tau`` of this call: it keeps its own copies (where the
-        library's arrays can change in place), so a later ``x += 1`` does not reach it.
+        at the ``x``, mask and ``tau`` of this call, whatever happens to them
+        later where the library's arrays can change in place: NumPy keeps the
+        few values of ``x`` it needs (and a copy of an array ``tau``), torch
+        raises a ``RuntimeError`` where one of them that the residuals
+        reference was changed in place since (as autograd does), other
+        libraries keep copies.
 
     Examples
     --------
@@ -496,7 +500,7 @@ def dftopk_and_vjp(
     """
     _check_hard(hard, output)
     pb, a, b = _soft_problem(x, k, tau, axis, mask, largest, output, group)
-    _own_inputs(pb)
+    check_inputs = _keep_inputs(pb)
     # straight-through: the hard mask from the same selection, the soft residuals
     out, res = soft_forward(pb, a, b, output, keep=True, out=not hard)
     if hard:
@@ -505,25 +509,61 @@ def dftopk_and_vjp(
 
     @under_errstate
     def vjp(cotangent: Array) -> tuple[Array, Array]:
+        check_inputs()
         return _vjp(pb, res, pb.in_layout(cotangent, "cotangent"), tau)
 
     return out, vjp
 
 
-def _own_inputs(pb: Problem) -> None:
-    """Copies of ``x`` and an array ``tau`` for a ``vjp`` that runs later.
+def _keep_inputs(pb: Problem) -> Callable[[], None]:
+    """Make the residuals immune to in-place changes of the caller's arrays; returns a check.
 
-    The residuals keep ``pb.x``/``pb.tau``, which may be views of the caller's
-    arrays: an in-place change between the forward and the ``vjp`` call
-    (``x += 1`` on NumPy) silently changed the gradient.  JAX and Dask arrays
-    cannot change in place; every other library's can.
+    A ``vjp`` that runs later must see this call's ``x``, mask and ``tau``,
+    which the residuals may reference (``pb.x`` can be a view of the caller's
+    ``x``): an in-place change in between (``x += 1``) silently changed the
+    gradient.  JAX and Dask arrays cannot change in place: nothing to do.  A
+    ``soft`` hook that owns its residuals needs only an array ``tau`` kept.
+    A library with version counters (torch) is watched, as autograd watches
+    what it saves: the returned check raises if a counter moved.  Anything
+    else is copied (one pass over ``x``).
     """
     if array_api_compat.is_jax_array(pb.x) or array_api_compat.is_dask_array(pb.x):
-        return
+        return _no_check
     xp = pb.xp
-    pb.x = xp.asarray(pb.x, copy=True)
-    if not isinstance(pb.tau, float):
-        pb.tau = xp.asarray(pb.tau, copy=True)
+    version = pb.backend.version
+    owned = getattr(_soft_hook(pb), "owns_residuals", False)
+    names = [] if owned else ["x", "mask"]
+    names.append("tau")
+    watched: list[tuple[str, Any, int]] = []
+    for name in names:
+        attr = {"x": "x", "mask": "valid", "tau": "tau"}[name]
+        arr = getattr(pb, attr)
+        if arr is None or isinstance(arr, float):
+            continue
+        v = version(arr) if version is not None else None
+        if v is None:
+            setattr(pb, attr, xp.asarray(arr, copy=True))
+        else:
+            watched.append((name, arr, v))
+    if not watched:
+        return _no_check
+
+    def check() -> None:
+        for name, arr, v in watched:
+            now = version(arr)
+            if now != v:
+                raise RuntimeError(
+                    f"dftopk_and_vjp: {name} was modified in place after the forward "
+                    f"(its version went from {v} to {now}), so vjp would no longer give "
+                    f"the gradient at the forward's inputs; call vjp before changing "
+                    f"{name}, or change a copy ({name}.clone())"
+                )
+
+    return check
+
+
+def _no_check() -> None:
+    return None
 
 
 @under_errstate

@@ -183,6 +183,40 @@ def test_and_vjp_residuals_do_not_alias_the_output(rng):
         assert not np.shares_memory(gx_again, got[0])
 
 
+@pytest.mark.parametrize("output", ["probs", "logits"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_and_vjp_residuals_keep_no_reference_to_x_or_the_mask(rng, output, dtype):
+    """The NumPy residuals copy what the backward reads of ``x``: the tied values
+    and, in rows whose threshold is NaN, the NaN positions (elsewhere a NaN entry is
+    found from its own NaN logit).  So neither ``x`` nor the mask is copied whole,
+    and overwriting both before the ``vjp`` changes nothing.  Rows: ties at ``a`` and
+    ``b``; a NaN entry with a finite threshold; a NaN threshold (k <= its NaN count);
+    infinite ``a`` (limit rule); a masked NaN."""
+    nan, inf = np.nan, np.inf
+    x0 = rng.standard_normal((6, 9)).astype(dtype)
+    x0[0, [1, 4, 6]] = 2.0
+    x0[0, [0, 7]] = 1.0
+    x0[1, 3] = nan
+    x0[2, [2, 5]] = nan
+    x0[3, [0, 8]] = inf
+    x0[4, [1]] = nan
+    m0 = np.ones(x0.shape, dtype=bool)
+    m0[4, 1] = m0[5, 0] = False
+    g = rng.standard_normal(x0.shape)
+    kw = {"tau": 0.3, "output": output, "mask": m0}
+    with np.errstate(invalid="ignore"):
+        want = tk.dftopk_vjp(x0, 2, g.astype(dtype), **kw)
+    x, m = x0.copy(), m0.copy()
+    _, vjp = tk.dftopk_and_vjp(x, 2, **{**kw, "mask": m})
+    x[...] = rng.standard_normal(x.shape)
+    m[...] = ~m0
+    with np.errstate(invalid="ignore"):
+        got = vjp(g.astype(dtype))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert np.isnan(want[0][2]).any() == (output == "probs")  # the NaN-threshold row ran
+
+
 def test_scratch_pool_bounds_and_reuse():
     pool = ScratchPool(max_bytes=1000, max_each=600)
     a = pool.take((10, 10), np.float32)  # 400 bytes
