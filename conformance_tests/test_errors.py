@@ -213,5 +213,10 @@ def test_vjp_jvp_argument_errors(lib):
         tk.dftopk_jvp(x, 2, lib.asarray(np.ones(5)))
     with pytest.raises(ValueError, match=r"tau_tangent must have tau's shape \(\)"):
         tk.dftopk_jvp(x, 2, x, tau_tangent=lib.asarray(np.ones(2)))
-    with pytest.raises(TypeError, match=r"tau_tangent must be a float"):
-        tk.dftopk_jvp(x, 2, x, tau_tangent=True)
+    # a float works: the message says so, for a bool, a complex, a str or a list
+    for bad, got in ((True, "bool"), (1j, "complex"), ("0.5", "str"), ([0.5], "list")):
+        with pytest.raises(
+            TypeError,
+            match=rf"tau_tangent must be a real number or an array of x's library .* got a {got}",
+        ):
+            tk.dftopk_jvp(x, 2, x, tau_tangent=bad)

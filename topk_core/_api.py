@@ -401,7 +401,9 @@ def dftopk_vjp(
     x, k, tau, axis, mask, largest, group
         As in :func:`dftopk`.
     cotangent : array
-        ``g``, the gradient of a scalar loss with respect to the output; x's shape.
+        ``g``, the gradient of a scalar loss with respect to the output; x's shape,
+        any real floating dtype (the math runs in x's compute dtype, so a float64
+        ``g`` for float32 ``x`` is rounded to float32).
     output : {"probs", "logits"}, default "probs"
         Differentiate :func:`dftopk` or :func:`dftopk_logits`.
     hard : bool, default False
@@ -588,7 +590,8 @@ def dftopk_jvp(
     x, k, tau, axis, mask, largest, group
         As in :func:`dftopk`.
     tangent : array
-        ``u``, the perturbation of ``x``; x's shape.
+        ``u``, the perturbation of ``x``; x's shape, any real floating dtype
+        (rounded to x's compute dtype, as ``cotangent`` in :func:`dftopk_vjp`).
     tau_tangent : float or array, optional
         Perturbation of ``tau`` (tau's shape).  None means 0.
     output : {"probs", "logits"}, default "probs"
@@ -639,12 +642,16 @@ def _primal(pb: Problem, xc: Array, a: Array, z: Array, output: Output, hard: bo
 def _tau_tangent(pb: Problem, tau_tangent: Any) -> Any:
     import numbers
 
-    from ._problem import _check_device, _check_same_library, _is_bool
+    from ._problem import _check_device, _check_same_library, _is_bool, _lib_label, library_name
 
-    if _is_bool(tau_tangent):
-        raise TypeError("tau_tangent must be a float or an array of tau's shape, got bool")
-    if isinstance(tau_tangent, numbers.Real):
+    if isinstance(tau_tangent, numbers.Real) and not _is_bool(tau_tangent):
         return float(tau_tangent)
+    if _is_bool(tau_tangent) or library_name(tau_tangent) is None:
+        # a float works: say so, rather than "must be an array" for 1j or "0.5"
+        raise TypeError(
+            f"tau_tangent must be a real number or an array of x's library "
+            f"({library_name(pb.x)}) with tau's shape, got {_lib_label(tau_tangent)}"
+        )
     _check_same_library(tau_tangent, "tau_tangent", pb)
     _check_device(pb.xp, tau_tangent, "tau_tangent", pb.device)
     expected = pb.tau_shape if pb.tau_shape is not None else ()

@@ -127,6 +127,7 @@ class Problem:
         if not xp.isdtype(y.dtype, "real floating"):
             raise TypeError(f"{name} must have a real floating dtype, got {y.dtype}")
         shape = _x_shape(self)
+        _check_known_shape(y, name)
         if tuple(y.shape) != shape:
             raise ValueError(f"{name} must have x's shape {shape}, got {tuple(y.shape)}")
         if self.axis != y.ndim - 1:
@@ -230,12 +231,16 @@ def check_x(x: Any, names: Names = None) -> tuple[Any, str]:
         )
     if x.ndim == 0:
         raise ValueError(f"{_nm('x', names)} must have at least one dimension, got a 0-d array")
-    if any(s is None or (isinstance(s, float) and math.isnan(s)) for s in x.shape):
+    _check_known_shape(x, _nm("x", names))
+    return xp, lib
+
+
+def _check_known_shape(arr: Array, name: str) -> None:
+    if any(s is None or (isinstance(s, float) and math.isnan(s)) for s in arr.shape):
         raise ValueError(
-            f"{_nm('x', names)} must have a known shape, got {tuple(x.shape)} (a dask array after "
+            f"{name} must have a known shape, got {tuple(arr.shape)} (a dask array after "
             f"boolean indexing: call .compute_chunk_sizes() on it first)"
         )
-    return xp, lib
 
 
 def prepare(

@@ -266,6 +266,13 @@ def test_errors():
         tk.dftopk(x, 3, group="d")
     with pytest.raises(ValueError, match="compute_chunk_sizes"):
         tk.dftopk(x[x > 0], 3)
+    # an x-shaped argument of unknown shape gets the same hint, naming itself
+    y = da.from_array(_data((4, 50)), chunks=(1, 10))
+    g = y[y[:, 0] > -np.inf]  # every row kept, but the row count is unknown until computed
+    with pytest.raises(ValueError, match=r"cotangent must have a known shape.*compute_chunk_sizes"):
+        tk.dftopk_vjp(y, 3, g)
+    with pytest.raises(ValueError, match=r"tangent must have a known shape.*compute_chunk_sizes"):
+        tk.dftopk_jvp(y, 3, g)
     with pytest.raises(TypeError, match="one library"):
         tk.dftopk(x, 3, mask=np.ones((2, 100), bool))
     with pytest.raises(ValueError, match="k must satisfy"):
