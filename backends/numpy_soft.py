@@ -421,12 +421,11 @@ def _nan_rows(
     bad = np.isnan(a) | np.isnan(b)
     if not bool(bad.any()):
         return None
-    n = x.shape[-1]
-    rows = np.flatnonzero(bad)
-    is_nan = np.isnan(x.reshape(-1, n)[rows])
+    pick = bad[..., 0]  # boolean row indexing copies those rows only, whatever x's layout
+    is_nan = np.isnan(x[pick])
     if valid is not None:
-        is_nan &= np.broadcast_to(valid, x.shape).reshape(-1, n)[rows]
-    return rows, is_nan
+        is_nan &= np.broadcast_to(valid, x.shape)[pick]
+    return np.flatnonzero(bad), is_nan
 
 
 def _nan_entries(res: _Residuals, total: np.ndarray) -> np.ndarray | None:

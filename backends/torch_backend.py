@@ -530,20 +530,6 @@ def host_values(t: Any) -> torch.Tensor | None:
     return v if host_ok(v) else None
 
 
-def _version(t: Any) -> int | None:
-    """``t``'s in-place version counter (shared with its views); None where it has none.
-
-    Inference tensors keep no counter (torch raises on reading it); neither do
-    the wrappers of some ``torch.func`` transforms.
-    """
-    if not isinstance(t, torch.Tensor) or t.is_inference():
-        return None
-    try:
-        return int(t._version)
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
 def _group(group: Any, x: torch.Tensor, axis: int) -> Any:
     # scale-out (group=): its own module, imported on first use
     from topk_core.backends.torch_distributed import resolve_group
@@ -558,5 +544,4 @@ BACKEND = Backend(
     apply=_apply,
     host_values=host_values,
     group=_group,
-    version=_version,
 )

@@ -214,9 +214,10 @@ def test_vjp_jvp_argument_errors(lib):
     with pytest.raises(ValueError, match=r"tau_tangent must have tau's shape \(\)"):
         tk.dftopk_jvp(x, 2, x, tau_tangent=lib.asarray(np.ones(2)))
     # a float works: the message says so, for a bool, a complex, a str or a list
-    for bad, got in ((True, "bool"), (1j, "complex"), ("0.5", "str"), ([0.5], "list")):
+    bads = (True, np.bool_(True), 1j, "0.5", [0.5])
+    for bad, got in zip(bads, ("bool", "bool", "a complex", "a str", "a list")):
         with pytest.raises(
             TypeError,
-            match=rf"tau_tangent must be a real number or an array of x's library .* got a {got}",
+            match=rf"tau_tangent must be a real number or an array of x's library .* got {got}",
         ):
             tk.dftopk_jvp(x, 2, x, tau_tangent=bad)

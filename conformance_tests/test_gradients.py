@@ -10,7 +10,6 @@ import pytest
 from topk_core.conformance.reference import finite_difference, ref_dftopk, ref_vjp
 
 import topk_core as tk
-from topk_core._registry import get_backend, library_name
 
 
 def _reduce(t, shape):
@@ -314,10 +313,8 @@ def test_dftopk_and_vjp_equals_separate_calls(lib, rng, case, output):
 def test_dftopk_and_vjp_ignores_later_in_place_changes(lib, output, largest, changed):
     """The returned ``vjp`` is the gradient at the forward's ``x``, mask and ``tau``:
     changing one of them in place afterwards (where the library allows it) changes
-    nothing, or, for a library with version counters (torch), is a ``RuntimeError``
-    naming it where the residuals reference it, as autograd raises.  It used to read
-    them again (NumPy ``x += 1``: the tie weights moved to other entries; torch: a
-    mask changed the gradient)."""
+    nothing.  It used to read them again (NumPy ``x += 1``: the tie weights moved to
+    other entries; torch: a changed mask changed the gradient)."""
     x0 = np.array([[4.0, 1.0, 3.0, 2.0, 3.0], [0.5, -1.0, 2.0, 2.0, 0.0]])
     t0 = np.array([[0.5], [2.0]])
     m0 = np.array([[True, True, True, True, True], [True, False, True, True, True]])
@@ -331,16 +328,7 @@ def test_dftopk_and_vjp_ignores_later_in_place_changes(lib, output, largest, cha
         args[changed][...] = lib.asarray(new)
     except (TypeError, ValueError, NotImplementedError, AttributeError):
         pytest.skip(f"{lib.name} arrays cannot change in place")
-    watched = get_backend(library_name(args["x"])).version is not None
-    try:
-        got = vjp(g)
-    except RuntimeError as err:
-        assert watched, err
-        assert f"{changed} was modified in place" in str(err)
-        return
-    # watched: the mask and tau, and x itself for largest=True, are what the residuals
-    # reference (largest=False works on a negated copy of x, which nothing can change)
-    assert not watched or (changed == "x" and not largest), "no RuntimeError"
+    got = vjp(g)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(lib.to_numpy(a), lib.to_numpy(b))
 

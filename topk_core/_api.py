@@ -458,8 +458,9 @@ def dftopk_and_vjp(
     """Forward and a VJP function sharing one selection (like ``jax.vjp``).
 
     For libraries without autodiff (NumPy, CuPy): ``dftopk`` followed by
-    ``dftopk_vjp`` selects twice; this selects once and keeps ``x``, the
-    per-row ``a``/``b`` and the logits for the backward pass.
+    ``dftopk_vjp`` selects twice; this selects once and keeps what the
+    backward needs: the per-row ``a``/``b``, the logits and ``p (1 - p)`` (or
+    ``p``), and ``x`` itself or the few values of it that the backward reads.
 
     Parameters
     ----------
@@ -481,10 +482,8 @@ def dftopk_and_vjp(
         ``vjp(cotangent) -> (grad_x, grad_tau)``, as :func:`dftopk_vjp` returns them,
         at the ``x``, mask and ``tau`` of this call, whatever happens to them
         later where the library's arrays can change in place: NumPy keeps the
-        few values of ``x`` it needs (and a copy of an array ``tau``), torch
-        raises a ``RuntimeError`` where one of them that the residuals
-        reference was changed in place since (as autograd does), other
-        libraries keep copies.
+        few values of ``x`` it needs (and a copy of an array ``tau``), other
+        libraries keep copies (JAX and Dask arrays cannot change).
 
     Examples
     --------
@@ -502,7 +501,7 @@ def dftopk_and_vjp(
     """
     _check_hard(hard, output)
     pb, a, b = _soft_problem(x, k, tau, axis, mask, largest, output, group)
-    check_inputs = _keep_inputs(pb)
+    _keep_inputs(pb)
     # straight-through: the hard mask from the same selection, the soft residuals
     out, res = soft_forward(pb, a, b, output, keep=True, out=not hard)
     if hard:
@@ -511,61 +510,33 @@ def dftopk_and_vjp(
 
     @under_errstate
     def vjp(cotangent: Array) -> tuple[Array, Array]:
-        check_inputs()
         return _vjp(pb, res, pb.in_layout(cotangent, "cotangent"), tau)
 
     return out, vjp
 
 
-def _keep_inputs(pb: Problem) -> Callable[[], None]:
-    """Make the residuals immune to in-place changes of the caller's arrays; returns a check.
+def _keep_inputs(pb: Problem) -> None:
+    """Make the residuals immune to in-place changes of the caller's arrays.
 
     A ``vjp`` that runs later must see this call's ``x``, mask and ``tau``,
     which the residuals may reference (``pb.x`` can be a view of the caller's
     ``x``): an in-place change in between (``x += 1``) silently changed the
     gradient.  JAX and Dask arrays cannot change in place: nothing to do.  A
-    ``soft`` hook that owns its residuals needs only an array ``tau`` kept.
-    A library with version counters (torch) is watched, as autograd watches
-    what it saves: the returned check raises if a counter moved.  Anything
-    else is copied (one pass over ``x``).
+    ``soft`` hook that owns its residuals (NumPy's) needs only an array
+    ``tau`` copied; otherwise ``x`` and the mask are copied too (one pass over
+    ``x``).  Copies, not torch's version counters: those miss changes through
+    ``.data`` or memory shared with NumPy, and checking them breaks
+    ``torch.compile(fullgraph=True)``.
     """
     if array_api_compat.is_jax_array(pb.x) or array_api_compat.is_dask_array(pb.x):
-        return _no_check
+        return
     xp = pb.xp
-    version = pb.backend.version
-    owned = getattr(_soft_hook(pb), "owns_residuals", False)
-    names = [] if owned else ["x", "mask"]
-    names.append("tau")
-    watched: list[tuple[str, Any, int]] = []
-    for name in names:
-        attr = {"x": "x", "mask": "valid", "tau": "tau"}[name]
-        arr = getattr(pb, attr)
-        if arr is None or isinstance(arr, float):
-            continue
-        v = version(arr) if version is not None else None
-        if v is None:
-            setattr(pb, attr, xp.asarray(arr, copy=True))
-        else:
-            watched.append((name, arr, v))
-    if not watched:
-        return _no_check
-
-    def check() -> None:
-        for name, arr, v in watched:
-            now = version(arr)
-            if now != v:
-                raise RuntimeError(
-                    f"dftopk_and_vjp: {name} was modified in place after the forward "
-                    f"(its version went from {v} to {now}), so vjp would no longer give "
-                    f"the gradient at the forward's inputs; call vjp before changing "
-                    f"{name}, or change a copy ({name}.clone())"
-                )
-
-    return check
-
-
-def _no_check() -> None:
-    return None
+    if not getattr(_soft_hook(pb), "owns_residuals", False):
+        pb.x = xp.asarray(pb.x, copy=True)
+        if pb.valid is not None:
+            pb.valid = xp.asarray(pb.valid, copy=True)
+    if not isinstance(pb.tau, float):
+        pb.tau = xp.asarray(pb.tau, copy=True)
 
 
 @under_errstate
@@ -642,23 +613,33 @@ def _primal(pb: Problem, xc: Array, a: Array, z: Array, output: Output, hard: bo
 def _tau_tangent(pb: Problem, tau_tangent: Any) -> Any:
     import numbers
 
-    from ._problem import _check_device, _check_same_library, _is_bool, _lib_label, library_name
+    from ._problem import (
+        _check_device,
+        _check_known_shape,
+        _check_same_library,
+        _is_bool,
+        _lib_label,
+        is_real_floating,
+        library_name,
+    )
 
     if isinstance(tau_tangent, numbers.Real) and not _is_bool(tau_tangent):
         return float(tau_tangent)
     if _is_bool(tau_tangent) or library_name(tau_tangent) is None:
         # a float works: say so, rather than "must be an array" for 1j or "0.5"
+        got = "bool" if _is_bool(tau_tangent) else _lib_label(tau_tangent)
         raise TypeError(
             f"tau_tangent must be a real number or an array of x's library "
-            f"({library_name(pb.x)}) with tau's shape, got {_lib_label(tau_tangent)}"
+            f"({library_name(pb.x)}) with tau's shape, got {got}"
         )
     _check_same_library(tau_tangent, "tau_tangent", pb)
     _check_device(pb.xp, tau_tangent, "tau_tangent", pb.device)
     expected = pb.tau_shape if pb.tau_shape is not None else ()
+    _check_known_shape(tau_tangent, "tau_tangent")
     if tuple(tau_tangent.shape) != expected:
         raise ValueError(
             f"tau_tangent must have tau's shape {expected}, got {tuple(tau_tangent.shape)}"
         )
-    if not pb.xp.isdtype(tau_tangent.dtype, "real floating"):
+    if not is_real_floating(pb.xp, tau_tangent.dtype):
         raise TypeError(f"tau_tangent must have a real floating dtype, got {tau_tangent.dtype}")
     return normalise_like_tau(pb, tau_tangent, expected, pb.compute_dtype)

@@ -124,7 +124,7 @@ class Problem:
         _check_same_library(y, name, self)
         _check_device(self.xp, y, name, self.device)
         xp = self.xp
-        if not xp.isdtype(y.dtype, "real floating"):
+        if not is_real_floating(xp, y.dtype):
             raise TypeError(f"{name} must have a real floating dtype, got {y.dtype}")
         shape = _x_shape(self)
         _check_known_shape(y, name)
@@ -224,15 +224,32 @@ def check_x(x: Any, names: Names = None) -> tuple[Any, str]:
         raise TypeError(
             f"{_nm('x', names)}: no Array API namespace for {type(x).__name__}: {exc}"
         ) from None
-    if not xp.isdtype(x.dtype, "real floating"):
+    try:
+        floating, hint = bool(xp.isdtype(x.dtype, "real floating")), ""
+    except TypeError:  # an extension dtype the library does not know (ml_dtypes' bfloat16)
+        floating = False
+        hint = f" (an extension dtype {library_name(x)} does not know: cast x, e.g. to float32)"
+    if not floating:
         raise TypeError(
             f"{_nm('x', names)} must have a real floating dtype (float16, bfloat16, "
-            f"float32, float64), got {x.dtype}"
+            f"float32, float64), got {x.dtype}{hint}"
         )
     if x.ndim == 0:
         raise ValueError(f"{_nm('x', names)} must have at least one dimension, got a 0-d array")
     _check_known_shape(x, _nm("x", names))
     return xp, lib
+
+
+def is_real_floating(xp: Any, dtype: Any) -> bool:
+    """``xp.isdtype(dtype, "real floating")``, False for a dtype ``xp`` does not know.
+
+    NumPy's ``isdtype`` raises a ``TypeError`` for extension dtypes such as
+    ml_dtypes' ``bfloat16``: the caller's error then names the argument instead.
+    """
+    try:
+        return bool(xp.isdtype(dtype, "real floating"))
+    except TypeError:
+        return False
 
 
 def _check_known_shape(arr: Array, name: str) -> None:
@@ -459,7 +476,7 @@ def _prepare_tau(pb: Problem, tau: Any, lib: str, shape: tuple[int, ...], names:
             f"{_poss(_nm('x', names))} library ({lib}), got {type(tau).__name__} {tau!r:.40}"
         )
     _check_same_library(tau, tn, lib, names)
-    if not xp.isdtype(tau.dtype, "real floating"):
+    if not is_real_floating(xp, tau.dtype):
         raise TypeError(f"{tn} must have a real floating dtype, got {tau.dtype}")
     tau_shape = tuple(tau.shape)
     if not _broadcastable(tau_shape, shape):

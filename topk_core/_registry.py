@@ -88,9 +88,10 @@ class Backend:
         :func:`topk_core._api.soft_backward`.  ``None`` uses the generic
         :func:`topk_core._math.soft_forward` / :func:`topk_core._math.soft_backward`.
         A hook whose residuals hold nothing of ``problem.x`` or
-        ``problem.valid`` (copies of the few values its backward needs) sets
-        ``owns_residuals = True``: :func:`topk_core.dftopk_and_vjp` then
-        neither copies nor watches ``x`` and the mask (only an array ``tau``).
+        ``problem.valid`` (copies of the few values its backward needs) and
+        whose backward reads no values of either sets ``owns_residuals =
+        True``: :func:`topk_core.dftopk_and_vjp` then copies neither (only an
+        array ``tau``).
     select_candidates : callable, optional
         ``select_candidates(xp, x, k) -> (a, b, positions)``: ``select_pair``'s
         result plus, where the selection found them on its way (None
@@ -157,7 +158,6 @@ class Backend:
     check_lazily: Callable[..., Any] | None = None
     align: Callable[[Any, Any], Any] | None = None
     compact: Callable[[Any], Any] | None = None
-    version: Callable[[Any], int | None] | None = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily

@@ -31,7 +31,7 @@ import array_api_compat
 
 from . import _math
 from ._api import named_logits, named_topk_mask
-from ._problem import _check_same_library, _is_bool, check_x, host_values
+from ._problem import _check_same_library, _is_bool, check_x, host_values, is_real_floating
 from ._registry import get_backend, under_errstate
 
 Array = Any
@@ -132,7 +132,7 @@ def _check_reduction(reduction: Any, allowed: tuple[str, ...]) -> None:
 
 def _validate_relevance(xp: Any, relevance: Any, scores: Any, lib: str, name: str) -> None:
     _check_same_library(relevance, "relevance", lib, {"x": name})
-    if not xp.isdtype(relevance.dtype, "real floating"):
+    if not is_real_floating(xp, relevance.dtype):
         raise TypeError(
             f"relevance must have a real floating dtype (cast integer or bool labels "
             f"first), got {relevance.dtype}"
@@ -348,7 +348,7 @@ def _batch_shape(x: Any, axis: int) -> tuple[int, ...]:
 
 def _check_log_vars(xp: Any, log_vars: Any, lib: str, n_terms: int) -> None:
     _check_same_library(log_vars, "log_vars", lib, {"x": "stage_scores[0]"})
-    if not xp.isdtype(log_vars.dtype, "real floating"):
+    if not is_real_floating(xp, log_vars.dtype):
         raise TypeError(f"log_vars must have a real floating dtype, got {log_vars.dtype}")
     if tuple(log_vars.shape) != (n_terms,):
         raise ValueError(

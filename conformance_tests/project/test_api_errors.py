@@ -21,6 +21,22 @@ def test_complex_x_rejected():
         tk.dftopk(np.ones(3, dtype=np.complex128), 1)
 
 
+def test_numpy_extension_dtypes_get_the_project_error():
+    """ml_dtypes' bfloat16 is not a dtype NumPy's ``isdtype`` knows (it raised its own
+    TypeError); x, a cotangent, tau and losses' arrays name themselves instead."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf = np.ones((2, 5), dtype=ml_dtypes.bfloat16)
+    x = np.ones((2, 5))
+    with pytest.raises(TypeError, match=r"x must have a real floating dtype .* got bfloat16 \(an"):
+        tk.dftopk(bf, 2)
+    with pytest.raises(TypeError, match=r"cotangent must have a real floating dtype"):
+        tk.dftopk_vjp(x, 2, bf)
+    with pytest.raises(TypeError, match=r"tau must have a real floating dtype"):
+        tk.dftopk(x, 2, tau=np.ones((2, 1), dtype=ml_dtypes.bfloat16))
+    with pytest.raises(TypeError, match=r"relevance must have a real floating dtype"):
+        tk.topk_bce_loss(x, bf, 2)
+
+
 def test_mixed_libraries_for_k_and_tau():
     s = pytest.importorskip("array_api_strict")
     x = np.ones((2, 5))

@@ -273,6 +273,10 @@ def test_errors():
         tk.dftopk_vjp(y, 3, g)
     with pytest.raises(ValueError, match=r"tangent must have a known shape.*compute_chunk_sizes"):
         tk.dftopk_jvp(y, 3, g)
+    t = da.from_array(np.ones((4, 1)), chunks=(1, 1))
+    t = t[t[:, 0] > 0]
+    with pytest.raises(ValueError, match=r"tau_tangent must have a known shape.*compute_chunk"):
+        tk.dftopk_jvp(y, 3, y, tau=da.ones((4, 1)), tau_tangent=t)
     with pytest.raises(TypeError, match="one library"):
         tk.dftopk(x, 3, mask=np.ones((2, 100), bool))
     with pytest.raises(ValueError, match="k must satisfy"):

@@ -488,6 +488,30 @@ def test_compile_fullgraph_aot_eager():
     torch.testing.assert_close(g, x.grad)
 
 
+def test_and_vjp_ignores_changes_autograd_would_miss_and_compiles():
+    """torch's ``dftopk_and_vjp`` keeps copies: a change through ``.data`` or through a
+    NumPy array sharing the memory (which no version counter sees) leaves its ``vjp``
+    at the forward's inputs, and the whole call traces with ``fullgraph=True``."""
+    a = np.random.default_rng(SEED).standard_normal((3, 6))
+    g = torch.from_numpy(np.random.default_rng(SEED + 1).standard_normal((3, 6)))
+    x = torch.from_numpy(a)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    want = topk_core.dftopk_vjp(x.clone(), 2, g, tau=0.7, mask=mask.clone())
+    _, vjp = topk_core.dftopk_and_vjp(x, 2, tau=0.7, mask=mask)
+    a += 1.0
+    x.data.mul_(-1.0)
+    mask.data[:, 1] = False
+    for got, w in zip(vjp(g), want):
+        torch.testing.assert_close(got, w, rtol=0, atol=0)
+
+    def f(x, g):
+        return topk_core.dftopk_and_vjp(x, 2, tau=0.7)[1](g)[0]
+
+    x = torch.from_numpy(np.random.default_rng(SEED + 2).standard_normal((3, 6)))
+    got = torch.compile(f, fullgraph=True, backend="eager")(x, g)
+    torch.testing.assert_close(got, topk_core.dftopk_vjp(x, 2, g, tau=0.7)[0])
+
+
 _COLD_COMPILE = """
 import sys
 import torch
