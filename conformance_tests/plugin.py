@@ -20,6 +20,7 @@ same to the project's test runs.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -197,19 +198,14 @@ def _mapped_regions() -> int | None:
         return None
 
 
-_MAP_BUDGET: list[int] = []
-
-
+@functools.cache
 def _map_budget() -> int:
     """Half of ``vm.max_map_count`` (65530 by default), read once."""
-    if not _MAP_BUDGET:
-        try:
-            with open("/proc/sys/vm/max_map_count") as f:
-                limit = int(f.read())
-        except (OSError, ValueError):
-            limit = 65530
-        _MAP_BUDGET.append(limit // 2)
-    return _MAP_BUDGET[0]
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read()) // 2
+    except (OSError, ValueError):
+        return 65530 // 2
 
 
 def tol(dtype: str) -> float:

@@ -224,12 +224,11 @@ def check_x(x: Any, names: Names = None) -> tuple[Any, str]:
         raise TypeError(
             f"{_nm('x', names)}: no Array API namespace for {type(x).__name__}: {exc}"
         ) from None
-    try:
-        floating, hint = bool(xp.isdtype(x.dtype, "real floating")), ""
-    except TypeError:  # an extension dtype the library does not know (ml_dtypes' bfloat16)
-        floating = False
-        hint = f" (an extension dtype {library_name(x)} does not know: cast x, e.g. to float32)"
+    floating = is_real_floating(xp, x.dtype)
     if not floating:
+        hint = ""
+        if floating is None:
+            hint = f" (an extension dtype {library_name(x)} does not know: cast x, e.g. to float32)"
         raise TypeError(
             f"{_nm('x', names)} must have a real floating dtype (float16, bfloat16, "
             f"float32, float64), got {x.dtype}{hint}"
@@ -240,8 +239,8 @@ def check_x(x: Any, names: Names = None) -> tuple[Any, str]:
     return xp, lib
 
 
-def is_real_floating(xp: Any, dtype: Any) -> bool:
-    """``xp.isdtype(dtype, "real floating")``, False for a dtype ``xp`` does not know.
+def is_real_floating(xp: Any, dtype: Any) -> bool | None:
+    """``xp.isdtype(dtype, "real floating")``; None (falsy) for a dtype ``xp`` does not know.
 
     NumPy's ``isdtype`` raises a ``TypeError`` for extension dtypes such as
     ml_dtypes' ``bfloat16``: the caller's error then names the argument instead.
@@ -249,7 +248,7 @@ def is_real_floating(xp: Any, dtype: Any) -> bool:
     try:
         return bool(xp.isdtype(dtype, "real floating"))
     except TypeError:
-        return False
+        return None
 
 
 def _check_known_shape(arr: Array, name: str) -> None:
