@@ -76,6 +76,8 @@ class RadixShims(Protocol):
     # ``block_bins(blocks, rows) -> (..., width)``, row ``rows`` (integer ``(..., 1)``)
     # of ``blocks`` ``(..., n_blocks, width)``: a gather.  Without it the driver
     # picks that row with a one-hot sum, which reads every block.
+    # ``full_histogram(digits, nbins)``: ``row_histogram`` with every entry active, for
+    # the first pass (a library may count faster without a mask to apply).
 
 
 def _int_dtype(xp: Any, bits: int) -> Any:
@@ -443,6 +445,7 @@ def radix_select_pair(
     one_i = xp.ones_like(kk)
     keys = shims.to_keys(x)
     take = getattr(shims, "block_bins", None)  # optional: a gather of one block's bins
+    full = getattr(shims, "full_histogram", None)  # optional: the first pass, no mask
     key_bits = xp.iinfo(keys.dtype).bits
     # signed keys are the unsigned ones minus 2**(key_bits-1): the same order, the
     # top digit's sign bit flipped, and the type's minimum as "no key"
@@ -489,7 +492,10 @@ def radix_select_pair(
             digit, gt, in_bin = _locate_blocks(xp, blocks, sums, remaining, 0, take)
             digit_b, gt_b, n_equal_b = _locate_blocks(xp, blocks, sums_b, rem_b, off_b, take)
         else:
-            hist = xp.astype(shims.row_histogram(digits, active, nbins), idx)
+            if p == 0 and full is not None:
+                hist = xp.astype(full(digits, nbins), idx)
+            else:
+                hist = xp.astype(shims.row_histogram(digits, active, nbins), idx)
             if group is not None:
                 hist = group.sum(hist)
             blocks, sums = _blocks(xp, hist, w)

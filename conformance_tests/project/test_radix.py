@@ -505,6 +505,47 @@ def test_jax_backend_counts_and_row_blocks(rows, n):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+@pytest.mark.parametrize(
+    "rows, n, nbins, masked, index",
+    [
+        (1, 3000, 1 << 16, False, "uint16"),  # every counter addressable in 16 bits
+        (256, 40, 1 << 8, False, "uint16"),  # 65536 counters over rows, the last at 0xFFFF
+        (3, 500, 1 << 14, True, "uint16"),  # the drop slot (49152) still fits
+        (1, 3000, 1 << 16, True, "int32"),  # the drop slot would be 65536
+        (257, 40, 1 << 8, False, "int32"),  # 65792 counters
+        (1, 3000, 1 << 17, True, "int32"),
+    ],
+)
+def test_jax_histogram_index_width(rows, n, nbins, masked, index):
+    # the scatter's indices are 16-bit wherever every index (the drop slot included)
+    # fits: same counts as NumPy, the extreme digits included, and the width asserted
+    # on the traced scatter (jnp's .at[] would silently widen them to int32)
+    import jax
+    import jax.numpy as jnp
+    from topk_core.backends import jax_backend
+
+    rng = np.random.default_rng(nbins + rows)
+    digits = rng.integers(0, nbins, (rows, n)).astype(np.uint32)
+    digits[-1, :3] = [nbins - 1, 0, nbins - 1]
+    active = rng.random((rows, n)) < 0.6 if masked else np.ones((rows, n), dtype=bool)
+    active[-1, :3] = True
+    shims = jax_backend.SHIMS
+    if masked:
+        fn = lambda d, a: shims.row_histogram(d, a, nbins)  # noqa: E731
+    else:
+        fn = lambda d, a: shims.full_histogram(d, nbins)  # noqa: E731
+    got = np.asarray(jax.jit(fn)(jnp.asarray(digits), jnp.asarray(active)))
+    np.testing.assert_array_equal(got, SHIMS.row_histogram(digits, active, nbins))
+    jaxpr = jax.make_jaxpr(fn)(jnp.asarray(digits), jnp.asarray(active))
+    widths = {
+        str(eqn.invars[1].aval.dtype)
+        for eqn in jaxpr.jaxpr.eqns
+        if eqn.primitive.name == "scatter-add"
+    }
+    assert widths == {index}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
 @pytest.mark.parametrize("rows, n", [(37, 100), (40, 128)])
 def test_jax_backend_batches_in_map_steps(monkeypatch, rows, n):
     # a batch is selected in lax.map steps of a few rows (plus a tail call when the
