@@ -32,9 +32,11 @@ tensors, so ranks that map over different sizes, e.g. ``jacrev`` over shards of
 unequal length, raise a ``ValueError`` instead of aborting in gloo).
 
 Checks: on CPU tensors (gloo) every call first all-gathers each rank's axis
-length, dtype and batch shape (one small message), so shards of different
-dtypes or shapes and a ``k`` above the global length raise the same clear
-error on every rank instead of hanging in a mismatched collective.  On CUDA
+length, dtype, batch shape and ``k`` (an int, or a digest of a per-row ``k``
+tensor's shape and values; one small message), so shards of different dtypes
+or shapes, ranks passing different ``k`` and a ``k`` above the global length
+raise the same clear error on every rank instead of hanging in a mismatched
+collective or answering a mix of ranks.  On CUDA
 that check would need a host synchronisation and is skipped: a scalar ``k``
 is then clipped to the global length on the device, like an array ``k``.
 None of the CUDA/NCCL paths has been run (no GPU was available); they use
@@ -43,6 +45,7 @@ only ops that do not synchronise with the host.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -145,13 +148,14 @@ class TorchGroup:
                 f"shards of equal length)"
             )
 
-    def check_same_k(self, k: int | None) -> None:
-        """The call's handshake, with ``k`` (an int, or None for an array ``k``).
+    def check_same_k(self, k: Any) -> None:
+        """The call's handshake, with ``k`` (an int, an array ``k``, or None for none).
 
-        Every rank must pass the same int ``k``: each rank's selection would
+        Every rank must pass the same ``k``: each rank's selection would
         otherwise look for a different rank of one global row (a silently wrong
-        answer).  ``k`` rides in the handshake's one all-gather (CPU tensors only;
-        elsewhere there is no handshake and ``n_total`` stays None).
+        answer).  An int rides in the handshake's one all-gather as its value, a
+        per-row ``k`` tensor as a digest of its shape and values (CPU tensors
+        only; elsewhere there is no handshake and ``n_total`` stays None).
         """
         if self._shard is None:
             return
@@ -317,14 +321,38 @@ def resolve_group(group: Any, x: torch.Tensor, axis: int) -> TorchGroup | None:
     return TorchGroup(group, (x, axis) if x.device.type == "cpu" else None)
 
 
-def _handshake(group: TorchGroup, x: torch.Tensor, axis: int, k: int | None) -> int:
+def _k_entry(k: Any) -> list[int]:
+    """``k`` for the handshake: ``[1, value]`` for an int, ``[2, digest]`` for an integer
+    tensor on the CPU (its shape and values: the same on every rank, unlike ``hash``,
+    which is salted per process), ``[0, 0]`` otherwise (nothing to compare: a kind of
+    argument the call rejects on every rank anyway, None, or a tensor without values on
+    the host, as under ``torch.func.vmap``)."""
+    if isinstance(k, int):
+        return [1, k]
+    if (
+        isinstance(k, torch.Tensor)
+        and k.device.type == "cpu"
+        and not k.is_floating_point()
+        and not k.is_complex()
+        and k.dtype != torch.bool
+    ):
+        try:
+            values = k.detach().to(torch.int64).contiguous().numpy().tobytes()
+        except RuntimeError:  # no values on the host: a torch.func-batched (or fake) tensor
+            return [0, 0]
+        h = hashlib.blake2b(repr(tuple(k.shape)).encode() + values, digest_size=7)
+        return [2, int.from_bytes(h.digest(), "little")]
+    return [0, 0]
+
+
+def _handshake(group: TorchGroup, x: torch.Tensor, axis: int, k: Any) -> int:
     """All-gather every rank's (axis length, dtype, batch shape, k); check; the global length."""
     batch = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1 :])
     code = _DTYPE_CODES.get(x.dtype, 0)
     # the batch shape as (ndim, numel, a hash): equal shapes give equal triples; k as
     # (is an int, value)
     info = [x.shape[axis], code, len(batch), math.prod(batch), hash(batch) % (2**62)]
-    every = group._gather_ints(info + ([1, k] if k is not None else [0, 0]))
+    every = group._gather_ints(info + _k_entry(k))
     names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
     dtypes = [names.get(int(e[1]), "?") for e in every]
     if len(set(dtypes)) > 1:
@@ -338,10 +366,13 @@ def _handshake(group: TorchGroup, x: torch.Tensor, axis: int, k: int | None) -> 
             f"{axis}; this rank: {batch}); only the selection axis may differ between ranks"
         )
     if len({tuple(e[5:]) for e in every}) > 1:
-        ks = [e[6] if e[5] else "an array" for e in every]
+        kinds = {1: None, 2: "an array", 0: "another kind"}
+        ks = [kinds[int(e[5])] or e[6] for e in every]
+        arrays = [e[6] for e in every if e[5] == 2]
+        extra = " (per-row k arrays of different shapes or values)" if len(set(arrays)) > 1 else ""
         raise ValueError(
-            f"k: the ranks of the group passed different values (by rank: {ks}); every "
-            f"rank must pass the same k, the size of the top-k set of the whole row"
+            f"k: the ranks of the group passed different values (by rank: {ks}){extra}; "
+            f"every rank must pass the same k, the size of the top-k set of the whole row"
         )
     return int(sum(int(e[0]) for e in every))
 

@@ -62,12 +62,12 @@ class Group(Protocol):
     #: ``apply(problem, output)``: an autodiff-aware forward (as ``Backend.apply``), or None.
     apply: Callable[..., Array] | None
 
-    #: ``check_same_k(k)``, ``k`` a Python int or None for an array ``k``, called once
-    #: per call before :meth:`total`: raise ``ValueError`` on every member unless all
-    #: members passed the same ``k`` (members that each pass their own arguments, as
-    #: torch.distributed ranks do); or None where one program serves every member
-    #: (a JAX mesh axis: ``k`` is static).
-    check_same_k: Callable[[int], None] | None
+    #: ``check_same_k(k)``, ``k`` a Python int or the caller's array ``k`` (not yet
+    #: validated), called once per call before :meth:`total`: raise ``ValueError`` on
+    #: every member unless all members passed the same ``k`` (members that each pass
+    #: their own arguments, as torch.distributed ranks do); or None where one program
+    #: serves every member (a JAX mesh axis: ``k`` is static).
+    check_same_k: Callable[[Any], None] | None
 
 
 def local_row_sum(xp: Any, v: Array) -> Array:

@@ -290,7 +290,7 @@ def prepare(
     same_k = getattr(grp, "check_same_k", None)
     if same_k is not None:
         # before anything can raise on some members only (k's range check would)
-        same_k(int(k) if _is_int(k) else None)
+        same_k(int(k) if _is_int(k) else k)
     # the global axis length (None: not known on the host without a device sync)
     n_all = n if grp is None else grp.total(n)
 

@@ -508,6 +508,20 @@ def check_errors(c):
         for fn in (tk.dftopk, tk.topk_mask):
             call = functools.partial(fn, x, k_rank, group=c.group)
             expect(ValueError, "passed different values", call)
+    # per-row k arrays: compared by shape and values (they were not compared before, and
+    # the ranks silently looked for different ranks of one global row)
+    k_diff = torch.tensor([3, 4 if c.rank == 1 else 5])
+    k_shape = torch.tensor([[3], [5]]) if c.rank == 2 else torch.tensor([3, 5])
+    for k_rank in (k_diff, k_shape):
+        for fn in (tk.dftopk, tk.topk_mask):
+            call = functools.partial(fn, x, k_rank, group=c.group)
+            expect(ValueError, "per-row k arrays of different shapes or values", call)
+    # the same values in another integer dtype on one rank: one k, no error
+    k_same = torch.tensor([3, 5], dtype=torch.int32 if c.rank == 1 else torch.int64)
+    got = tk.topk_mask(x, k_same, group=c.group)
+    want = tk.topk_mask(x, torch.tensor([3, 5]), group=c.group)
+    if not torch.equal(got, want):
+        _MISMATCHES.append("per-row k in another integer dtype on one rank")
     return "ok"
 
 
