@@ -350,7 +350,7 @@ def _handshake(group: TorchGroup, x: torch.Tensor, axis: int, k: Any) -> int:
     batch = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1 :])
     code = _DTYPE_CODES.get(x.dtype, 0)
     # the batch shape as (ndim, numel, a hash): equal shapes give equal triples; k as
-    # (is an int, value)
+    # (kind, value or digest): _k_entry
     info = [x.shape[axis], code, len(batch), math.prod(batch), hash(batch) % (2**62)]
     every = group._gather_ints(info + _k_entry(k))
     names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}

@@ -546,6 +546,22 @@ def test_jax_histogram_index_width(rows, n, nbins, masked, index):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+def test_jax_16bit_indices_under_vmap_over_more_rows_than_they_hold():
+    # vmap makes each row's 16-bit scatter one batched scatter over 70,000 rows, more
+    # than a uint16 index can number: the batch must not wrap into other rows' counters
+    import jax
+    import jax.numpy as jnp
+    from topk_core.backends import jax_backend
+
+    x = np.random.default_rng(7).standard_normal((70_000, 8)).astype(np.float32)
+    x[::3, :4] = 0.5  # ties
+    a, b = jax.jit(jax.vmap(lambda r: jax_backend.select_pair(jnp, r[None], 3)))(jnp.asarray(x))
+    ea, eb = sort_pair(x, 3)
+    np.testing.assert_array_equal(np.asarray(a).reshape(-1, 1), ea)
+    np.testing.assert_array_equal(np.asarray(b).reshape(-1, 1), eb)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
 @pytest.mark.parametrize("rows, n", [(37, 100), (40, 128)])
 def test_jax_backend_batches_in_map_steps(monkeypatch, rows, n):
     # a batch is selected in lax.map steps of a few rows (plus a tail call when the
