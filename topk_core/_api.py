@@ -524,15 +524,19 @@ def _keep_inputs(pb: Problem) -> None:
     gradient.  JAX and Dask arrays cannot change in place: nothing to do.  A
     ``soft`` hook that owns its residuals (NumPy's) needs only an array
     ``tau`` copied; otherwise ``x`` and the mask are copied too (one pass over
-    ``x``).  Copies, not torch's version counters: those miss changes through
-    ``.data`` or memory shared with NumPy, and checking them breaks
+    ``x``), except ``x`` where the generic forward keeps it cast to a wider
+    compute dtype (float16, bfloat16): that cast is already a copy.  Copies,
+    not torch's version counters: those miss changes through ``.data`` or
+    memory shared with NumPy, and checking them breaks
     ``torch.compile(fullgraph=True)``.
     """
     if array_api_compat.is_jax_array(pb.x) or array_api_compat.is_dask_array(pb.x):
         return
     xp = pb.xp
-    if not getattr(_soft_hook(pb), "owns_residuals", False):
-        pb.x = xp.asarray(pb.x, copy=True)
+    hook = _soft_hook(pb)
+    if not getattr(hook, "owns_residuals", False):
+        if hook is not None or pb.x.dtype == pb.compute_dtype:
+            pb.x = xp.asarray(pb.x, copy=True)
         if pb.valid is not None:
             pb.valid = xp.asarray(pb.valid, copy=True)
     if not isinstance(pb.tau, float):
