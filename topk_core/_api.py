@@ -535,6 +535,7 @@ def _keep_inputs(pb: Problem) -> None:
     xp = pb.xp
     hook = _soft_hook(pb)
     if not getattr(hook, "owns_residuals", False):
+        # (casting x here instead would change pb.dtype, which is read off x: the output's)
         if hook is not None or pb.x.dtype == pb.compute_dtype:
             pb.x = xp.asarray(pb.x, copy=True)
         if pb.valid is not None:
