@@ -522,6 +522,39 @@ def _apply(pb: Any, output: str, hard: bool = False) -> Any:
     return apply_problem(pb, output, hard=hard)
 
 
+class _Soft:
+    """The ``soft`` hook: :func:`topk_core.dftopk_vjp` and :func:`topk_core.dftopk_and_vjp`
+    in the adapter's eager kernels on plain CPU tensors (issue 11: the generic
+    Array API math cost 2-3.5x the autograd path there).  Imported on first
+    use, like ``apply``.  Elsewhere (CUDA, ``torch.compile``, ``torch.func``,
+    or a graph to record: grad mode with an input that requires grad) it
+    defers to the generic code, which is graph-safe and differentiable.
+    """
+
+    owns_residuals = False
+
+    def applies(self, pb: Any, *arrays: Any) -> bool:
+        ts = [pb.x, *arrays]
+        ts += [t for t in (pb.tau, pb.valid) if isinstance(t, torch.Tensor)]
+        if not all(isinstance(t, torch.Tensor) and host_ok(t) for t in ts):
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+
+    def forward(self, pb: Any, a: Any, b: Any, output: str, *, keep: bool, out: bool = True):
+        from topk_core.adapters.torch_adapter import closed_form_forward
+
+        return closed_form_forward(pb, a, b, output, keep=keep, out=out)
+
+    def backward(self, pb: Any, res: Any, g: Any):
+        from topk_core.adapters.torch_adapter import closed_form_backward
+
+        return closed_form_backward(pb, res, g)
+
+
+def _select_candidates(xp: Any, x: torch.Tensor, k: Any) -> Any:
+    return select_pair_and_candidates(x, k)
+
+
 def host_values(t: Any) -> torch.Tensor | None:
     """``t`` detached if its values are free to read (:func:`host_ok`), else None."""
     if not isinstance(t, torch.Tensor):
@@ -544,4 +577,6 @@ BACKEND = Backend(
     apply=_apply,
     host_values=host_values,
     group=_group,
+    soft=_Soft(),
+    select_candidates=_select_candidates,
 )

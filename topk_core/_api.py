@@ -91,7 +91,7 @@ def soft_backward(pb: Problem, res: Any, g: Array) -> tuple[Array, Array]:
     form :func:`topk_core._problem.reduce_to_tau` accepts (elementwise, or
     already summed over tau's broadcast axes).
     """
-    soft = _soft_hook(pb)
+    soft = _soft_hook(pb, g)
     if soft is not None:
         return soft.backward(pb, res, g)
     grad_x, t = _math.soft_backward(pb.xp, res, g, pb.tau, pb.valid, row_sum=pb.row_sum)
@@ -100,9 +100,13 @@ def soft_backward(pb: Problem, res: Any, g: Array) -> tuple[Array, Array]:
     return grad_x, t
 
 
-def _soft_hook(pb: Problem) -> Any:
+def _soft_hook(pb: Problem, *arrays: Array) -> Any:
     # a backend's fused math sums locally: a sharded axis takes the generic code's hooks
-    return pb.backend.soft if pb.group is None else None
+    soft = pb.backend.soft if pb.group is None else None
+    applies = getattr(soft, "applies", None)
+    if applies is not None and not applies(pb, *arrays):
+        return None
+    return soft
 
 
 def hard_forward(pb: Problem) -> Array:
@@ -524,8 +528,9 @@ def _keep_inputs(pb: Problem) -> None:
     gradient.  JAX and Dask arrays cannot change in place: nothing to do.  A
     ``soft`` hook that owns its residuals (NumPy's) needs only an array
     ``tau`` copied; otherwise ``x`` and the mask are copied too (one pass over
-    ``x``), except ``x`` where the generic forward keeps it cast to a wider
-    compute dtype (float16, bfloat16): that cast is already a copy.  Copies,
+    ``x``), except ``x`` where the forward keeps it cast to a wider compute
+    dtype (float16, bfloat16), as the generic code and every hook without
+    ``owns_residuals`` do: that cast is already a copy.  Copies,
     not torch's version counters: those miss changes through ``.data`` or
     memory shared with NumPy, and checking them breaks
     ``torch.compile(fullgraph=True)``.
@@ -536,7 +541,7 @@ def _keep_inputs(pb: Problem) -> None:
     hook = _soft_hook(pb)
     if not getattr(hook, "owns_residuals", False):
         # (casting x here instead would change pb.dtype, which is read off x: the output's)
-        if hook is not None or pb.x.dtype == pb.compute_dtype:
+        if pb.x.dtype == pb.compute_dtype:
             pb.x = xp.asarray(pb.x, copy=True)
         if pb.valid is not None:
             pb.valid = xp.asarray(pb.valid, copy=True)

@@ -91,7 +91,14 @@ class Backend:
         ``problem.valid`` (copies of the few values its backward needs) and
         whose backward reads no values of either sets ``owns_residuals =
         True``: :func:`topk_core.dftopk_and_vjp` then copies neither (only an
-        array ``tau``).
+        array ``tau``); any other hook keeps ``x`` as the generic code does,
+        cast to the compute dtype (``dftopk_and_vjp`` copies it only where
+        that cast is not already a copy).  An optional ``applies(problem,
+        *arrays) -> bool`` (``arrays``: the cotangent, for the backward) lets
+        the hook decline a call, which then runs the generic code: torch's
+        runs only on plain CPU tensors with no graph to record.  Its residuals
+        must then be the generic ones (:class:`topk_core._math.SoftResiduals`),
+        as the forward and the backward may decide differently.
     select_candidates : callable, optional
         ``select_candidates(xp, x, k) -> (a, b, positions)``: ``select_pair``'s
         result plus, where the selection found them on its way (None

@@ -106,6 +106,113 @@ def test_numpy_fast_path_matches_generic_math(rng, generic_numpy, output, expone
             assert np.all(out[masked] == (0.0 if output == "probs" else -np.inf))
 
 
+def _torch_case(torch, x, k, kw):
+    """A :func:`_cases` entry as torch tensors (copies: the caller may write in place)."""
+
+    def conv(v):
+        return torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v
+
+    return conv(x), conv(k), {n: conv(v) for n, v in kw.items()}
+
+
+@pytest.fixture
+def torch_soft_calls(monkeypatch):
+    """Count the torch ``soft`` hook's eager kernels; ``[forward, backward, candidates]``."""
+    pytest.importorskip("torch")
+    from topk_core.adapters import torch_adapter
+
+    calls = [0, 0, 0]
+    fwd, bwd = torch_adapter.closed_form_forward, torch_adapter.closed_form_backward
+
+    def forward(pb, *args, **kw):
+        calls[0] += 1
+        return fwd(pb, *args, **kw)
+
+    def backward(pb, res, g):
+        calls[1] += 1
+        calls[2] += pb.candidates is not None
+        return bwd(pb, res, g)
+
+    monkeypatch.setattr(torch_adapter, "closed_form_forward", forward)
+    monkeypatch.setattr(torch_adapter, "closed_form_backward", backward)
+    return calls
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_torch_closed_form_fast_path_matches_generic_math(rng, output, torch_soft_calls):
+    """torch's ``soft`` hook (``dftopk_vjp``, ``dftopk_and_vjp``) gives the generic Array
+    API code's results over the NumPy cases: masks, per-row k and tau, axis, largest,
+    infinities, NaN, overflow, tiny tau, half precision, long rows with candidates."""
+    torch = pytest.importorskip("torch")
+    fast = get_backend("torch")
+    generic = dataclasses.replace(fast, soft=None, select_candidates=None)
+    fwd = tk.dftopk if output == "probs" else tk.dftopk_logits
+    n_cases = 0
+    for case in _cases(rng):
+        x, k, kw = _torch_case(torch, *case)
+        g = torch.from_numpy(rng.standard_normal(x.shape)).to(x.dtype)
+        gx, gt = tk.dftopk_vjp(x, k, g, output=output, **kw)
+        out, vjp = tk.dftopk_and_vjp(x, k, output=output, **kw)
+        gx2, gt2 = vjp(g)
+        out.fill_(123.0)  # the caller owns the output: the residuals are elsewhere
+        gx3, _ = vjp(g)
+        if output == "probs":
+            hard, hvjp = tk.dftopk_and_vjp(x, k, hard=True, **kw)
+            torch.testing.assert_close(hard, tk.dftopk(x, k, hard=True, **kw), rtol=0, atol=0)
+            torch.testing.assert_close(hvjp(g)[0], gx, rtol=0, atol=0, equal_nan=True)
+        register_backend("torch", generic)
+        try:
+            ref = fwd(x, k, **kw)
+            rgx, rgt = tk.dftopk_vjp(x, k, g, output=output, **kw)
+            rout = tk.dftopk_and_vjp(x, k, output=output, **kw)[0]
+        finally:
+            register_backend("torch", fast)
+        n_cases += 1
+        assert gx.dtype == x.dtype and out.dtype == x.dtype and gt.dtype == x.dtype
+        torch.testing.assert_close(gx3, gx2, rtol=0, atol=0, equal_nan=True)
+        got_out = tk.dftopk_and_vjp(x, k, output=output, **kw)[0]
+        pairs = ((got_out, rout), (got_out, ref), (gx, rgx), (gx2, rgx), (gt, rgt), (gt2, rgt))
+        for got, want in pairs:
+            got = got.double().numpy()
+            want = want.double().numpy()
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+            fin = np.isfinite(want)
+            _close(got[fin], want[fin], x.numpy().dtype)
+        if "mask" in kw:
+            assert bool((gx[~kw["mask"]] == 0).all())
+    # every case ran the hook, forward and backward; the long rows handed over candidates
+    assert torch_soft_calls[0] >= 3 * n_cases and torch_soft_calls[1] >= 3 * n_cases
+    assert torch_soft_calls[2] > 0
+
+
+def test_torch_closed_form_defers_to_the_generic_code_for_graphs(rng, torch_soft_calls):
+    """Where a graph is recorded (grad mode, an input that requires grad) or values
+    cannot be read on the host (``torch.func``), the generic, differentiable code runs:
+    the closed-form VJP stays differentiable and gives the eager kernels' values."""
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(rng.standard_normal((3, 40)))
+    g = torch.from_numpy(rng.standard_normal((3, 40)))
+    want, want_tau = tk.dftopk_vjp(x, 6, g, tau=0.5)
+    assert torch_soft_calls[:2] == [1, 1]
+    xr = x.clone().requires_grad_()
+    got, got_tau = tk.dftopk_vjp(xr, 6, g, tau=0.5)
+    assert got.requires_grad and torch_soft_calls[:2] == [1, 1]
+    torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_tau.detach(), want_tau, rtol=1e-12, atol=1e-12)
+    (hvp,) = torch.autograd.grad((got * g).sum(), xr)  # second order through the VJP
+    assert hvp.shape == x.shape and bool(torch.isfinite(hvp).all())
+    # a cotangent that requires grad: the backward defers, the forward did not
+    gr = g.clone().requires_grad_()
+    _, vjp = tk.dftopk_and_vjp(x, 6, tau=0.5)
+    got = vjp(gr)[0]
+    assert got.requires_grad and torch_soft_calls[:2] == [2, 1]
+    torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
+    batched = torch.func.vmap(lambda xi, gi: tk.dftopk_vjp(xi, 6, gi, tau=0.5)[0])(x, g)
+    assert torch_soft_calls[:2] == [2, 1]
+    torch.testing.assert_close(batched, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout", ["c", "transposed"])
 def test_sampled_selection_candidates_hold_every_tie(rng, layout):
     # the forward's tie search among the handed-over candidates finds what comparing
