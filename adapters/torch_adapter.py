@@ -21,15 +21,18 @@ inductor fuses into one C++ kernel per direction plus the ``topk``.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import array_api_compat
+import numpy as np
 import torch
 from torch import nn
 
 from .. import _math
 from .._layer_args import check_layer_args, check_learnable_tau
 from ..backends import torch_backend as _backend
+from ..backends.numpy_soft import POOL
 from ..backends.torch_backend import host_ok, select_pair
 
 __all__ = [
@@ -86,7 +89,11 @@ def _is_one(tau: Any) -> bool:
 
 
 def _logits_eager(
-    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tau: float | torch.Tensor
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tau: float | torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """``z`` without the mask in one or two kernels, or None where the generic code must run.
 
@@ -94,18 +101,19 @@ def _logits_eager(
     branch, the halves); here, when every row's ``theta`` is finite (read on
     the host: eager CPU only): ``x - theta`` for ``tau = 1`` (it overflows
     only where ``z`` does) and ``(x/2 - theta/2) / (tau/2)`` otherwise, the
-    same halves-first rounding as the generic code in two kernels.
+    same halves-first rounding as the generic code in two kernels.  ``out``:
+    a contiguous tensor of x's shape and dtype to write ``z`` into.
     """
     theta = _math.threshold(_XP, a, b)
     if not bool(torch.isfinite(theta).all()):
         return None
     if _is_one(tau):
-        return torch.sub(x, theta)
+        return torch.sub(x, theta, out=out)
     if isinstance(tau, float) and tau < 1e-37:
         return None  # the generic code's tiny-tau rounding
     if not isinstance(tau, float) and bool((tau < 2 * torch.finfo(tau.dtype).tiny).any()):
         return None  # tau/2 would be subnormal (rounded, or 0 under set_flush_denormal)
-    return torch.add(theta * -0.5, x, alpha=0.5).div_(tau * 0.5)
+    return torch.add(theta * -0.5, x, alpha=0.5, out=out).div_(tau * 0.5)
 
 
 def _row_sum(v: torch.Tensor) -> torch.Tensor:
@@ -415,31 +423,57 @@ def closed_form_forward(
     them, and masked entries 0) and ``d = p (1 - p)`` as ``sigmoid(z)
     sigmoid(-z)``, relatively exact in both tails.  Two ``sigmoid`` kernels,
     not one exponential: torch's ``exp`` alone (0.41-0.56 ms at 1e6 float32
-    here) costs more than its ``sigmoid`` (0.23-0.25 ms); with the logits and
-    the mask the forward is 6-7 kernels where the generic code runs about 30.
+    here) costs more than its ``sigmoid`` (0.23-0.25 ms).
+
+    Everything but the output lives in the NumPy backend's scratch pool
+    (:data:`topk_core.backends.numpy_soft.POOL`, through ``torch.from_numpy``)
+    and goes back to it when the residuals die: a fresh 16 MB tensor costs
+    5-6 ms on this machine where one pass over it costs 0.4-0.7 ms (page
+    faults: glibc returns the freed memory to the OS between calls).
     """
     cdt = pb.compute_dtype
-    xc = pb.x.to(cdt)
+    x = pb.x
+    if not keep:
+        return forward_math(x, a, b, pb.tau, pb.valid, output, compute=True), None
     a = a.to(cdt)
     b = b.to(cdt)
-    if not keep:
-        return forward_math(pb.x, a, b, pb.tau, pb.valid, output, compute=True), None
-    z = _logits_eager(xc, a, b, pb.tau)
+    held: list = []  # the residuals' pooled buffers
+    temp: list = []
+    xc = x if x.dtype == cdt else _scratch(x.shape, cdt, held).copy_(x)
+    probs = output == "probs"
+    fresh = out and not probs  # the logits output itself: never pooled
+    zbuf = None if fresh else _scratch(x.shape, cdt, held)
+    z = _logits_eager(xc, a, b, pb.tau, out=zbuf)
     if z is None:
         z = _math.logits(_XP, xc, a, b, pb.tau, None, eager=True)
+        z = z if zbuf is None else zbuf.copy_(z)
     if pb.valid is not None:
-        z = torch.where(pb.valid, z, -math.inf)
-    d = None
-    result = None
-    if output == "probs":
-        p = torch.sigmoid(z)
-        d = torch.neg(z).sigmoid_().mul_(p)
+        z.masked_fill_(pb.valid.logical_not(), -math.inf)
+    result = d = None
+    if probs:
+        p = torch.sigmoid(z) if out else torch.sigmoid(z, out=_scratch(x.shape, cdt, temp))
+        d = torch.neg(z, out=_scratch(x.shape, cdt, held)).sigmoid_().mul_(p)
         zr = torch.nan_to_num_(z, nan=math.nan, posinf=0.0, neginf=0.0)
         result = p if out else None
     else:
         result = z if out else None
-        zr = torch.nan_to_num(z, nan=math.nan, posinf=0.0, neginf=0.0)
-    return result, _math.SoftResiduals(xc, a, b, zr, d, output)
+        zr = _scratch(x.shape, cdt, held) if fresh else z
+        torch.nan_to_num(z, nan=math.nan, posinf=0.0, neginf=0.0, out=zr)
+    res = _math.SoftResiduals(xc, a, b, zr, d, output)
+    weakref.finalize(res, POOL.give, *held)
+    POOL.give(*temp)
+    return result, res
+
+
+def _scratch(shape: Any, dtype: torch.dtype, held: list) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor from the NumPy backend's scratch pool.
+
+    Its NumPy buffer is appended to ``held``, for ``POOL.give`` once nothing
+    references the tensor any more.
+    """
+    buf = POOL.take(tuple(shape), _NP_DTYPES[dtype])
+    held.append(buf)
+    return torch.from_numpy(buf)
 
 
 def closed_form_backward(pb: Any, res: Any, g: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -471,19 +505,27 @@ def closed_form_backward(pb: Any, res: Any, g: torch.Tensor) -> tuple[torch.Tens
         if sign != 1.0:
             s.neg_()
     if pb.valid is not None:
-        s = torch.where(pb.valid, s, 0.0)
+        s.masked_fill_(pb.valid.logical_not(), 0.0)
     total = _row_sum(s)
     # grad_tau = -sum(s z) with s unsigned: -sign times the signed s's
-    rows = torch.linalg.vecdot(s, res.z).unsqueeze(-1)
+    temp: list = []
+    sz = torch.mul(s, res.z, out=_scratch(s.shape, s.dtype, temp))
+    rows = _row_sum(sz)
     if not (bool(torch.isfinite(total).all()) and bool(torch.isfinite(rows).all())):
+        POOL.give(*temp)
         grad_x, t = _math.soft_backward(_XP, res, g, tau, pb.valid)
         return (grad_x if pb.largest else -grad_x), t
     if pb.tau_shape is None or tau.shape[-1] == 1:
         t = rows.mul_(-sign)  # already summed along the axis tau does not vary on
     else:
-        t = torch.mul(s, res.z).mul_(-sign)
+        t = sz.mul(-sign)
+    del sz
+    POOL.give(*temp)
     _subtract_ties(s, res.x, res.a, res.b, pb.valid, total, pb.candidates)
     return s, t
+
+
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _select(xm: torch.Tensor, k: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:

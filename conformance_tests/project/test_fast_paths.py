@@ -339,19 +339,44 @@ def test_scratch_pool_bounds_and_reuse():
     assert pool.held_bytes == 0
 
 
-def test_pool_buffers_come_back_when_the_vjp_dies(rng):
-    x = rng.standard_normal((4, 1000))
+def _on(library, arr):
+    """``arr`` as an array of ``library`` (numpy or torch; torch skipped where missing)."""
+    if library == "numpy":
+        return arr
+    return pytest.importorskip("torch").from_numpy(arr)
+
+
+def _host(arr):
+    """A NumPy view of a NumPy array or a CPU tensor."""
+    return arr if isinstance(arr, np.ndarray) else arr.numpy()
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_pool_buffers_come_back_when_the_vjp_dies(rng, library, output):
+    """NumPy's residuals, and torch's closed-form ones (``torch.from_numpy`` views),
+    live in the scratch pool until the ``vjp`` dies; the output is never pooled."""
+    x = _on(library, rng.standard_normal((4, 1000)))
+    g = _on(library, rng.standard_normal((4, 1000)))
     POOL.clear()
-    _out, vjp = tk.dftopk_and_vjp(x, 10)
+    out, vjp = tk.dftopk_and_vjp(x, 10, output=output)
+    want = vjp(g)
     held = POOL.held_bytes
     del vjp
-    assert POOL.held_bytes > held  # residuals (-z and p(1-p)) returned to the pool
+    assert POOL.held_bytes > held  # residuals (z and p(1-p)) returned to the pool
     assert POOL.held_bytes <= POOL.max_bytes
+    # the next call takes those buffers: the first call's output and gradient keep theirs
+    out_copy, gx_copy = _host(out).copy(), _host(want[0]).copy()
+    _, vjp = tk.dftopk_and_vjp(-x, 10, output=output)
+    vjp(g)
+    np.testing.assert_array_equal(_host(out), out_copy)
+    np.testing.assert_array_equal(_host(want[0]), gx_copy)
 
 
-def test_threads_share_the_pool_safely(rng):
-    xs = [rng.standard_normal((8, 2000)) for _ in range(4)]
-    gs = [rng.standard_normal((8, 2000)) for _ in range(4)]
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_threads_share_the_pool_safely(rng, library):
+    xs = [_on(library, rng.standard_normal((8, 2000))) for _ in range(4)]
+    gs = [_on(library, rng.standard_normal((8, 2000))) for _ in range(4)]
     want = [tk.dftopk_vjp(x, 100, g, tau=0.5)[0] for x, g in zip(xs, gs)]
     got: dict[int, list] = {i: [] for i in range(4)}
 
@@ -367,7 +392,7 @@ def test_threads_share_the_pool_safely(rng):
     for i in range(4):
         assert len(got[i]) == 20
         for r in got[i]:
-            np.testing.assert_array_equal(r, want[i])
+            np.testing.assert_array_equal(_host(r), _host(want[i]))
 
 
 def _reference_pair(x, k):
