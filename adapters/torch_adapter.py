@@ -15,7 +15,10 @@ anyway, apart from one value per row.  The backward takes ``p (1 - p)`` from
 for a ``tau`` gradient.  Eager CPU calls run the lean kernels of
 :func:`forward_math` / :func:`backward_math` (issue 11); CUDA,
 ``torch.compile`` and ``torch.func`` the graph-safe generic code, which
-inductor fuses into one C++ kernel per direction plus the ``topk``.
+inductor fuses into one C++ kernel per direction plus the ``topk``.  The
+same eager kernels serve :func:`topk_core.dftopk_vjp` and
+:func:`topk_core.dftopk_and_vjp` through the torch backend's ``soft`` hook
+(:func:`closed_form_forward` / :func:`closed_form_backward`).
 """
 
 from __future__ import annotations
