@@ -488,10 +488,25 @@ def closed_form_backward(pb: Any, res: Any, g: torch.Tensor) -> tuple[torch.Tens
     handed them over).  When the row sums are not finite (a NaN entry, a NaN
     threshold, an infinite ``x`` or ``g``) the generic
     :func:`topk_core._math.soft_backward` runs instead: the NaN rule and the
-    infinite limits are its, at no cost to the finite case.
+    infinite limits are its, at no cost to the finite case.  So does a
+    backward that records a graph (grad mode, with ``g``, ``x`` or ``tau``
+    requiring grad: the VJP is differentiable), on copies of the residuals:
+    the graph may outlive them, and their buffers go back to the pool.
     """
     tau = pb.tau
     sign = 1.0 if pb.largest else -1.0
+    ts = (g, pb.x) + ((tau,) if isinstance(tau, torch.Tensor) else ())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        own = _math.SoftResiduals(
+            res.x if res.x is pb.x else res.x.clone(),
+            res.a,
+            res.b,
+            res.z.clone(),
+            None if res.d is None else res.d.clone(),
+            res.output,
+        )
+        grad_x, t = _math.soft_backward(_XP, own, g, tau, pb.valid)
+        return (grad_x if pb.largest else -grad_x), t
     if res.d is not None:
         s = torch.mul(g, res.d)
         if isinstance(tau, float):

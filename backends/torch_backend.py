@@ -528,7 +528,8 @@ class _Soft:
     Array API math cost 2-3.5x the autograd path there).  Imported on first
     use, like ``apply``.  Elsewhere (CUDA, ``torch.compile``, ``torch.func``,
     or a graph to record: grad mode with an input that requires grad) it
-    defers to the generic code, which is graph-safe and differentiable.
+    defers to the generic code, which is graph-safe and differentiable (the
+    backward defers from inside :func:`closed_form_backward`).
     """
 
     owns_residuals = False
@@ -538,7 +539,9 @@ class _Soft:
         ts += [t for t in (pb.tau, pb.valid) if isinstance(t, torch.Tensor)]
         if not all(isinstance(t, torch.Tensor) and host_ok(t) for t in ts):
             return False
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+        # the backward (arrays: the cotangent) runs here even where a graph is recorded:
+        # the residuals it reads may be pooled buffers (closed_form_backward copies them)
+        return bool(arrays) or not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
 
     def forward(self, pb: Any, a: Any, b: Any, output: str, *, keep: bool, out: bool = True):
         from topk_core.adapters.torch_adapter import closed_form_forward

@@ -197,20 +197,42 @@ def test_torch_closed_form_defers_to_the_generic_code_for_graphs(rng, torch_soft
     assert torch_soft_calls[:2] == [1, 1]
     xr = x.clone().requires_grad_()
     got, got_tau = tk.dftopk_vjp(xr, 6, g, tau=0.5)
-    assert got.requires_grad and torch_soft_calls[:2] == [1, 1]
+    # the forward defers at once, the backward from inside the hook
+    assert got.requires_grad and torch_soft_calls[:2] == [1, 2]
     torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_tau.detach(), want_tau, rtol=1e-12, atol=1e-12)
     (hvp,) = torch.autograd.grad((got * g).sum(), xr)  # second order through the VJP
     assert hvp.shape == x.shape and bool(torch.isfinite(hvp).all())
-    # a cotangent that requires grad: the backward defers, the forward did not
+    # a cotangent that requires grad: the backward defers (from inside the hook, on
+    # copies of the pooled residuals), the forward did not
     gr = g.clone().requires_grad_()
     _, vjp = tk.dftopk_and_vjp(x, 6, tau=0.5)
     got = vjp(gr)[0]
-    assert got.requires_grad and torch_soft_calls[:2] == [2, 1]
+    assert got.requires_grad and torch_soft_calls[:2] == [2, 3]
     torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
     batched = torch.func.vmap(lambda xi, gi: tk.dftopk_vjp(xi, 6, gi, tau=0.5)[0])(x, g)
-    assert torch_soft_calls[:2] == [2, 1]
+    assert torch_soft_calls[:2] == [2, 3]
     torch.testing.assert_close(batched, want, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_closed_form_graph_outlives_the_pooled_residuals(rng):
+    """A cotangent that requires grad makes the ``vjp`` record a graph, which saves
+    ``p (1 - p)``; the residuals' pooled buffers go back when the ``vjp`` dies and the
+    next call reuses them, so the graph must hold its own copy."""
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(rng.standard_normal((4, 300)))
+    g = torch.from_numpy(rng.standard_normal((4, 300))).requires_grad_()
+    u = torch.from_numpy(rng.standard_normal((4, 300)))
+    POOL.clear()
+    _, vjp = tk.dftopk_and_vjp(x, 30, tau=0.5)
+    gx = vjp(g)[0]
+    del vjp  # the residuals' buffers go back to the pool
+    for _ in range(3):  # ... and are taken again, and overwritten
+        tk.dftopk_vjp(x * 3.0, 30, u, tau=0.5)
+    (got,) = torch.autograd.grad((gx * u).sum(), g)
+    # the VJP is linear in g: its own VJP along u is the JVP of dftopk along u
+    want = tk.dftopk_jvp(x, 30, u, tau=0.5)[1]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("layout", ["c", "transposed"])
