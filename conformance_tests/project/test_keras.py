@@ -1,11 +1,11 @@
 """Keras 3 ``SoftTopK`` layer (``topk_core.adapters.keras``) on the JAX and PyTorch backends.
 
 Keras fixes its backend at import, so each backend runs in its own process
-(:mod:`conformance_tests.project.keras_worker`, bounded by a timeout and ended by
-``subprocess.run``): it trains a small model in ``model.fit``, compares it with
-``topk_core`` on the same weights, and saves / reloads it; a second model trains
-with ``jit_compile=True``.  About 50 s (torch, mostly ``torch.compile``) and 25 s
-(JAX) on 2 shared cores.
+(:mod:`conformance_tests.project.keras_worker`; all of them at once, bounded by a
+timeout and ended by the fixture): it trains a small model in ``model.fit``,
+compares it with ``topk_core`` on the same weights, and saves / reloads it; a
+second model trains with ``jit_compile=True``.  About 30-50 s (torch, mostly
+``torch.compile``) and 20-25 s (JAX) on 2 shared cores, one after the other.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -27,26 +28,61 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _worker(backend: str, out_dir: pathlib.Path, timeout: float = 300) -> dict:
+#: each backend's worker, all started at once (each process fixes its own Keras
+#: backend); "numpy" is the unsupported one
+BACKENDS = ("jax", "torch", "numpy")
+TIMEOUT_S = 300
+
+
+def _start(backend: str, out_dir: pathlib.Path) -> subprocess.Popen:
     env = {**os.environ, "KERAS_BACKEND": backend}
     env.pop("JAX_ENABLE_X64", None)  # Keras' default float32 world, not the suite's x64
-    proc = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "conformance_tests.project.keras_worker", str(out_dir)],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
-    assert proc.returncode == 0, f"keras worker ({backend}) failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory) -> dict:
+    """``backend -> (out_dir, exit code, stdout, stderr)`` for every installed backend."""
+    procs = {}
+    for backend in BACKENDS:
+        if backend == "numpy" or importlib.util.find_spec(backend) is not None:
+            out_dir = tmp_path_factory.mktemp(f"keras-{backend}")
+            procs[backend] = (out_dir, _start(backend, out_dir))
+    done: dict = {}
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        for backend, (out_dir, proc) in procs.items():
+            try:
+                out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the keras worker ({backend}) ran past {TIMEOUT_S} s")
+            done[backend] = (out_dir, proc.returncode, out, err)
+    finally:
+        for _, proc in procs.values():  # every process ended, whatever failed
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return done
+
+
+def _result(workers: dict, backend: str) -> tuple[dict, pathlib.Path]:
+    out_dir, code, out, err = workers[backend]
+    assert code == 0, f"keras worker ({backend}) failed:\n{out}\n{err}"
+    return json.loads(out.strip().splitlines()[-1]), out_dir
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_keras_layer_trains_and_matches_topk_core(backend, tmp_path):
+def test_keras_layer_trains_and_matches_topk_core(backend, workers):
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed")
-    result = _worker(backend, tmp_path)
+    result, out_dir = _result(workers, backend)
     assert result["backend"] == backend
     losses = result["losses"]
     assert losses[-1] < 0.8 * losses[0]
@@ -55,12 +91,12 @@ def test_keras_layer_trains_and_matches_topk_core(backend, tmp_path):
     # model.compile(jit_compile=True): XLA on JAX, torch.compile on torch
     assert result["jit_losses"][-1] < 0.8 * result["jit_losses"][0]
     assert result["max_err"]["jit_compile"] < 1e-4
-    assert (tmp_path / f"model-{backend}.keras").is_file()
+    assert (out_dir / f"model-{backend}.keras").is_file()
 
 
-def test_keras_unsupported_backend_is_a_clear_error(tmp_path):
+def test_keras_unsupported_backend_is_a_clear_error(workers):
     # Keras' NumPy backend needs nothing beyond NumPy; TensorFlow is not installed here
-    result = _worker("numpy", tmp_path)
+    result, _ = _result(workers, "numpy")
     message = result["error"]
     for name in ("'numpy'", "'jax'", "'torch'", "KERAS_BACKEND"):
         assert name in message, message
