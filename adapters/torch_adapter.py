@@ -486,9 +486,10 @@ def closed_form_backward(pb: Any, res: Any, g: torch.Tensor) -> tuple[torch.Tens
     ``z`` for ``grad_tau``, and the threshold term on the tied entries only
     (:func:`_subtract_ties`, among ``pb.candidates`` where the selection
     handed them over).  When the row sums are not finite (a NaN entry, a NaN
-    threshold, an infinite ``x`` or ``g``) the generic
-    :func:`topk_core._math.soft_backward` runs instead: the NaN rule and the
-    infinite limits are its, at no cost to the finite case.  So does a
+    threshold, a non-finite ``g``) the generic
+    :func:`topk_core._math.soft_backward` runs instead: the NaN rule is its, at
+    no cost to the finite case (an infinite ``x`` is finite here: its ``d``
+    and its ``z`` residual are 0).  So does a
     backward that records a graph (grad mode, with ``g``, ``x`` or ``tau``
     requiring grad: the VJP is differentiable), on copies of the residuals:
     the graph may outlive them, and their buffers go back to the pool.
