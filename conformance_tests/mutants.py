@@ -132,26 +132,47 @@ def _mask_leak(target: str) -> Callable[[], None]:
 
 
 def _dtype_upcast(target: str) -> Callable[[], None]:
+    from dataclasses import replace
+
     from topk_core import _api
+
+    def upcast(pb, out):
+        return pb.xp.astype(out, pb.xp.float64) if _is_target(out, target) else out
 
     def make(orig):
         def forward(pb, output):
-            out = orig(pb, output)
-            if _is_target(out, target):
-                out = pb.xp.astype(out, pb.xp.float64)
-            return out
+            return upcast(pb, orig(pb, output))
 
         return forward
 
-    return _patch(_api, "forward", make)
+    def with_apply(base):
+        # autodiff backends (torch, JAX) run their forward through ``apply``, not forward()
+        if base.apply is None:
+            return base
+        orig = base.apply
+
+        def apply(pb, output, **kw):
+            return upcast(pb, orig(pb, output, **kw))
+
+        return replace(base, name=f"{base.name}-mutant-dtype-upcast", apply=apply)
+
+    undo_forward = _patch(_api, "forward", make)
+    undo_backend = _swap_backend(target, with_apply)
+
+    def undo() -> None:
+        undo_backend()
+        undo_forward()
+
+    return undo
 
 
-def _off_by_one_install(target: str) -> Callable[[], None]:
+def _swap_backend(target: str, change: Callable[[Any], Any]) -> Callable[[], None]:
+    """Register ``change(backend)`` for ``target``'s arrays; returns ``undo()``."""
     import topk_core
     from topk_core._registry import _REGISTRY, get_backend
 
     previous = _REGISTRY.get(target)
-    topk_core.register_backend(target, _off_by_one_backend(get_backend(target)))
+    topk_core.register_backend(target, change(get_backend(target)))
 
     def undo() -> None:
         if previous is None:
@@ -160,6 +181,10 @@ def _off_by_one_install(target: str) -> Callable[[], None]:
             _REGISTRY[target] = previous
 
     return undo
+
+
+def _off_by_one_install(target: str) -> Callable[[], None]:
+    return _swap_backend(target, _off_by_one_backend)
 
 
 def _off_by_one_backend(base: Any) -> Any:

@@ -182,3 +182,24 @@ def test_proof_help_names_the_module(capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m topk_core.conformance.mutation_proof"), out
     assert "Exit code: 0 when every planted bug was caught" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("library", ["torch", "jax"])
+def test_dtype_upcast_reaches_the_autodiff_backends(library):
+    """torch and JAX run their forward through the backend's ``apply`` hook, not
+    ``_api.forward``: the dtype mutant wraps that too (before 2026-12-07 their mutation
+    proofs reported it uncaught, 5/6)."""
+    mod = pytest.importorskip(library)
+    if library == "jax" and not mod.config.jax_enable_x64:
+        pytest.skip("float64 needs jax_enable_x64")
+    x = mod.numpy.ones(4, dtype="float32") if library == "jax" else mod.ones(4)
+    undo = mutants.install("dtype_upcast", library)
+    try:
+        assert str(topk_core.dftopk(x, 2).dtype).endswith("float64")
+        assert str(topk_core.dftopk(x, 2, hard=True).dtype).endswith("float64")
+        assert topk_core.dftopk(np.ones(4, np.float32), 2).dtype == np.float32
+    finally:
+        undo()
+    assert str(topk_core.dftopk(x, 2).dtype).endswith("float32")
+    assert "mutant" not in get_backend(library).name
+    test_no_mutant_in_the_normal_run()
