@@ -57,7 +57,9 @@ def _floats_block(keys: np.ndarray, dtype: Any) -> np.ndarray:
     return keys_to_float(np, keys, dtype, _view)
 
 
-def _histogram_block(digits: np.ndarray, active: np.ndarray, nbins: int) -> np.ndarray:
+def _histogram_block(
+    digits: np.ndarray, active: np.ndarray | None = None, *, nbins: int
+) -> np.ndarray:
     # (..., n_chunk) -> (..., 1, nbins): the chunk's own axis position becomes size 1
     return _NP.row_histogram(digits, active, nbins)[..., None, :]
 
@@ -76,12 +78,12 @@ class DaskShims:
         """Per-row counts ``(..., nbins)``: a histogram per chunk, summed as a tree."""
         nblocks = len(digits.chunks[-1])
         # per-row values (the prefix) may come back chunked otherwise; align to the data
-        active = active.rechunk(digits.chunks)
+        # (None: every entry counts, the driver's first pass)
+        arrays = (digits,) if active is None else (digits, active.rechunk(digits.chunks))
         per_chunk = da.map_blocks(
             _histogram_block,
-            digits,
-            active,
-            nbins,
+            *arrays,
+            nbins=nbins,
             new_axis=digits.ndim,
             chunks=tuple(digits.chunks[:-1]) + ((1,) * nblocks, (nbins,)),
             dtype=np.int64,

@@ -117,7 +117,7 @@ Later still (issue 11; idle machine, min of 30-60 interleaved calls, ``jit``):
 * **16-bit scatter indices** (:func:`_flat_histogram`): where every index a
   scatter can take (its drop slot included) fits in 16 bits, the indices are
   ``uint16``, through ``lax.scatter_add`` (``.at[].add`` widens them to int32).
-  That is the first pass of one long row (``full_histogram``: no mask, so no
+  That is the first pass of one long row (``active`` None: no mask, so no
   drop slot, 65536 counters) and batch blocks of at most 65536 counters.  Same
   process, interleaved compiled calls, min of 80-100 (2026-12-07, idle): a bare
   16-bit histogram of 1e6 entries 0.67-0.73 -> 0.51-0.52 ms; the selection at
@@ -197,14 +197,6 @@ class JaxShims:
         """
         idx = jnp.expand_dims(rows.astype(jnp.int32), -1)
         return jnp.take_along_axis(blocks, idx, axis=-2)[..., 0, :]
-
-    def full_histogram(self, digits: Any, nbins: int) -> Any:
-        """:meth:`row_histogram` with every entry active (the driver's first pass).
-
-        No mask to apply, so the scatter's indices are 16-bit wherever a block's
-        counters number at most 65536 (module docstring).
-        """
-        return self.row_histogram(digits, None, nbins)
 
     def row_histogram(self, digits: Any, active: Any, nbins: int) -> Any:
         """Per-row counts of active entries per digit: a few independent scatter-adds.

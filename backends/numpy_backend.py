@@ -122,6 +122,8 @@ class NumpyShims:
         if rows > 1:
             offsets = m.arange(0, rows * nbins, nbins, dtype=flat.dtype)
             flat = flat + offsets[:, None]
+        if active is None:  # every entry counts
+            return m.bincount(flat.ravel(), minlength=rows * nbins).reshape(lead + (nbins,))
         act = active.reshape(rows, n)
         if self.compress:
             # compress, then count: after the first pass few entries are still active

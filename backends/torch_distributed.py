@@ -77,19 +77,21 @@ class TorchShims:
     def from_keys(self, keys: torch.Tensor, dtype: Any) -> torch.Tensor:
         return signed_keys_to_float(_XP, keys, dtype, _view)
 
-    def row_histogram(self, digits: torch.Tensor, active: torch.Tensor, nbins: int) -> Any:
+    def row_histogram(self, digits: torch.Tensor, active: Any, nbins: int) -> Any:
         lead = tuple(digits.shape[:-1])
         n = digits.shape[-1]
         rows = math.prod(lead)
         flat = digits.reshape(rows, n).to(torch.int64)
         if rows > 1:
             flat = flat + torch.arange(rows, device=flat.device).mul_(nbins)[:, None]
-        act = active.reshape(rows, n)
+        act = None if active is None else active.reshape(rows, n)
         if flat.device.type == "cpu":
-            counts = torch.bincount(flat[act], minlength=rows * nbins)
+            kept = flat.reshape(-1) if act is None else flat[act]
+            counts = torch.bincount(kept, minlength=rows * nbins)
         else:
             counts = torch.zeros(rows * nbins, dtype=torch.int64, device=flat.device)
-            counts.index_add_(0, flat.reshape(-1), act.reshape(-1).to(torch.int64))
+            ones = torch.ones_like(flat) if act is None else act.to(torch.int64)
+            counts.index_add_(0, flat.reshape(-1), ones.reshape(-1))
         return counts.reshape(lead + (nbins,))
 
 

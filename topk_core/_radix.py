@@ -69,15 +69,14 @@ class RadixShims(Protocol):
         """Per-row counts of the active entries per digit.
 
         ``digits`` ``(..., n)`` unsigned ints in ``[0, nbins)``, ``active``
-        bool ``(..., n)``; returns integer counts ``(..., nbins)``.
+        bool ``(..., n)``, or None when every entry counts (the driver's first
+        pass: no mask to apply); returns integer counts ``(..., nbins)``.
         """
 
     # Optional (looked up with getattr, so not part of the protocol's signature):
     # ``block_bins(blocks, rows) -> (..., width)``, row ``rows`` (integer ``(..., 1)``)
     # of ``blocks`` ``(..., n_blocks, width)``: a gather.  Without it the driver
     # picks that row with a one-hot sum, which reads every block.
-    # ``full_histogram(digits, nbins)``: ``row_histogram`` with every entry active, for
-    # the first pass (a library may count faster without a mask to apply).
 
 
 def _int_dtype(xp: Any, bits: int) -> Any:
@@ -208,12 +207,15 @@ def comparison_histogram(xp: Any, digits: Array, active: Array, nbins: int) -> A
     """
     n = digits.shape[-1]
     idx = xp.int32 if n < 2**31 - 1 else xp.int64
-    act = xp.astype(active, idx)
-    total = xp.sum(act, axis=-1, keepdims=True)
+    act = None if active is None else xp.astype(active, idx)
+    if act is None:
+        total = xp.full(digits.shape[:-1] + (1,), n, dtype=idx)
+    else:
+        total = xp.sum(act, axis=-1, keepdims=True)
     counts = []
     for j in range(1, nbins):
         hit = xp.astype(digits == xp.asarray(j, dtype=digits.dtype), idx)
-        counts.append(xp.sum(hit * act, axis=-1, keepdims=True))
+        counts.append(xp.sum(hit if act is None else hit * act, axis=-1, keepdims=True))
     # bin 0 = active entries not counted elsewhere: one reduction fewer
     first = total
     for c in counts:
@@ -445,7 +447,6 @@ def radix_select_pair(
     one_i = xp.ones_like(kk)
     keys = shims.to_keys(x)
     take = getattr(shims, "block_bins", None)  # optional: a gather of one block's bins
-    full = getattr(shims, "full_histogram", None)  # optional: the first pass, no mask
     key_bits = xp.iinfo(keys.dtype).bits
     # signed keys are the unsigned ones minus 2**(key_bits-1): the same order, the
     # top digit's sign bit flipped, and the type's minimum as "no key"
@@ -456,7 +457,7 @@ def radix_select_pair(
     remaining = xp.maximum(kk, one_i)
     above = zero_i  # entries whose key is above the prefix fixed so far
     prefix = xp.zeros_like(kk, dtype=keys.dtype)
-    active = xp.ones_like(keys, dtype=xp.bool)
+    active = None  # the first pass sees every entry: no mask to build or apply
     # a signed key type cannot hold a digit as wide as itself
     widths = digit_widths(key_bits, min(digit_bits, key_bits - 1) if signed else digit_bits)
     shift = key_bits
@@ -492,10 +493,7 @@ def radix_select_pair(
             digit, gt, in_bin = _locate_blocks(xp, blocks, sums, remaining, 0, take)
             digit_b, gt_b, n_equal_b = _locate_blocks(xp, blocks, sums_b, rem_b, off_b, take)
         else:
-            if p == 0 and full is not None:
-                hist = xp.astype(full(digits, nbins), idx)
-            else:
-                hist = xp.astype(shims.row_histogram(digits, active, nbins), idx)
+            hist = xp.astype(shims.row_histogram(digits, active, nbins), idx)
             if group is not None:
                 hist = group.sum(hist)
             blocks, sums = _blocks(xp, hist, w)
@@ -515,9 +513,10 @@ def radix_select_pair(
             prefix_b = _put_digit(xp, prefix_b, digit_b, p, shift, nbins, signed)
         if p + 1 < len(widths):
             if track_b:
-                active_b = active_b & (digits == d_b)
+                in_b = digits == d_b
+                active_b = in_b if active_b is None else active_b & in_b
                 same = prefix == prefix_b
-            active = active & (digits == d)
+            active = digits == d if active is None else active & (digits == d)
         else:
             n_equal = in_bin  # entries equal to the k-th key
     top = shims.from_keys(prefix, x.dtype)

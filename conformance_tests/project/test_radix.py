@@ -533,7 +533,7 @@ def test_jax_histogram_index_width(rows, n, nbins, masked, index):
     if masked:
         fn = lambda d, a: shims.row_histogram(d, a, nbins)  # noqa: E731
     else:
-        fn = lambda d, a: shims.full_histogram(d, nbins)  # noqa: E731
+        fn = lambda d, a: shims.row_histogram(d, None, nbins)  # noqa: E731
     got = np.asarray(jax.jit(fn)(jnp.asarray(digits), jnp.asarray(active)))
     np.testing.assert_array_equal(got, SHIMS.row_histogram(digits, active, nbins))
     jaxpr = jax.make_jaxpr(fn)(jnp.asarray(digits), jnp.asarray(active))
@@ -632,3 +632,32 @@ def test_jax_backend_counts_half_precision_one_pass(dtype):
             fin = np.isfinite(v)
             want = np.sum(xf == v, axis=-1, keepdims=True)
             np.testing.assert_array_equal(np.asarray(c)[fin], want[fin])
+
+
+@pytest.mark.parametrize("library", ["numpy", "generic", "dask", "torch"])
+def test_row_histogram_without_a_mask_counts_every_entry(library):
+    # active=None (the driver's first pass) counts what an all-True mask counts
+    from topk_core._radix import GenericShims
+
+    rng = np.random.default_rng(3)
+    digits = rng.integers(0, 8, (3, 2, 50)).astype(np.uint32)
+    ones = np.ones(digits.shape, dtype=bool)
+    want = SHIMS.row_histogram(digits, ones, 8)
+    if library == "numpy":
+        got = SHIMS.row_histogram(digits, None, 8)
+    elif library == "generic":
+        got = GenericShims(np, lambda a, dt: a.view(dt)).row_histogram(digits, None, 8)
+    elif library == "dask":
+        da = pytest.importorskip("dask.array")
+        from topk_core.backends import dask_backend
+
+        d = da.from_array(digits, chunks=(2, 1, 20))
+        got = dask_backend.SHIMS.row_histogram(d, None, 8).compute()
+    else:
+        torch = pytest.importorskip("torch")
+        from topk_core.backends import torch_distributed
+
+        t = torch.from_numpy(digits.astype(np.int64))
+        got = torch_distributed.SHIMS.row_histogram(t, None, 8).numpy()
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert want.sum() == digits.size
