@@ -149,16 +149,44 @@ def _subtract_ties(
     Up to :data:`_HOST_TIES` tied entries are weighed with Python floats; more,
     with tensor ops; both in float64, rounded once, so they agree exactly.
     """
+    found = _tied_entries(x, a, b, valid, candidates, total.numel())
+    if found is None:
+        return
+    pos, xv, rows, vm, compact = found
+    low = b.reshape(-1)
+    if compact and pos.numel() <= _HOST_TIES:
+        # the usual two ties per row: a dozen tiny kernels cost more than the list work
+        at, coef = _tie_coefs_host(pos, xv, rows, a.reshape(-1), low, total.reshape(-1))
+        if at:
+            _flat_sub_(s, torch.tensor(at), torch.tensor(coef, dtype=s.dtype))
+        return
+    _subtract_tied(s, pos, xv, rows, a, low, total, vm)
+
+
+def _tied_entries(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    valid: torch.Tensor | None,
+    candidates: torch.Tensor | None,
+    n_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool] | None:
+    """Where :func:`_subtract_ties` and :func:`_tie_dot` look: ``(pos, xv, rows, vm, compact)``.
+
+    Flat positions ``pos`` holding every valid entry tied with ``a`` or ``b``,
+    ``x`` there, their rows (None for one row), and either exactly the tied
+    entries (``compact``, ``vm`` None) or many candidates as they are, ``vm``
+    their validity (None without a mask): those are weighed through masks.
+    None where nothing is tied.
+    """
     n = x.shape[-1]
-    n_rows = total.numel()
     low = b.reshape(-1)
     if candidates is not None and candidates.numel() > _HOST_TIES:
         # many candidates (a batch: about two a row): weigh them all through masks, no
         # compaction; only entries equal to a or b get a nonzero coefficient
         rows = candidates // n if n_rows > 1 else None
         vm = _flat_take(valid, candidates) if valid is not None else None
-        _subtract_tied(s, candidates, _flat_take(x, candidates), rows, a, low, total, vm)
-        return
+        return candidates, _flat_take(x, candidates), rows, vm, False
     # a NaN a (the row's k-th largest is a NaN) bounds nothing: b's ties are still found
     top = torch.where(torch.isnan(a), math.inf, a)
     if candidates is not None:
@@ -179,14 +207,48 @@ def _subtract_ties(
         rows = pos // n if n_rows > 1 else None
         xv = _flat_take(x, pos)
     if pos.numel() == 0:
-        return
-    if pos.numel() <= _HOST_TIES:
-        # the usual two ties per row: a dozen tiny kernels cost more than the list work
-        at, coef = _tie_coefs_host(pos, xv, rows, a.reshape(-1), low, total.reshape(-1))
-        if at:
-            _flat_sub_(s, torch.tensor(at), torch.tensor(coef, dtype=s.dtype))
-        return
-    _subtract_tied(s, pos, xv, rows, a, low, total, None)
+        return None
+    return pos, xv, rows, None, True
+
+
+def _tie_dot(
+    u: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    valid: torch.Tensor | None,
+    candidates: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Per-row ``w.u`` (axis kept, ``u``'s dtype), or None where nothing is tied.
+
+    The transpose of :func:`_subtract_ties`: the tied entries' ``u`` weighed
+    and summed per row in float64 (O(#ties), or O(#candidates)).
+    """
+    n = x.shape[-1]
+    n_rows = x.numel() // n if n else 0
+    found = _tied_entries(x, a, b, valid, candidates, n_rows) if n_rows else None
+    if found is None:
+        return None
+    pos, xv, rows, vm, _ = found
+    f64 = torch.float64
+    uv = _flat_take(u, pos).to(f64)
+    zero = torch.zeros((), dtype=f64)
+    dtheta = torch.zeros(n_rows, dtype=f64)
+    for v in (a.reshape(-1), b.reshape(-1)):
+        hit = xv == _at(v, rows)
+        if vm is not None:
+            hit &= vm
+        hu = torch.where(hit, uv, zero)
+        if rows is None:
+            count = hit.sum().to(f64).reshape(1)
+            sums = hu.sum().reshape(1)
+        else:
+            count = torch.bincount(rows, weights=hit.to(f64), minlength=n_rows)
+            sums = torch.bincount(rows, weights=hu, minlength=n_rows)
+        w = _math.tie_share(_XP, v, count)
+        # an infinite a or b weighs 0, whatever its ties' tangents (0 * inf)
+        dtheta += torch.where(w == 0, zero, w * sums)
+    return dtheta.to(u.dtype).reshape(x.shape[:-1] + (1,))
 
 
 def _subtract_tied(
@@ -498,25 +560,11 @@ def closed_form_backward(pb: Any, res: Any, g: torch.Tensor) -> tuple[torch.Tens
     sign = 1.0 if pb.largest else -1.0
     ts = (g, pb.x) + ((tau,) if isinstance(tau, torch.Tensor) else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
-        own = _math.SoftResiduals(
-            res.x if res.x is pb.x else res.x.clone(),
-            res.a,
-            res.b,
-            res.z.clone(),
-            None if res.d is None else res.d.clone(),
-            res.output,
-        )
+        own = _own_residuals(pb, res)
         grad_x, t = _math.soft_backward(_XP, own, g, tau, pb.valid)
         return (grad_x if pb.largest else -grad_x), t
     if res.d is not None:
-        s = torch.mul(g, res.d)
-        if isinstance(tau, float):
-            if sign * tau != 1.0:
-                s.div_(sign * tau)
-        else:
-            s.div_(tau)
-            if sign != 1.0:
-                s.neg_()
+        s = _div_signed_(torch.mul(g, res.d), tau, sign)
     elif isinstance(tau, float):
         s = torch.div(g, sign * tau)
     else:
@@ -542,6 +590,77 @@ def closed_form_backward(pb: Any, res: Any, g: torch.Tensor) -> tuple[torch.Tens
     POOL.give(*temp)
     _subtract_ties(s, res.x, res.a, res.b, pb.valid, total, pb.candidates)
     return s, t
+
+
+def _div_signed_(t: torch.Tensor, tau: Any, sign: float) -> torch.Tensor:
+    """``t /= sign * tau`` in place (nothing for ``sign * tau == 1``); returns ``t``."""
+    if isinstance(tau, float):
+        if sign * tau != 1.0:
+            t.div_(sign * tau)
+        return t
+    t.div_(tau)
+    return t.neg_() if sign != 1.0 else t
+
+
+def _own_residuals(pb: Any, res: Any) -> Any:
+    """Copies of the residuals for a graph, which may outlive their pooled buffers."""
+    return _math.SoftResiduals(
+        res.x if res.x is pb.x else res.x.clone(),
+        res.a,
+        res.b,
+        res.z.clone(),
+        None if res.d is None else res.d.clone(),
+        res.output,
+    )
+
+
+def closed_form_tangent(pb: Any, res: Any, u: torch.Tensor, dtau: Any) -> torch.Tensor:
+    """The torch ``soft`` hook's tangent (eager CPU): see :func:`topk_core._api.soft_tangent`.
+
+    The transpose of :func:`closed_form_backward`: ``d (u - w.u) / tau`` with
+    the kept ``d = p (1 - p)`` (1 for logits), ``w.u`` per row from the tied
+    entries alone (:func:`_tie_dot`), ``tau``'s term ``-d z dtau / tau`` from
+    the ``z`` residual (its infinities already 0), and the mask: 2-3 kernels,
+    2 more with ``dtau``.  For logits a NaN entry keeps its own ``u / tau``
+    (the NaN rule; one ``isnan`` scan of ``x``).  A tangent that records a
+    graph (grad mode, ``u`` or ``dtau`` requiring grad) or that is not a
+    plain CPU tensor (``torch.func``) runs the generic
+    :func:`topk_core._math.soft_tangent` instead, on copies of the residuals.
+    """
+    tau = pb.tau
+    sign = 1.0 if pb.largest else -1.0
+    ts = [t for t in (u, dtau) if isinstance(t, torch.Tensor)]
+    graph = torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+    if graph or not all(host_ok(t) for t in ts):
+        own = _own_residuals(pb, res)
+        return _math.soft_tangent(_XP, own, u, tau, dtau, pb.valid, largest=pb.largest)
+    dtheta = _tie_dot(u, res.x, res.a, res.b, pb.valid, pb.candidates)
+    out = torch.sub(u, dtheta) if dtheta is not None else None
+    nan_x = None
+    if res.d is not None:
+        # p: a NaN entry's own d is NaN, so its tangent is NaN whatever w.u is
+        out = torch.mul(u, res.d) if out is None else out.mul_(res.d)
+    else:
+        nan_x = torch.isnan(res.x)
+        nan_x = nan_x if bool(nan_x.any()) else None
+        if out is None:
+            out = u.clone(memory_format=torch.contiguous_format)
+        elif nan_x is not None:
+            out = torch.where(nan_x, u, out)  # NaN rule: it does not move with theta
+    _div_signed_(out, tau, sign)
+    if dtau is not None:
+        # d z, 0 where z is infinite (its residual) and, for logits, at NaN entries
+        q = res.z if res.d is None else torch.mul(res.d, res.z)
+        if nan_x is not None:
+            q = torch.where(nan_x, 0.0, q)
+        c = dtau / tau
+        if isinstance(c, torch.Tensor):
+            out.addcmul_(q, c, value=-1)
+        else:
+            out.add_(q, alpha=-c)
+    if pb.valid is not None:
+        out.masked_fill_(pb.valid.logical_not(), 0.0)
+    return out
 
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}

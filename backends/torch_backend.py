@@ -523,13 +523,15 @@ def _apply(pb: Any, output: str, hard: bool = False) -> Any:
 
 
 class _Soft:
-    """The ``soft`` hook: :func:`topk_core.dftopk_vjp` and :func:`topk_core.dftopk_and_vjp`
-    in the adapter's eager kernels on plain CPU tensors (issue 11: the generic
-    Array API math cost 2-3.5x the autograd path there).  Imported on first
+    """The ``soft`` hook: :func:`topk_core.dftopk_vjp`, :func:`topk_core.dftopk_and_vjp`
+    and :func:`topk_core.dftopk_jvp` in the adapter's eager kernels on plain CPU
+    tensors (issue 11: the generic Array API math cost 2-3.5x the autograd path
+    there).  Imported on first
     use, like ``apply``.  Elsewhere (CUDA, ``torch.compile``, ``torch.func``,
     or a graph to record: grad mode with an input that requires grad) it
     defers to the generic code, which is graph-safe and differentiable (the
-    backward defers from inside :func:`closed_form_backward`).
+    backward and the tangent defer from inside :func:`closed_form_backward` and
+    :func:`closed_form_tangent`).
     """
 
     owns_residuals = False
@@ -552,6 +554,11 @@ class _Soft:
         from topk_core.adapters.torch_adapter import closed_form_backward
 
         return closed_form_backward(pb, res, g)
+
+    def tangent(self, pb: Any, res: Any, u: Any, dtau: Any):
+        from topk_core.adapters.torch_adapter import closed_form_tangent
+
+        return closed_form_tangent(pb, res, u, dtau)
 
 
 def _select_candidates(xp: Any, x: torch.Tensor, k: Any) -> Any:

@@ -100,6 +100,22 @@ def soft_backward(pb: Problem, res: Any, g: Array) -> tuple[Array, Array]:
     return grad_x, t
 
 
+def soft_tangent(pb: Problem, res: Any, u: Array, dtau: Any) -> Array:
+    """Closed-form JVP from :func:`soft_forward`'s residuals, normalised layout.
+
+    ``u`` is the tangent laid out like ``pb.x`` in the compute dtype (the
+    *user's*: the sign of ``largest=False`` not applied), ``dtau`` tau's
+    tangent as :func:`_tau_tangent` returns it (or None); the result is the
+    output's tangent in the compute dtype, exactly 0 at masked entries.
+    """
+    tangent = getattr(_soft_hook(pb), "tangent", None)
+    if tangent is not None:
+        return tangent(pb, res, u, dtau)
+    return _math.soft_tangent(
+        pb.xp, res, u, pb.tau, dtau, pb.valid, largest=pb.largest, row_sum=pb.row_sum
+    )
+
+
 def _soft_hook(pb: Problem, *arrays: Array) -> Any:
     # a backend's fused math sums locally: a sharded axis takes the generic code's hooks
     soft = pb.backend.soft if pb.group is None else None
@@ -365,11 +381,8 @@ def named_topk_mask(x: Array, k: Any, axis: int, mask: Any, names: Any) -> Array
     return _mask(x, k, axis, mask, True, None, names)
 
 
-def _tangent_problem(
-    x, k, tau, axis, mask, largest, output, group
-) -> tuple[Problem, Array, Array, Array, Array]:
-    _check_output(output)
-    pb = prepare(x, k, tau, axis, mask, largest, group=group)
+def _tangent_inputs(pb: Problem) -> tuple[Array, Array, Array, Array]:
+    """``(x, a, b, z)`` in the compute dtype, for the generic JVP."""
     xp = pb.xp
     cdt = pb.compute_dtype
     a, b = select(pb)
@@ -377,7 +390,7 @@ def _tangent_problem(
     b = xp.astype(b, cdt)
     xc = xp.astype(pb.x, cdt, copy=False)
     z = _math.logits(xp, xc, a, b, pb.tau, pb.valid, eager=pb.backend.eager)
-    return pb, xc, a, b, z
+    return xc, a, b, z
 
 
 @under_errstate
@@ -597,19 +610,29 @@ def dftopk_jvp(
     array([0.1491, 0.    , 0.    , 0.    ])
     """
     _check_hard(hard, output)
-    pb, xc, a, b, z = _tangent_problem(x, k, tau, axis, mask, largest, output, group)
+    _check_output(output)
+    pb = prepare(x, k, tau, axis, mask, largest, group=group)
     xp = pb.xp
     u = pb.in_layout(tangent, "tangent")
-    if not largest:
-        u = -u
     dtau = None
     if tau_tangent is not None:
         dtau = _tau_tangent(pb, tau_tangent)
-    d = _math.jvp(xp, xc, a, b, z, u, pb.tau, dtau, pb.valid, output, row_sum=pb.row_sum)
-    out = _primal(pb, xc, a, z, output, hard)
+    if getattr(_soft_hook(pb), "tangent", None) is not None:
+        # the backend's fused forward keeps p (1 - p) and the ties; its tangent reuses them
+        a, b = select(pb, candidates=True)
+        out, res = soft_forward(pb, a, b, output, keep=True, out=not hard)
+        d = soft_tangent(pb, res, u, dtau)
+        if hard:
+            out = _hard_mask(pb, pb.x, a)
+    else:
+        xc, a, b, z = _tangent_inputs(pb)
+        if not largest:
+            u = -u
+        d = _math.jvp(xp, xc, a, b, z, u, pb.tau, dtau, pb.valid, output, row_sum=pb.row_sum)
+        out = _primal(pb, xc, a, z, output, hard)
     return (
-        pb.restore(xp.astype(out, pb.dtype)),
-        pb.restore(xp.astype(d, pb.dtype)),
+        pb.restore(xp.astype(out, pb.dtype, copy=False)),
+        pb.restore(xp.astype(d, pb.dtype, copy=False)),
     )
 
 

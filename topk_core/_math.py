@@ -40,6 +40,7 @@ __all__ = [
     "soft_backward",
     "tau_coefficient",
     "soft_forward",
+    "soft_tangent",
     "threshold",
     "tie_share",
     "tie_weights",
@@ -312,6 +313,7 @@ def jvp(
     *,
     row_sum: RowSum = None,
     pair: bool = False,
+    slope: Array | None = None,
 ) -> Array | tuple[Array, Array, Array]:
     """Closed-form JVP: ``dz = (u - w.u) / tau - z dtau / tau``; ``dp = p(1-p) dz``.
 
@@ -321,7 +323,8 @@ def jvp(
 
     ``pair``: also return the tangents of ``a`` and ``b`` themselves, ``(dp, da,
     db)``: the mean of ``u`` over each one's ties (0 for an infinite one), so
-    ``w.u = (da + db) / 2``; free, from the same two row sums.
+    ``w.u = (da + db) / 2``; free, from the same two row sums.  ``slope``:
+    ``p (1 - p)`` where the forward kept it (probabilities; none recomputed).
     """
     zero = xp.asarray(0.0, dtype=z.dtype)
     if valid is not None:
@@ -334,7 +337,10 @@ def jvp(
     # select between x-sized operands: a where() that broadcast the per-row dtheta itself
     # would, in a JAX shard_map, make the transpose psum an x-sized array
     dz = xp.where(x_nan, u, u - dtheta)
-    slope = sigmoid_grad(xp, z) if output == "probs" else None
+    if output != "probs":
+        slope = None
+    elif slope is None:
+        slope = sigmoid_grad(xp, z)
     if slope is not None:
         dz = slope * dz
     if tau_tangent is not None:
@@ -507,6 +513,41 @@ def soft_forward(
     # the backward's p (1 - p) from the forward's one exponential: none recomputed
     p, d = sigmoid_and_grad(xp, z)
     return p, SoftResiduals(x, a, b, z, d, output)
+
+
+def soft_tangent(
+    xp: Any,
+    res: SoftResiduals,
+    u: Array,
+    tau: float | Array,
+    dtau: Array | None,
+    valid: Array | None,
+    *,
+    largest: bool = True,
+    row_sum: RowSum = None,
+) -> Array:
+    """Closed-form JVP from :func:`soft_forward`'s residuals (``u``: the user's tangent).
+
+    :func:`jvp` with the kept ``p (1 - p)``; ``largest=False`` negates ``u``
+    (the selection ran on ``-x``).  ``res.z`` may have its infinities set to 0
+    (torch's residuals): :func:`tau_coefficient` makes the same of them.
+    """
+    if not largest:
+        u = -u
+    return jvp(
+        xp,
+        res.x,
+        res.a,
+        res.b,
+        res.z,
+        u,
+        tau,
+        dtau,
+        valid,
+        res.output,
+        row_sum=row_sum,
+        slope=res.d,
+    )
 
 
 def sigmoid_and_grad(xp: Any, z: Array) -> tuple[Array, Array]:

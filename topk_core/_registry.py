@@ -98,7 +98,11 @@ class Backend:
         the hook decline a call, which then runs the generic code: torch's
         runs only on plain CPU tensors with no graph to record.  Its residuals
         must then be the generic ones (:class:`topk_core._math.SoftResiduals`),
-        as the forward and the backward may decide differently.
+        as the forward and the backward may decide differently.  An optional
+        ``tangent(problem, residuals, u, dtau) -> d_out`` (the meaning of
+        :func:`topk_core._api.soft_tangent`) makes :func:`topk_core.dftopk_jvp`
+        run the hook's forward and then it; without one that function runs the
+        generic JVP.
     select_candidates : callable, optional
         ``select_candidates(xp, x, k) -> (a, b, positions)``: ``select_pair``'s
         result plus, where the selection found them on its way (None

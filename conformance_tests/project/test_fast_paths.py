@@ -106,6 +106,57 @@ def test_numpy_fast_path_matches_generic_math(rng, generic_numpy, output, expone
             assert np.all(out[masked] == (0.0 if output == "probs" else -np.inf))
 
 
+def _jvp_variants(rng, x, kw):
+    """``(tangent, tau_tangent, hard)`` to try: none / a float / tau-shaped ``dtau``, an
+    infinite tangent entry, and the straight-through primal."""
+    u = rng.standard_normal(np.shape(x)).astype(np.asarray(x).dtype)
+    u_inf = u.copy()
+    u_inf.reshape(-1)[-1] = np.inf
+    tau = kw.get("tau", 1.0)
+    dtau = 0.3 if isinstance(tau, float) else (rng.random(np.shape(tau)) - 0.5).astype(tau.dtype)
+    return [(u, None, False), (u, dtau, False), (u_inf, dtau, False), (u, dtau, True)]
+
+
+def _same(got, want, dtype):
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    fin = np.isfinite(want)
+    _close(got[fin], want[fin], dtype)
+
+
+@pytest.mark.parametrize("exponential", ["exp", "exp2"])
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_numpy_fast_jvp_matches_generic_math(rng, generic_numpy, output, exponential, monkeypatch):
+    """``dftopk_jvp`` through the hook's ``tangent`` (the forward's residuals) gives the
+    generic :func:`topk_core._math.jvp`'s primal and tangent: ties, masks, NaN, infinite
+    tangents, ``tau_tangent`` (a float, per row, per entry), ``largest=False``, hard."""
+    monkeypatch.setattr(numpy_soft, "exp2_is_simd", lambda dtype: exponential == "exp2")
+    calls = []
+    tangent = numpy_soft.NumpySoft.tangent
+    monkeypatch.setattr(
+        numpy_soft.NumpySoft, "tangent", lambda self, *a: calls.append(1) or tangent(self, *a)
+    )
+    n = 0
+    for x, k, kw in _cases(rng):
+        for u, dtau, hard in _jvp_variants(rng, x, kw):
+            if hard and output == "logits":
+                continue
+            args = {"output": output, "tau_tangent": dtau, "hard": hard, **kw}
+            with np.errstate(all="ignore"):
+                out, d = tk.dftopk_jvp(x, k, u, **args)
+                with generic_numpy:
+                    rout, rd = tk.dftopk_jvp(x, k, u, **args)
+            n += 1
+            assert out.dtype == d.dtype == x.dtype and d.shape == x.shape
+            _same(out, rout, x.dtype)
+            _same(d, rd, x.dtype)
+            if "mask" in kw:
+                assert np.all(d[~kw["mask"]] == 0)
+    assert len(calls) == n
+
+
 def _torch_case(torch, x, k, kw):
     """A :func:`_cases` entry as torch tensors (copies: the caller may write in place)."""
 
@@ -184,6 +235,91 @@ def test_torch_closed_form_fast_path_matches_generic_math(rng, output, torch_sof
     # every case ran the hook, forward and backward; the long rows handed over candidates
     assert torch_soft_calls[0] >= 3 * n_cases and torch_soft_calls[1] >= 3 * n_cases
     assert torch_soft_calls[2] > 0
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_torch_closed_form_jvp_matches_generic_math(rng, output, monkeypatch):
+    """torch's ``tangent`` (``dftopk_jvp`` on eager CPU tensors) against the generic JVP
+    over the same cases and tangents as NumPy's."""
+    torch = pytest.importorskip("torch")
+    from topk_core.adapters import torch_adapter
+
+    calls = []
+    tangent = torch_adapter.closed_form_tangent
+    monkeypatch.setattr(
+        torch_adapter, "closed_form_tangent", lambda *a: calls.append(1) or tangent(*a)
+    )
+    fast = get_backend("torch")
+    generic = dataclasses.replace(fast, soft=None, select_candidates=None)
+    n = 0
+    for case in _cases(rng):
+        x, k, kw = _torch_case(torch, *case)
+        for u, dtau, hard in _jvp_variants(rng, *case[::2]):
+            if hard and output == "logits":
+                continue
+            u = torch.from_numpy(u)
+            dtau = torch.from_numpy(dtau) if isinstance(dtau, np.ndarray) else dtau
+            args = {"output": output, "tau_tangent": dtau, "hard": hard, **kw}
+            out, d = tk.dftopk_jvp(x, k, u, **args)
+            register_backend("torch", generic)
+            try:
+                rout, rd = tk.dftopk_jvp(x, k, u, **args)
+            finally:
+                register_backend("torch", fast)
+            n += 1
+            assert out.dtype == d.dtype == x.dtype and d.shape == x.shape
+            _same(out.double().numpy(), rout.double().numpy(), case[0].dtype)
+            _same(d.double().numpy(), rd.double().numpy(), case[0].dtype)
+            if "mask" in kw:
+                assert bool((d[~kw["mask"]] == 0).all())
+    assert len(calls) == n
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_fast_jvp_is_the_transpose_of_the_fast_vjp(rng, library, output):
+    """``<v, J u> + 0 = <J^T v, u> + grad_tau dtau``: the hooks' tangent and backward are
+    each other's transpose, the threshold term on ties and ``tau``'s term included."""
+    x = np.round(rng.standard_normal((5, 300)) * 4)  # many ties with a and b
+    mask = rng.random((5, 300)) > 0.2
+    tau = rng.random((5, 1)) + 0.3
+    u, v, dtau = rng.standard_normal((3, 5, 300))
+    dtau = dtau[:, :1]
+    args = (_on(library, x), 40)
+    kw = {"tau": _on(library, tau), "mask": _on(library, mask), "output": output}
+    _, d = tk.dftopk_jvp(*args, _on(library, u), tau_tangent=_on(library, dtau), **kw)
+    gx, gt = tk.dftopk_vjp(*args, _on(library, v), **kw)
+    lhs = np.sum(v * _host(d))
+    rhs = np.sum(_host(gx) * u) + np.sum(_host(gt) * dtau)
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-10)
+    _, d_desc = tk.dftopk_jvp(*args, _on(library, u), largest=False, **kw)
+    gx_desc, _ = tk.dftopk_vjp(*args, _on(library, v), largest=False, **kw)
+    np.testing.assert_allclose(np.sum(v * _host(d_desc)), np.sum(_host(gx_desc) * u), rtol=1e-10)
+
+
+def test_torch_closed_form_jvp_defers_for_graphs_and_func(rng):
+    """A tangent that requires grad records a graph through the generic code, on copies
+    of the pooled residuals (the graph outlives them); a ``torch.func`` tangent (vmap)
+    runs the generic code too; both give the eager kernels' values."""
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(rng.standard_normal((4, 300)))
+    u = torch.from_numpy(rng.standard_normal((4, 300)))
+    v = torch.from_numpy(rng.standard_normal((4, 300)))
+    _, want = tk.dftopk_jvp(x, 30, u, tau=0.5)
+    ur = u.clone().requires_grad_()
+    POOL.clear()
+    _, d = tk.dftopk_jvp(x, 30, ur, tau=0.5)
+    assert d.requires_grad
+    torch.testing.assert_close(d.detach(), want, rtol=1e-12, atol=1e-12)
+    for _ in range(3):  # the residuals' buffers went back to the pool: overwrite them
+        tk.dftopk_vjp(x * 3.0, 30, u, tau=0.5)
+    (got,) = torch.autograd.grad((d * v).sum(), ur)
+    # the JVP is linear in u: its own VJP along v is the VJP of dftopk along v
+    torch.testing.assert_close(got, tk.dftopk_vjp(x, 30, v, tau=0.5)[0], rtol=1e-10, atol=1e-12)
+    us = torch.stack([u, v])
+    batched = torch.func.vmap(lambda ui: tk.dftopk_jvp(x, 30, ui, tau=0.5)[1])(us)
+    torch.testing.assert_close(batched[0], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(batched[1], tk.dftopk_jvp(x, 30, v, tau=0.5)[1])
 
 
 def test_torch_closed_form_defers_to_the_generic_code_for_graphs(rng, torch_soft_calls):
