@@ -156,7 +156,9 @@ def test_outputs_keep_x_chunks_whatever_the_other_arguments_chunks():
     kn, tn = np.array([1, 10, 100, 400]), np.asarray(tau)
     np.testing.assert_allclose(outs[0].compute(), tk.dftopk(xn, kn), atol=1e-6)
     gx = tk.dftopk_vjp(xn, kn, np.asarray(g), tau=tn)[0]
-    np.testing.assert_allclose(outs[3].compute(), gx, atol=1e-6)
+    # float32 row sums in another order (per chunk vs NumPy's einsum, whose SIMD lanes
+    # differ between AVX2 and AVX-512): a few ulp of gradients up to about 4
+    np.testing.assert_allclose(outs[3].compute(), gx, rtol=2e-6, atol=1e-6)
 
 
 class _Sizes(Callback):
