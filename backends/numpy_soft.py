@@ -293,7 +293,7 @@ class NumpySoft:
         return s, t
 
     def tangent(self, pb: Any, res: _Residuals, u: np.ndarray, dtau: Any) -> np.ndarray:
-        """See :func:`topk_core._api.soft_tangent`.
+        """See ``Backend.soft``'s ``tangent`` (:class:`topk_core.Backend`).
 
         The transpose of :meth:`backward`: ``d (u - w.u)`` with the kept
         ``d = sign p (1 - p) / tau`` (``sign / tau`` for logits), ``w.u`` per

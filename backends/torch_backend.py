@@ -555,6 +555,11 @@ class _Soft:
 
         return closed_form_backward(pb, res, g)
 
+    def copy_input(self, pb: Any, x: Any):
+        from topk_core.adapters.torch_adapter import closed_form_input_copy
+
+        return closed_form_input_copy(pb, x)
+
     def tangent(self, pb: Any, res: Any, u: Any, dtau: Any):
         from topk_core.adapters.torch_adapter import closed_form_tangent
 

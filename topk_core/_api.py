@@ -100,22 +100,6 @@ def soft_backward(pb: Problem, res: Any, g: Array) -> tuple[Array, Array]:
     return grad_x, t
 
 
-def soft_tangent(pb: Problem, res: Any, u: Array, dtau: Any) -> Array:
-    """Closed-form JVP from :func:`soft_forward`'s residuals, normalised layout.
-
-    ``u`` is the tangent laid out like ``pb.x`` in the compute dtype (the
-    *user's*: the sign of ``largest=False`` not applied), ``dtau`` tau's
-    tangent as :func:`_tau_tangent` returns it (or None); the result is the
-    output's tangent in the compute dtype, exactly 0 at masked entries.
-    """
-    tangent = getattr(_soft_hook(pb), "tangent", None)
-    if tangent is not None:
-        return tangent(pb, res, u, dtau)
-    return _math.soft_tangent(
-        pb.xp, res, u, pb.tau, dtau, pb.valid, largest=pb.largest, row_sum=pb.row_sum
-    )
-
-
 def _soft_hook(pb: Problem, *arrays: Array) -> Any:
     # a backend's fused math sums locally: a sharded axis takes the generic code's hooks
     soft = pb.backend.soft if pb.group is None else None
@@ -555,7 +539,9 @@ def _keep_inputs(pb: Problem) -> None:
     if not getattr(hook, "owns_residuals", False):
         # (casting x here instead would change pb.dtype, which is read off x: the output's)
         if pb.x.dtype == pb.compute_dtype:
-            pb.x = xp.asarray(pb.x, copy=True)
+            # a hook may keep the copy in memory it manages (torch: its scratch pool)
+            copy = getattr(hook, "copy_input", None)
+            pb.x = copy(pb, pb.x) if copy is not None else xp.asarray(pb.x, copy=True)
         if pb.valid is not None:
             pb.valid = xp.asarray(pb.valid, copy=True)
     if not isinstance(pb.tau, float):
@@ -617,11 +603,13 @@ def dftopk_jvp(
     dtau = None
     if tau_tangent is not None:
         dtau = _tau_tangent(pb, tau_tangent)
-    if getattr(_soft_hook(pb), "tangent", None) is not None:
+    tangent = getattr(_soft_hook(pb), "tangent", None)
+    if tangent is not None:
         # the backend's fused forward keeps p (1 - p) and the ties; its tangent reuses them
+        # (u laid out like pb.x, the user's: largest's sign is the hook's to apply)
         a, b = select(pb, candidates=True)
         out, res = soft_forward(pb, a, b, output, keep=True, out=not hard)
-        d = soft_tangent(pb, res, u, dtau)
+        d = tangent(pb, res, u, dtau)
         if hard:
             out = _hard_mask(pb, pb.x, a)
     else:

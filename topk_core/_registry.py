@@ -93,16 +93,21 @@ class Backend:
         True``: :func:`topk_core.dftopk_and_vjp` then copies neither (only an
         array ``tau``); any other hook keeps ``x`` as the generic code does,
         cast to the compute dtype (``dftopk_and_vjp`` copies it only where
-        that cast is not already a copy).  An optional ``applies(problem,
+        that cast is not already a copy; an optional ``copy_input(problem,
+        x) -> copy`` makes that copy in memory the hook manages, such as
+        torch's scratch pool, released when ``problem`` dies).  An optional ``applies(problem,
         *arrays) -> bool`` (``arrays``: the cotangent, for the backward) lets
         the hook decline a call, which then runs the generic code: torch's
         runs only on plain CPU tensors with no graph to record.  Its residuals
         must then be the generic ones (:class:`topk_core._math.SoftResiduals`),
         as the forward and the backward may decide differently.  An optional
-        ``tangent(problem, residuals, u, dtau) -> d_out`` (the meaning of
-        :func:`topk_core._api.soft_tangent`) makes :func:`topk_core.dftopk_jvp`
-        run the hook's forward and then it; without one that function runs the
-        generic JVP.
+        ``tangent(problem, residuals, u, dtau) -> d_out`` makes
+        :func:`topk_core.dftopk_jvp` run the hook's forward and then it
+        (without one, that function runs the generic JVP): ``u`` is the
+        tangent laid out like ``problem.x`` in the compute dtype, the user's
+        (the sign of ``largest=False`` not applied), ``dtau`` a float, a
+        tau-shaped array in the compute dtype, or None; ``d_out`` is the
+        output's tangent in the compute dtype, exactly 0 at masked entries.
     select_candidates : callable, optional
         ``select_candidates(xp, x, k) -> (a, b, positions)``: ``select_pair``'s
         result plus, where the selection found them on its way (None

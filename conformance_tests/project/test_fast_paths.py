@@ -531,6 +531,24 @@ def test_pool_buffers_come_back_when_the_vjp_dies(rng, library, output):
     np.testing.assert_array_equal(_host(want[0]), gx_copy)
 
 
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_torch_and_vjp_keeps_its_copy_of_x_in_the_pool(rng, output):
+    """torch's ``dftopk_and_vjp`` copies ``x`` (the residuals read it, and the caller may
+    change it in place) into the scratch pool, not a fresh tensor, and the copy goes
+    back when the ``vjp`` dies: with ``z`` (and ``p (1 - p)``), 2 (3) buffers of x's size."""
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(rng.standard_normal((4, 1000)))
+    g = torch.from_numpy(rng.standard_normal((4, 1000)))
+    POOL.clear()
+    _, vjp = tk.dftopk_and_vjp(x, 10, output=output)
+    want = vjp(g)
+    x.add_(1.0)  # the copy, not x, is what the vjp reads
+    np.testing.assert_array_equal(vjp(g)[0].numpy(), want[0].numpy())
+    held = POOL.held_bytes
+    del vjp
+    assert POOL.held_bytes - held == (3 if output == "probs" else 2) * x.numel() * 8
+
+
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 def test_threads_share_the_pool_safely(rng, library):
     xs = [_on(library, rng.standard_normal((8, 2000))) for _ in range(4)]
