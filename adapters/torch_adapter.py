@@ -234,18 +234,12 @@ def _tie_dot(
     uv = _flat_take(u, pos).to(f64)
     zero = torch.zeros((), dtype=f64)
     dtheta = torch.zeros(n_rows, dtype=f64)
-    for v in (a.reshape(-1), b.reshape(-1)):
-        hit = xv == _at(v, rows)
-        if vm is not None:
-            hit &= vm
+    for hit, w in _tie_hits(xv, rows, a, b, vm, n_rows):
         hu = torch.where(hit, uv, zero)
         if rows is None:
-            count = hit.sum().to(f64).reshape(1)
             sums = hu.sum().reshape(1)
         else:
-            count = torch.bincount(rows, weights=hit.to(f64), minlength=n_rows)
             sums = torch.bincount(rows, weights=hu, minlength=n_rows)
-        w = _math.tie_share(_XP, v, count)
         # an infinite a or b weighs 0, whatever its ties' tangents (0 * inf)
         dtheta += torch.where(w == 0, zero, w * sums)
     return dtheta.to(u.dtype).reshape(x.shape[:-1] + (1,))
@@ -268,9 +262,25 @@ def _subtract_tied(
     Coefficients in float64, rounded once: the same values as
     :func:`_tie_coefs_host`, subtracted in the same order (``a``'s, then ``b``'s).
     """
-    n_rows = total.numel()
     flat_total = total.reshape(-1).to(torch.float64)
     zero = torch.zeros((), dtype=torch.float64)
+    for hit, w in _tie_hits(xv, rows, a, b, valid, total.numel()):
+        # where, not a product: a non-finite total must not reach the entries left alone
+        coef = torch.where(hit, _at(flat_total * w, rows), zero).to(s.dtype)
+        _flat_sub_(s, pos, coef)
+
+
+def _tie_hits(
+    xv: torch.Tensor,
+    rows: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    valid: torch.Tensor | None,
+    n_rows: int,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For ``a``, then ``b``: ``(hit, w)``, which of the entries ``xv`` equal it (and are
+    ``valid``) and the per-row float64 weight each carries (:func:`topk_core._math.tie_share`)."""
+    out = []
     for v in (a.reshape(-1), b.reshape(-1)):
         hit = xv == _at(v, rows)
         if valid is not None:
@@ -280,10 +290,8 @@ def _subtract_tied(
             count = h.sum().reshape(1)
         else:
             count = torch.bincount(rows, weights=h, minlength=n_rows)
-        w = _math.tie_share(_XP, v, count)
-        # where, not a product: a non-finite total must not reach the entries left alone
-        coef = torch.where(hit, _at(flat_total * w, rows), zero).to(s.dtype)
-        _flat_sub_(s, pos, coef)
+        out.append((hit, _math.tie_share(_XP, v, count)))
+    return out
 
 
 # at most this many tied entries are weighed on the host (Python floats)
@@ -535,10 +543,9 @@ def closed_form_input_copy(pb: Any, x: torch.Tensor) -> torch.Tensor:
 
     The buffer goes back to the pool when ``pb`` (held by the ``vjp``, as the
     residuals are) dies: a fresh copy page-faults (5-6 ms for 16 MB here, one
-    pass over it 0.4-0.7 ms).
+    pass over it 0.4-0.7 ms).  Only for ``x`` in its own compute dtype (float32
+    or float64: a half ``x`` is kept as its float32 cast, already a copy).
     """
-    if x.dtype not in _NP_DTYPES:
-        return x.clone(memory_format=torch.contiguous_format)
     held: list = []
     copy = _scratch(x.shape, x.dtype, held).copy_(x)
     weakref.finalize(pb, POOL.give, *held)

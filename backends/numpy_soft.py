@@ -329,6 +329,19 @@ class NumpySoft:
         return out
 
 
+def _tie_hits(
+    res: _Residuals, rows: np.ndarray, n_rows: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For ``a``, then ``b``: ``(hit, r, w)``, which tied entries equal it, their rows,
+    and the per-row weight each carries (:func:`topk_core._math.tie_share`)."""
+    out = []
+    for v in (res.a.reshape(-1), res.b.reshape(-1)):
+        hit = res.tie_values == v[rows]
+        r = rows[hit]
+        out.append((hit, r, _math.tie_share(np, v, _tie_counts(r, n_rows))))
+    return out
+
+
 def _tie_dot(res: _Residuals, u: np.ndarray) -> np.ndarray | None:
     """Per-row ``w.u`` (axis kept, ``u``'s compute dtype), or None where nothing is tied.
 
@@ -342,12 +355,8 @@ def _tie_dot(res: _Residuals, u: np.ndarray) -> np.ndarray | None:
     n_rows = u.size // n
     rows = pos // n
     uv = _at(u, pos).astype(np.float64)
-    xv = res.tie_values
     dtheta = np.zeros(n_rows)
-    for v in (res.a.reshape(-1), res.b.reshape(-1)):
-        hit = xv == v[rows]
-        r = rows[hit]
-        w = _math.tie_share(np, v, _tie_counts(r, n_rows))
+    for hit, r, w in _tie_hits(res, rows, n_rows):
         sums = np.bincount(r, weights=uv[hit], minlength=n_rows)
         # an infinite a or b weighs 0, whatever its ties' tangents (0 * inf)
         with np.errstate(invalid="ignore"):
@@ -677,14 +686,9 @@ def _subtract_ties(s: np.ndarray, res: _Residuals, total: np.ndarray) -> None:
     n = s.shape[-1]
     n_rows = s.size // n if n else 0
     rows = pos // n
-    xv = res.tie_values
     flat_s = s.reshape(-1)
     flat_total = total.reshape(-1)
-    for v in (res.a.reshape(-1), res.b.reshape(-1)):
-        hit = xv == v[rows]
-        r = rows[hit]
-        count = _tie_counts(r, n_rows)
-        w = _math.tie_share(np, v, count)
+    for hit, r, w in _tie_hits(res, rows, n_rows):
         # an overflowed total (|sum(s)| past the dtype's range) times the 0 weight of an
         # infinite a or b: 0, with no invalid-value warning
         with np.errstate(invalid="ignore"):
