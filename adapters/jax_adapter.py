@@ -193,7 +193,9 @@ def _tangent(output: str, group: Any, res: Any, u: Any, dtau: Any) -> Any:
     if not (isinstance(t, float) and t == 1.0):
         scale = scale / t
     row_sum = row_sum_of(jnp, group)
-    return _math.jvp_from_code(jnp, code, wa, wb, scale, u, zf, dtau, row_sum=row_sum)
+    return _math.jvp_from_code(
+        jnp, code, wa, wb, scale, u, zf, dtau, row_sum=row_sum, logits=output == "logits"
+    )
 
 
 # checkpointed: a linearisation keeps the residuals themselves (p, the int8 code),

@@ -680,6 +680,14 @@ def closed_form_tangent(pb: Any, res: Any, u: torch.Tensor, dtau: Any) -> torch.
             q = torch.where(nan_x, 0.0, q)
         c = dtau / tau
         if isinstance(c, torch.Tensor):
+            finite = bool(torch.isfinite(c.to(out.dtype)).all())
+        else:
+            finite = abs(c) <= torch.finfo(out.dtype).max
+        if not finite:
+            # dtau / tau past the range (or a non-finite dtau): z dtau first, as the
+            # generic math does, so that a 0 (p (1 - p) underflowed, an infinite z) stays 0
+            out.sub_(torch.mul(q, dtau).div_(tau))
+        elif isinstance(c, torch.Tensor):
             out.addcmul_(q, c, value=-1)
         else:
             out.add_(q, alpha=-c)

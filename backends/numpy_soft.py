@@ -387,12 +387,15 @@ def _tau_term(pb: Any, res: _Residuals, nan_x: np.ndarray | None, dtau: Any) -> 
         q = np.where(np.isinf(r), 0.0, r).astype(r.dtype, copy=False)
         if nan_x is not None:
             q[nan_x] = 0.0
-        # -z / tau, whatever the sign: logits' r is z, unsigned
-        if isinstance(pb.tau, float):
-            coef = -1.0 / pb.tau
-        else:
-            np.divide(q, pb.tau, out=q)
-            coef = -1.0
+        # -z dtau / tau, whatever the sign (logits' r is z, unsigned), with dtau / tau
+        # formed first (tau-shaped, small): z / tau alone may overflow where the
+        # tangent is in range (z near the dtype's largest value, tau < |dtau| < 1)
+        c = np.asarray(dtau / pb.tau, dtype=q.dtype)  # a float tau: c in float64 first
+        if bool(np.isfinite(c).all()):
+            return np.multiply(q, -c, out=q)
+        # dtau / tau itself past the range (or a non-finite dtau): the generic order
+        np.multiply(q, -dtau, out=q)
+        return np.divide(q, pb.tau, out=q)
     np.multiply(q, dtau * coef, out=q)  # dtau: a float or tau-shaped (small)
     return q
 

@@ -627,6 +627,7 @@ def jvp_from_code(
     dtau: Array | None = None,
     *,
     row_sum: RowSum = None,
+    logits: bool = False,
 ) -> Array:
     """The closed-form JVP from :func:`tie_code`'s residuals, linear in ``u`` and ``dtau``.
 
@@ -637,6 +638,9 @@ def jvp_from_code(
     keeps only ``scale * u``, so the transpose sends nothing from it to the
     other entries or to ``tau``).  ``scale * z`` comes first: where ``p (1 - p)``
     underflows to 0, ``z * dtau`` can overflow (0 * inf = NaN for a finite x).
+    With ``logits`` (``scale = 1 / tau``, never 0) it is ``scale * (u - w.u - z
+    dtau)``, :func:`jvp`'s order: ``z / tau`` alone may overflow where the
+    tangent (and, transposed, ``grad_tau``) is in range.
     """
     zero_u = xp.zeros_like(u)
     ok = (code & xp.asarray(MASKED, dtype=code.dtype)) == 0
@@ -647,9 +651,12 @@ def jvp_from_code(
     dtheta = dtheta + xp.astype(wb, u.dtype) * _row_sum(xp, xp.where(on_b, u, zero_u), row_sum)
     moved = u - dtheta  # x-sized before any select (see jvp)
     nan = (code & xp.asarray(NAN, dtype=code.dtype)) != 0
-    d = scale * xp.where(nan, u, moved)
+    d = xp.where(nan, u, moved)
     if z_coef is not None and dtau is not None:
+        if logits:
+            d = scale * (d - xp.where(nan, zero_u, z_coef) * dtau)
+            return xp.where(ok, d, zero_u)
         # a NaN entry's scale is NaN: it stays out of tau's term (and its transpose)
         zs = xp.where(nan, zero_u, scale * z_coef)
-        d = d - zs * dtau
-    return xp.where(ok, d, zero_u)
+        return xp.where(ok, scale * d - zs * dtau, zero_u)
+    return xp.where(ok, scale * d, zero_u)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -295,6 +296,57 @@ def test_fast_jvp_is_the_transpose_of_the_fast_vjp(rng, library, output):
     _, d_desc = tk.dftopk_jvp(*args, _on(library, u), largest=False, **kw)
     gx_desc, _ = tk.dftopk_vjp(*args, _on(library, v), largest=False, **kw)
     np.testing.assert_allclose(np.sum(v * _host(d_desc)), np.sum(_host(gx_desc) * u), rtol=1e-10)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_fast_jvp_tau_term_where_one_factor_alone_overflows(rng, library):
+    """``tau``'s term ``-z dtau / tau`` is in range where ``z / tau`` is not (logits near
+    float32's largest value, ``tau < |dtau| < 1``), and ``dtau / tau`` past the range leaves
+    the entries whose ``z`` is infinite (or whose ``p (1 - p)`` underflowed) at 0, not NaN:
+    each hook against the float64 result of the same float32 inputs and the generic code."""
+    if library == "torch":
+        pytest.importorskip("torch")
+    fast = get_backend(library)
+    generic = dataclasses.replace(fast, soft=None, select_candidates=None)
+    x = rng.uniform(-1e38, 1e38, (2, 50)).astype(np.float32)
+    tau = np.array([[0.6], [0.7]], np.float32)
+    dtau = np.array([[0.3], [-0.2]], np.float32)
+    u = rng.standard_normal(x.shape).astype(np.float32)
+    f64 = {"tau": tau.astype(np.float64), "tau_tangent": dtau.astype(np.float64)}
+    want = tk.dftopk_jvp(x.astype(np.float64), 10, u.astype(np.float64), output="logits", **f64)
+    z = want[0].astype(np.float32)
+    assert np.isfinite(z).all() and np.abs(want[1]).max() < 3e38
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(z / tau).all()  # what the hooks divided first
+    args = (_on(library, x), 10, _on(library, u))
+    kw = {"tau": _on(library, tau), "tau_tangent": _on(library, dtau), "output": "logits"}
+    got = _host(tk.dftopk_jvp(*args, **kw)[1])
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want[1], rtol=2e-6, atol=1e-6 * np.abs(want[1]).max())
+
+    # dtau / tau = 1e39: float32 overflows; a float tau and a tau-shaped array alike
+    y = np.array([[np.inf, 1e-30, 0.0, -1e-30, -np.inf, 2e-30]], np.float32)
+    z = np.array([[0.0, 1e-36, -1e-36, 5e-36, -5e-36, 3e-30]], np.float32)  # p(1-p) -> 0
+    ones = np.ones_like(y)
+    for scores, output in ((y, "logits"), (z, "probs")):
+        for t, dt in ((1e-37, 100.0), (np.array([[1e-37]], np.float32), np.full((1, 1), 100.0))):
+            kw = {"output": output, "tau": t, "tau_tangent": dt}
+            kw.update({n: _on(library, v) for n, v in kw.items() if isinstance(v, np.ndarray)})
+            args = (_on(library, scores), 3, _on(library, ones))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no invalid-value warning either
+                got = _host(tk.dftopk_jvp(*args, **kw)[1])
+            register_backend(library, generic)
+            try:
+                ref = _host(tk.dftopk_jvp(*args, **kw)[1])
+            finally:
+                register_backend(library, fast)
+            assert not np.isnan(got).any(), (output, got)
+            _same(got, ref, np.float32)
+        if output == "logits":
+            assert got[0, 0] == got[0, 4] == 0.0  # infinite z: no tau term
+        else:
+            assert got[0, -1] == 0.0  # p (1 - p) underflowed to 0
 
 
 def test_torch_closed_form_jvp_defers_for_graphs_and_func(rng):

@@ -403,6 +403,34 @@ def test_limits_through_the_custom_rules():
     np.testing.assert_allclose(gx[[0, 2, 3, 4, 5]], float(np.float32(1) / np.float32(1.2e-38)))
 
 
+def test_logits_tau_terms_where_z_over_tau_overflows(rng):
+    """Logits near float32's largest value with ``tau < 1``: ``z / tau`` overflows, but
+    the ``tau`` tangent ``-z dtau / tau`` (``|dtau| < tau``) and ``grad_tau = -sum(g z) /
+    tau`` are in range; the custom rules get them (the float64 results of the same
+    float32 inputs), as ``dftopk_jvp`` does, instead of +-inf."""
+    x = rng.uniform(-1e38, 1e38, (2, 50)).astype(np.float32)
+    tau = np.array([[0.6], [0.7]], np.float32)
+    dtau = np.array([[0.3], [-0.2]], np.float32)
+    u = rng.standard_normal(x.shape).astype(np.float32)
+    g = (rng.standard_normal(x.shape) * 1e-3).astype(np.float32)
+    f64 = {"tau": tau.astype(np.float64), "output": "logits"}
+    z, want = tk.dftopk_jvp(x.astype(np.float64), 10, u.astype(np.float64), tau_tangent=dtau, **f64)
+    _, want_tau = tk.dftopk_vjp(x.astype(np.float64), 10, g.astype(np.float64), **f64)
+    assert np.isfinite(z.astype(np.float32)).all()
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(z.astype(np.float32) / tau).all()
+
+    def f(v, t):
+        return tk.dftopk_logits(v, 10, tau=t)
+
+    args = (jnp.asarray(x), jnp.asarray(tau))
+    _, d = jax.jvp(f, args, (jnp.asarray(u), jnp.asarray(dtau)))
+    big = np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(d), want, rtol=2e-6, atol=1e-6 * big)
+    _, pull = jax.vjp(f, *args)
+    np.testing.assert_allclose(np.asarray(pull(jnp.asarray(g))[1]), want_tau, rtol=1e-5)
+
+
 def test_plugin_drops_jax_programs_past_the_map_budget(monkeypatch):
     """The suite's teardown hook calls ``jax.clear_caches()`` once the process holds
     more than half of ``vm.max_map_count`` mappings (XLA's compiled programs reached
