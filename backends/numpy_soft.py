@@ -389,7 +389,7 @@ def _tau_term(pb: Any, res: _Residuals, nan_x: np.ndarray | None, dtau: Any) -> 
             q[nan_x] = 0.0
         # -z dtau / tau, whatever the sign (logits' r is z, unsigned), with dtau / tau
         # formed first (tau-shaped, small): z / tau alone may overflow where the
-        # tangent is in range (z near the dtype's largest value, tau < |dtau| < 1)
+        # tangent is in range (z near the dtype's largest value, |dtau| < tau < 1)
         c = np.asarray(dtau / pb.tau, dtype=q.dtype)  # a float tau: c in float64 first
         if bool(np.isfinite(c).all()):
             return np.multiply(q, -c, out=q)

@@ -301,7 +301,7 @@ def test_fast_jvp_is_the_transpose_of_the_fast_vjp(rng, library, output):
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 def test_fast_jvp_tau_term_where_one_factor_alone_overflows(rng, library):
     """``tau``'s term ``-z dtau / tau`` is in range where ``z / tau`` is not (logits near
-    float32's largest value, ``tau < |dtau| < 1``), and ``dtau / tau`` past the range leaves
+    float32's largest value, ``|dtau| < tau < 1``), and ``dtau / tau`` past the range leaves
     the entries whose ``z`` is infinite (or whose ``p (1 - p)`` underflowed) at 0, not NaN:
     each hook against the float64 result of the same float32 inputs and the generic code."""
     if library == "torch":
