@@ -815,6 +815,28 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple, differentiable_ab: bo
     ctx.candidates = getattr(a, "_topk_core_candidates", None)
 
 
+def _refuse_forward_over_forward() -> None:
+    """``NotImplementedError`` where this jvp runs under a second ``torch.func`` jvp level.
+
+    PyTorch runs a custom ``jvp`` with forward AD disabled, so an outer forward
+    level (``jacfwd(jacfwd(f))``, a ``jvp`` of a ``jvp``, also one that only
+    moves the inner tangent) would get 0 for this output's tangent: a silent
+    wrong answer.  ``torch.autograd.forward_ad`` has a single level.
+    """
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # a torch without this record: nothing to check
+        return
+    levels = [i for i in retrieve_all_functorch_interpreters() if i.key().name == "Jvp"]
+    if len(levels) > 1:
+        raise NotImplementedError(
+            "topk_core on torch: forward-over-forward differentiation (jacfwd(jacfwd(f)), "
+            "torch.func.jvp of a jvp) is not supported: PyTorch runs the operator's custom "
+            "jvp with forward AD disabled, so the outer derivative would be 0. Use "
+            "torch.func.hessian (forward-over-reverse), jacrev(jacfwd(f)) or jacrev(jacrev(f))"
+        )
+
+
 class DFTopKFunction(_DFTopKNoJvp):
     """DFTopK on normalised inputs with the spec's closed-form VJP and JVP.
 
@@ -832,9 +854,10 @@ class DFTopKFunction(_DFTopKNoJvp):
     ``jacfwd(vmap(f))``), and a backward that does not use them pays nothing
     for them.  Use :func:`topk_core.dftopk` rather than calling this directly.
 
-    Forward-over-forward (``jacfwd(jacfwd(f))``) is not supported: PyTorch
-    runs a custom ``jvp`` with forward AD disabled, so its result carries no
-    second-order tangent.  ``torch.func.hessian`` (forward-over-reverse) and
+    Forward-over-forward (``jacfwd(jacfwd(f))``, a ``torch.func.jvp`` of a
+    ``jvp``) raises ``NotImplementedError``: PyTorch runs a custom ``jvp`` with
+    forward AD disabled, so the outer tangent would silently be 0.
+    ``torch.func.hessian`` (forward-over-reverse), reverse-over-forward and
     reverse-over-reverse are exact.  Forward and reverse mode around
     ``torch.vmap`` and ``vmap`` around either work.
 
@@ -855,6 +878,7 @@ class DFTopKFunction(_DFTopKNoJvp):
 
     @staticmethod
     def jvp(ctx, x_t, tau_t, _k_t, _valid_t, _kind_t):
+        _refuse_forward_over_forward()
         x, xc, tau, valid, a, b = _unpack(ctx)
         # constants, as in the backward: z's straight-through term carries d theta / dx.
         # The saved a and b are this Function's differentiable outputs, so reverse mode

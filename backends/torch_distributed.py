@@ -468,6 +468,9 @@ class GroupDFTopKFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_t, tau_t, _k_t, _valid_t, _kind_t, _group_t):
+        from topk_core.adapters.torch_adapter import _refuse_forward_over_forward
+
+        _refuse_forward_over_forward()
         x, xc, tau, valid, a, b = _unpack(ctx)
         row_sum = row_sum_of(_XP, ctx.group)
         if torch.is_grad_enabled() and xc.requires_grad:

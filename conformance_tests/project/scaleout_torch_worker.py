@@ -635,6 +635,15 @@ def check_torch_func_transforms(c):
     hess = torch.func.hessian(lambda t: (tk.dftopk(t, 30, tau=0.4) * w1).sum())(x1)
     loss = lambda t: (tk.dftopk(t, 30, tau=0.4, group=g) * c.shard(w1, cuts=cuts)).sum()  # noqa: E731
     _close(torch.func.hessian(loss)(s1), blocks(hess, True), 1e-12, "hessian")
+    # forward over forward: refused on every rank (after the same collectives), as without
+    # a group, instead of a zero second derivative
+    try:
+        torch.func.jacfwd(torch.func.jacfwd(lambda t: tk.dftopk(t, 30, tau=0.4, group=g)))(s1)
+    except NotImplementedError as e:
+        if "forward-over-forward" not in str(e):
+            _MISMATCHES.append(f"jacfwd(jacfwd(f)) with group=: {e}")
+    else:
+        _MISMATCHES.append("jacfwd(jacfwd(f)) with group= did not raise")
     # unequal shards: the ranks would map over different sizes; every rank raises
     try:
         torch.func.jacrev(lambda t: tk.dftopk(t, 30, group=g))(c.shard(x1))
@@ -643,7 +652,7 @@ def check_torch_func_transforms(c):
             _MISMATCHES.append(f"jacrev on unequal shards: {e}")
     else:
         _MISMATCHES.append("jacrev on unequal shards did not raise")
-    return "vmap (every public function), vmap of grad, jacrev, jacfwd, hessian with group="
+    return "vmap (all public functions), vmap of grad, jacrev, jacfwd, hessian; no jacfwd(jacfwd)"
 
 
 def check_group_of_one(c):

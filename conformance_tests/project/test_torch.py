@@ -286,6 +286,35 @@ def test_torch_func_tau_and_hessian(rng):
         np.testing.assert_allclose(hess(x).numpy(), fd.numpy(), atol=1e-7)
 
 
+def test_forward_over_forward_is_refused_not_zero(rng):
+    """PyTorch runs a custom jvp with forward AD disabled: a second ``torch.func`` jvp
+    level around it got 0 (``jacfwd(jacfwd(f))`` a zero Hessian, a jvp that moves only
+    the inner tangent a zero ``J u``) with no error.  Now a ``NotImplementedError``
+    naming what works; one jvp level (also around or inside vmap, under jacrev) stays."""
+    x, u = _t(rng.standard_normal(6)), _t(rng.standard_normal(6))
+
+    def f(v):
+        return topk_core.dftopk(v, 2, tau=0.5)
+
+    def inner(v):
+        return torch.func.jvp(f, (v,), (u,))[1]
+
+    for call in (
+        lambda: torch.func.jacfwd(torch.func.jacfwd(f))(x),
+        lambda: torch.func.jvp(inner, (x,), (u,)),
+        lambda: torch.func.jvp(lambda t: torch.func.jvp(f, (x,), (t,))[1], (u,), (u,)),
+        lambda: torch.func.jvp(lambda v: topk_core.dftopk_logits(inner(v), 1), (x,), (u,)),
+    ):
+        with pytest.raises(NotImplementedError, match=r"forward-over-forward.*hessian"):
+            call()
+    want = topk_core.dftopk_jvp(x.numpy(), 2, u.numpy(), tau=0.5)[1]
+    np.testing.assert_allclose(torch.func.jvp(f, (x,), (u,))[1].numpy(), want, atol=1e-12)
+    batched = torch.func.vmap(lambda v, w: torch.func.jvp(f, (v,), (w,))[1])(x[None], u[None])
+    np.testing.assert_allclose(batched[0].numpy(), want, atol=1e-12)
+    around = torch.func.jvp(torch.func.vmap(f), (x[None],), (u[None],))[1]
+    np.testing.assert_allclose(around[0].numpy(), want, atol=1e-12)
+
+
 @pytest.mark.parametrize("hard", [False, True])
 def test_reverse_over_forward_second_derivatives(rng, hard):
     """Reverse mode over the custom jvp (``jacrev(jacfwd(f))``, autograd over
