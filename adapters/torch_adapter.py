@@ -815,6 +815,14 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple, differentiable_ab: bo
     ctx.candidates = getattr(a, "_topk_core_candidates", None)
 
 
+try:  # private: the transforms (torch.func levels) active around a call
+    from torch._functorch.pyfunctorch import (
+        retrieve_all_functorch_interpreters as _functorch_interpreters,
+    )
+except ImportError:
+    _functorch_interpreters = None
+
+
 def _refuse_forward_over_forward() -> None:
     """``NotImplementedError`` where this jvp runs under a second ``torch.func`` jvp level.
 
@@ -823,11 +831,9 @@ def _refuse_forward_over_forward() -> None:
     moves the inner tangent) would get 0 for this output's tangent: a silent
     wrong answer.  ``torch.autograd.forward_ad`` has a single level.
     """
-    try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    except ImportError:  # a torch without this record: nothing to check
+    if _functorch_interpreters is None:  # a torch without this record: nothing to check
         return
-    levels = [i for i in retrieve_all_functorch_interpreters() if i.key().name == "Jvp"]
+    levels = [i for i in _functorch_interpreters() if i.key().name == "Jvp"]
     if len(levels) > 1:
         raise NotImplementedError(
             "topk_core on torch: forward-over-forward differentiation (jacfwd(jacfwd(f)), "

@@ -654,8 +654,8 @@ def jvp_from_code(
     d = xp.where(nan, u, moved)
     if z_coef is not None and dtau is not None:
         if logits:
-            d = scale * (d - xp.where(nan, zero_u, z_coef) * dtau)
-            return xp.where(ok, d, zero_u)
+            # z_coef is 0 at NaN entries already: they keep u / tau
+            return xp.where(ok, scale * (d - z_coef * dtau), zero_u)
         # a NaN entry's scale is NaN: it stays out of tau's term (and its transpose)
         zs = xp.where(nan, zero_u, scale * z_coef)
         return xp.where(ok, scale * d - zs * dtau, zero_u)

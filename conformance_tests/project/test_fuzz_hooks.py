@@ -121,9 +121,11 @@ def _to_torch(a: Any, bf16: bool = False) -> Any:
 
     if not isinstance(a, np.ndarray):
         return a
-    # torch has no negative strides: such a view arrives as a flipped copy
-    t = torch.from_numpy(np.flip(a, -1).copy()).flip(-1) if min(a.strides, default=0) < 0 else None
-    t = torch.from_numpy(a) if t is None else t
+    if min(a.strides, default=0) < 0:
+        # torch has no negative strides: such a view arrives as a flipped copy
+        t = torch.from_numpy(np.flip(a, -1).copy()).flip(-1)
+    else:
+        t = torch.from_numpy(a)
     return t.to(torch.bfloat16) if bf16 and t.is_floating_point() and a.ndim else t
 
 
