@@ -653,10 +653,13 @@ def jvp_from_code(
     nan = (code & xp.asarray(NAN, dtype=code.dtype)) != 0
     d = xp.where(nan, u, moved)
     if z_coef is not None and dtau is not None:
+        # tau's term is selected away at NaN entries, not only multiplied by a zero
+        # coefficient: a transpose multiplies the cotangent by that coefficient, and a
+        # loss's cotangent is NaN exactly there (grad_tau would be 0 * NaN)
         if logits:
-            # z_coef is 0 at NaN entries already: they keep u / tau
-            return xp.where(ok, scale * (d - z_coef * dtau), zero_u)
+            # z_coef is 0 at NaN entries: they keep u / tau
+            return xp.where(ok, scale * (d - xp.where(nan, zero_u, z_coef * dtau)), zero_u)
         # a NaN entry's scale is NaN: it stays out of tau's term (and its transpose)
         zs = xp.where(nan, zero_u, scale * z_coef)
-        return xp.where(ok, scale * d - zs * dtau, zero_u)
+        return xp.where(ok, scale * d - xp.where(nan, zero_u, zs * dtau), zero_u)
     return xp.where(ok, scale * d, zero_u)

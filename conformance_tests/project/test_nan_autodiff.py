@@ -98,3 +98,34 @@ def test_nan_threshold_rows_in_torch_and_jax_autodiff(output, tau_i):
     for got_x, got_tau in ((gx_t.numpy(), gtau_t.numpy()), (gx_j, gtau_j)):
         np.testing.assert_allclose(got_x, gx, atol=1e-12)  # NaN where the closed form is
         np.testing.assert_allclose(got_tau, gtau, atol=1e-12)
+
+
+@pytest.mark.parametrize("tau_i", [0, 1])
+@pytest.mark.parametrize("output", ["probs", "logits"])
+def test_nan_cotangent_at_nan_entries_stays_out_of_grad_tau(output, tau_i):
+    """A loss that keeps the NaN outputs (BCE, ``sum(p)``) sends a NaN cotangent back to
+    exactly the NaN entries.  They keep their own NaN term, nothing more: grad_tau and the
+    other entries' grad_x are those of the NaN-dropping loss.  jax.vjp gave a NaN grad_tau
+    (its rule multiplied that cotangent by a zero coefficient, 0 * NaN)."""
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    tau = (TAU, np.array([[0.6, 1.0, 0.8, 2.0, 0.5, 1.2], [1.4, 0.3, 1.0, 0.9, 2.5, 0.7]]))[tau_i]
+    fn = tk.dftopk if output == "probs" else tk.dftopk_logits
+    g_nan = np.where(np.isnan(X), np.nan, G)
+    with np.errstate(invalid="ignore"):
+        gx, gtau = tk.dftopk_vjp(X, 2, np.where(np.isnan(X), 0.0, G), tau=tau, output=output)
+    ok = ~np.isnan(X)
+    assert np.isfinite(gtau).all() and np.isfinite(gx[ok]).all()
+
+    x = torch.tensor(X, requires_grad=True)
+    tt = torch.tensor(tau, requires_grad=True)
+    got = [(v.numpy() for v in torch.autograd.grad(fn(x, 2, tau=tt), (x, tt), torch.tensor(g_nan)))]
+    _, pull = jax.vjp(lambda v, s: fn(v, 2, tau=s), jnp.asarray(X), jnp.asarray(tau))
+    got.append(np.asarray(v) for v in pull(jnp.asarray(g_nan)))
+    with np.errstate(invalid="ignore"):
+        got.append(tk.dftopk_vjp(X, 2, g_nan, tau=tau, output=output))
+    for got_x, got_tau in got:
+        np.testing.assert_allclose(got_tau, gtau, rtol=1e-12)
+        np.testing.assert_allclose(got_x[ok], gx[ok], rtol=1e-12, atol=1e-15)
+        assert np.isnan(got_x[~ok]).all()  # each NaN entry keeps its own (NaN) term
