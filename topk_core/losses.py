@@ -93,11 +93,12 @@ def _joint_bce_elementwise(xp: Any, zs: Sequence[Array], positive: Array) -> Arr
     total = xp.sum(xp.exp(stacked - m), axis=0)
     # total = 0 (q = 1) makes the negative loss +inf; keep log(0) out of the
     # arithmetic: no warning, and no log'(0) = inf in the unselected side of a
-    # where (that would turn the gradient of positives into NaN)
-    some = total > 0
-    safe = xp.where(some, total, xp.ones_like(total))
+    # where (that would turn the gradient of positives into NaN).  A NaN total (a
+    # NaN score) stays NaN: ``total > 0`` would have made it +inf
+    none = total == 0
+    safe = xp.where(none, xp.ones_like(total), total)
     inf = xp.asarray(xp.inf, dtype=total.dtype)
-    neg_loss = xp.where(some, -(m + xp.log(safe)), inf)
+    neg_loss = xp.where(none, inf, -(m + xp.log(safe)))
     return xp.where(positive, pos_loss, neg_loss)
 
 
@@ -107,18 +108,17 @@ def _reduce(xp: Any, elem: Array, valid: Array | None, reduction: str) -> Array:
         elem = xp.where(valid, elem, xp.zeros_like(elem))
     if reduction == "none":
         return elem
-    total = xp.sum(elem)
     if reduction == "sum":
-        return total
+        return xp.sum(elem)
     if valid is None:
-        count = math.prod(elem.shape)
+        count = max(math.prod(elem.shape), 1)
     else:
         count = xp.sum(xp.astype(valid, elem.dtype))
         # a batch without any valid entry has mean loss 0, not 0/0
         count = xp.maximum(count, xp.ones_like(count))
-    if isinstance(count, int):
-        return total / max(count, 1)
-    return total / count
+    # divided before the sum: a mean in range whose sum is not (entries near the
+    # dtype's largest value) stays finite
+    return xp.sum(elem / count)
 
 
 # ---------------------------------------------------------------------------

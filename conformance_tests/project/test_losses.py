@@ -280,6 +280,35 @@ def test_nan_propagates(lib):
     assert np.isnan(lib.to_numpy(out))
 
 
+def test_nan_propagates_through_the_joint_term(lib):
+    """A NaN threshold (here stage 2 keeps k = 0 and a NaN ranks first) makes that
+    stage's logits NaN; the end-to-end term then came out +inf, a NaN read as q = 1."""
+    stages = [_row([3.0, 2.0, 1.0], 0.0), _row([np.nan, 1.0, 0.0], -1.0)]
+    rel = lib.asarray(_row([1.0, 2.0, 3.0], 0.0))
+    for reduction in ("mean", "sum"):
+        _, terms = cascade_joint_loss(
+            [lib.asarray(s) for s in stages], rel, (1, 0), reduction=reduction, return_terms=True
+        )
+        joint, first, second = (float(lib.to_numpy(t)) for t in terms)
+        assert math.isnan(joint) and math.isnan(second) and math.isfinite(first)
+    # the NaN masked out: every term finite again
+    mask = lib.asarray(_row([False], True))
+    loss = cascade_joint_loss([lib.asarray(s) for s in stages], rel, (1, 0), mask=mask)
+    assert np.isfinite(lib.to_numpy(loss))
+
+
+def test_mean_in_range_where_the_sum_overflows(lib):
+    """float32 losses near 1e38 per entry: their sum passes float32's largest value, their
+    mean does not (it came out +inf)."""
+    scores = lib.asarray(np.tile([1e38, -1e38], (SHAPE[0], SHAPE[1] // 2)), "float32")
+    rel = lib.asarray(np.tile([0.0, 1.0], (SHAPE[0], SHAPE[1] // 2)))  # every entry wrong
+    mean = float(lib.to_numpy(topk_bce_loss(scores, rel, SHAPE[1] // 2)))
+    np.testing.assert_allclose(mean, 1e38, rtol=1e-6)
+    assert float(lib.to_numpy(topk_bce_loss(scores, rel, SHAPE[1] // 2, reduction="sum"))) == np.inf
+    joint = cascade_joint_loss([scores, scores], rel, SHAPE[1] // 2, return_terms=True)[1][1]
+    np.testing.assert_allclose(float(lib.to_numpy(joint)), 1e38, rtol=1e-6)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
