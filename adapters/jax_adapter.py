@@ -52,7 +52,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
-from topk_core.backends.jax_backend import select_pair_counts
+from topk_core.backends.jax_backend import eager_k, select_pair_counts
 
 from topk_core import _math
 from topk_core._group import row_sum_of
@@ -290,7 +290,7 @@ def apply(pb: Any, output: str, hard: bool = False) -> Any:
     >>> [round(float(v), 4) for v in g]
     [0.0904, 0.0, -0.0452, -0.0452]
     """
-    k = pb.k
+    k = eager_k(pb.x, pb.k)
     k_static, k_arr = (k, None) if isinstance(k, int) else (None, k)
     tau = pb.tau
     if isinstance(tau, float):

@@ -153,6 +153,7 @@ __all__ = [
     "JaxGroup",
     "JaxShims",
     "digit_bits_for",
+    "eager_k",
     "resolve_group",
     "select_pair",
     "select_pair_counts",
@@ -340,6 +341,7 @@ def select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
     (3.0, 2.0)
     """
     del xp  # always jax.numpy here; the argument is the Backend contract
+    k = eager_k(x, k)
     if isinstance(k, int):
         return _select_static_k(x, k)
     return _select_array_k(x, k)
@@ -362,9 +364,35 @@ def select_pair_counts(x: Any, k: Any) -> tuple[Any, Any, Any, Any]:
     >>> float(a[0, 0]), float(b[0, 0]), int(ca[0, 0]), cb
     (4.0, 3.0, 1, None)
     """
+    k = eager_k(x, k)
     if isinstance(k, int):
         return _counts_static_k(x, k)
     return _counts_array_k(x, k)
+
+
+def eager_k(x: Any, k: Any) -> Any:
+    """An int ``k`` as a per-row int array where the call is eager (``x`` concrete).
+
+    An eager call runs one compiled program per shape whatever ``k`` is, as a
+    Python ``tau`` is traced: a ``k`` schedule, a cascade's stages or a sweep over
+    ``k`` would otherwise compile a program for each value (about a second each
+    on a CPU).  Under an outer ``jit``/``grad``/``vmap`` (``x`` a tracer) an int
+    ``k`` stays static and is folded into the caller's program.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from topk_core.backends.jax_backend import eager_k
+    >>> eager_k(jnp.zeros((2, 5)), 3).tolist()
+    [[3], [3]]
+    """
+    if not isinstance(k, int) or isinstance(x, jax.core.Tracer):
+        return k
+    import numpy as np
+
+    # a NumPy argument: a jnp.full would be one more eager dispatch (0.2 ms a call)
+    count_t = np.int32 if x.shape[-1] < 2**31 else np.int64
+    return np.full(tuple(x.shape[:-1]) + (1,), k, dtype=count_t)
 
 
 def _radix(x: Any, k: Any, counts: bool = False) -> tuple[Any, ...]:

@@ -466,3 +466,51 @@ def test_clear_caches_unmaps_compiled_programs():
     after = plugin._mapped_regions()
     assert grown - before > 100
     assert after - before < (grown - before) / 4
+
+
+def test_eager_calls_compile_once_per_shape_whatever_k():
+    """An int k is a traced per-row array in eager calls (as a Python tau is a traced
+    scalar): a k schedule or a cascade's stages on one shape reuse one program instead of
+    compiling one per k (about a second each).  Values as NumPy's for every k."""
+    from topk_core.backends.jax_backend import eager_k
+
+    compiles = []
+
+    def listen(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    x_np, mask_np = X, MASK  # the module's shape: programs other tests compiled are reused
+    x, mask = jnp.asarray(x_np), jnp.asarray(mask_np)
+    calls = {
+        "dftopk": lambda v, k, g, **kw: tk.dftopk(v, k, tau=0.5, **kw),
+        "hard": lambda v, k, g, **kw: tk.dftopk(v, k, hard=True, **kw),
+        "logits": lambda v, k, g, **kw: tk.dftopk_logits(v, k, **kw),
+        "vjp": lambda v, k, g, **kw: tk.dftopk_vjp(v, k, g, **kw)[0],
+        "jvp": lambda v, k, g, **kw: tk.dftopk_jvp(v, k, g, **kw)[1],
+        "mask": lambda v, k, g, **kw: tk.topk_mask(v, k, **kw),
+        "threshold": lambda v, k, g, **kw: tk.topk_threshold(v, k, **kw),
+    }
+    masks = ({}, {"mask": mask})
+    for fn in calls.values():  # compile each call once, for this shape
+        for kw in masks:
+            jax.block_until_ready(fn(x, 1, jnp.ones_like(x), **kw))
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        got = {
+            (name, k, i): np.asarray(fn(x, k, jnp.ones_like(x), **kw))
+            for name, fn in calls.items()
+            for k in (0, 2, 5, 8)
+            for i, kw in enumerate(masks)
+        }
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []
+    for (name, k, i), value in got.items():
+        kw = {"mask": mask_np} if i else {}
+        with np.errstate(all="ignore"):
+            want = calls[name](x_np, k, np.ones_like(x_np), **kw)
+        np.testing.assert_allclose(value, want, rtol=1e-12, atol=1e-15, err_msg=f"{name} k={k}")
+    # under an outer trace an int k stays static (folded into the caller's program)
+    assert jax.jit(lambda v: eager_k(v, 3))(x).shape == ()
+    assert eager_k(x, 3).shape == (3, 1)
