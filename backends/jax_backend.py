@@ -141,6 +141,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from topk_core._radix import float_to_keys, keys_to_float, radix_select_pair
@@ -388,8 +389,6 @@ def eager_k(x: Any, k: Any) -> Any:
     """
     if not isinstance(k, int) or isinstance(x, jax.core.Tracer):
         return k
-    import numpy as np
-
     # a NumPy argument: a jnp.full would be one more eager dispatch (0.2 ms a call)
     count_t = np.int32 if x.shape[-1] < 2**31 else np.int64
     return np.full(tuple(x.shape[:-1]) + (1,), k, dtype=count_t)
@@ -481,8 +480,6 @@ def host_values(a: Any) -> Any:
             return None
     except Exception:  # e.g. a deleted or not yet materialised array
         return None
-    import numpy as np
-
     return np.asarray(a)
 
 
