@@ -57,7 +57,14 @@ from topk_core.backends.jax_backend import eager_k, select_pair_counts
 from topk_core import _math
 from topk_core._group import row_sum_of
 
-__all__ = ["apply", "backward_math", "differentiable_pair", "forward_math", "tangent_math"]
+__all__ = [
+    "apply",
+    "backward_math",
+    "differentiable_pair",
+    "differentiable_pair_counts",
+    "forward_math",
+    "tangent_math",
+]
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -99,6 +106,15 @@ def differentiable_pair(x: Any, k: Any, group: Any = None) -> tuple[Any, Any]:
     k_static, k_arr = (k, None) if isinstance(k, int) else (None, k)
     a, b, _, _ = _pair((k_static, group), x, k_arr)
     return a, b
+
+
+def differentiable_pair_counts(x: Any, k: Any) -> tuple[Any, Any, Any]:
+    """:func:`differentiable_pair` plus the tie counts ``(count_a, count_b)`` its last
+    histogram holds (``count_b`` None with narrow digits), for the closed forms' tie
+    weights (:class:`topk_core.backends.jax_backend.JaxSoft`): no row sums over ``x``."""
+    k_static, k_arr = (k, None) if isinstance(k, int) else (None, k)
+    a, b, ca, cb = _pair((k_static, None), x, k_arr)
+    return a, b, (ca, cb)
 
 
 def _int_zero(c: Any) -> Any:

@@ -127,6 +127,15 @@ Later still (issue 11; idle machine, min of 30-60 interleaved calls, ``jit``):
   candidates alone cannot be told apart in 16 bits, and adding zeros for the
   others instead of dropping them measured no faster (0.56 vs 0.55 ms).
 
+The closed forms (:class:`JaxSoft`, issue 11; 2026-12-07, shared Zen 3 under
+neighbours' load, min of 25 interleaved eager calls, float32, k = n/10): with the
+generic math dispatched op by op, ``dftopk_vjp`` / ``dftopk_and_vjp`` + its ``vjp`` /
+``dftopk_jvp`` took 22 / 30 / 21 ms at 1e6, 186 / 164 / 177 ms at 1024 x 4096 and
+87 / 90 / 72 ms at 8192 x 256; compiled, 6.6 / 7.8 / 7.2, 60 / 80 / 82 and 41 / 50 /
+49 ms.  The backward program alone at 1e6: 1.61 -> 1.31 ms (min of 200) with the
+selection's tie counts instead of two row sums (each sum reads a materialised
+comparison: this XLA's CPU reductions do not fuse their producers).
+
 Multi-threshold counting passes (several compare-and-sum reductions over
 one read) compile to far slower loops on XLA's CPU backend (3 thresholds:
 4x one), and a compaction (``nonzero``/``cumsum``: 6.5-8 ms per million) costs
@@ -144,6 +153,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from topk_core import _math
 from topk_core._radix import float_to_keys, keys_to_float, radix_select_pair
 from topk_core._registry import Backend
 
@@ -152,6 +162,7 @@ __all__ = [
     "DIGIT_BITS",
     "SHIMS",
     "JaxGroup",
+    "JaxSoft",
     "JaxShims",
     "digit_bits_for",
     "eager_k",
@@ -467,6 +478,122 @@ def _apply(pb: Any, output: str, hard: bool = False) -> Any:
     return apply(pb, output, hard=hard)
 
 
+@dataclass(frozen=True)
+class _SoftResiduals:
+    """What :class:`JaxSoft`'s backward and tangent read: the normalised ``x``, ``a``,
+    ``b``, the forward's ``p (1 - p)`` (None: recomputed in their program, where the
+    forward computed no ``p``, or for logits) and the selection's tie counts.  The
+    logits are recomputed there from ``x`` (no exponential): keeping them would write
+    and read one more array."""
+
+    x: Any
+    a: Any
+    b: Any
+    d: Any
+    counts: Any
+    output: str
+
+
+# a pytree (the arrays are leaves, output static): the residuals enter the programs whole
+jax.tree_util.register_dataclass(
+    _SoftResiduals, data_fields=["x", "a", "b", "d", "counts"], meta_fields=["output"]
+)
+
+
+class JaxSoft:
+    """``Backend.soft`` for JAX: the generic math after the selection, compiled.
+
+    Run eagerly, :func:`topk_core._math.soft_forward` / ``soft_backward`` /
+    ``soft_tangent`` are dozens of op-by-op dispatches, each a pass over ``x``
+    with nothing fused: ``dftopk_vjp`` at n = 1e6 cost ~110-140 passes of
+    ``x * 2`` and ~3 s of first-call compiles per shape (issue 11).  Here each
+    runs as one ``jax.jit`` program per shape, on the same ``_math`` code; under
+    an outer ``jit``/``grad``/``vmap`` the programs are inlined, so derivatives of
+    the closed forms (second order) are those of that code, as before.  A forward
+    that returns no output (``dftopk_vjp``) computes nothing: its backward's
+    program runs the whole math in one read of ``x``.  The tie weights take their
+    counts from the selection's last histogram (``problem.candidates``, from
+    :func:`_public_select_counts`) instead of two row sums over ``x``.
+    """
+
+    def forward(
+        self, pb: Any, a: Any, b: Any, output: str, *, keep: bool, out: bool
+    ) -> tuple[Any, Any]:
+        """See ``Backend.soft`` (:class:`topk_core.Backend`)."""
+        if keep and not out:
+            return None, _SoftResiduals(pb.x, a, b, None, pb.candidates, output)
+        y, d = _soft_forward_jit((output, keep), pb.x, a, b, _tau_arg(pb, pb.tau), pb.valid)
+        return y, (_SoftResiduals(pb.x, a, b, d, pb.candidates, output) if keep else None)
+
+    def backward(self, pb: Any, res: _SoftResiduals, g: Any) -> tuple[Any, Any]:
+        """See ``Backend.soft``: ``grad_x`` (``largest``'s sign applied) and the tau
+        gradient already summed over tau's broadcast axes, in the same program."""
+        static = (pb.largest, _tau_axes(pb))
+        return _soft_backward_jit(static, res, _tau_arg(pb, pb.tau), pb.valid, g)
+
+    def tangent(self, pb: Any, res: _SoftResiduals, u: Any, dtau: Any) -> Any:
+        """See ``Backend.soft``'s ``tangent``."""
+        dt = None if dtau is None else _tau_arg(pb, dtau)
+        return _soft_tangent_jit(pb.largest, res, _tau_arg(pb, pb.tau), pb.valid, u, dt)
+
+
+def _tau_arg(pb: Any, v: Any) -> Any:
+    # a float as a traced argument (NumPy, no dispatch): a tau schedule must not recompile
+    return np.asarray(v, dtype=pb.compute_dtype) if isinstance(v, float) else v
+
+
+def _tau_axes(pb: Any) -> tuple[int, ...] | None:
+    """The axes the tau gradient is summed over: all (None) for a float ``tau``."""
+    if isinstance(pb.tau, float):
+        return None
+    ts, xs = tuple(pb.tau.shape), tuple(pb.x.shape)
+    return tuple(i for i in range(len(xs)) if ts[i] == 1 and xs[i] != 1)
+
+
+def _soft_inputs(x: Any, a: Any, b: Any, tau: Any, valid: Any) -> tuple[Any, Any, Any, Any]:
+    cdt = _math.compute_dtype(jnp, x.dtype)
+    x, a, b = x.astype(cdt), a.astype(cdt), b.astype(cdt)
+    return x, a, b, _math.logits(jnp, x, a, b, tau, valid)
+
+
+def _soft_forward(static: tuple, x: Any, a: Any, b: Any, tau: Any, valid: Any) -> tuple[Any, Any]:
+    output, keep = static
+    x, a, b, z = _soft_inputs(x, a, b, tau, valid)
+    if output == "logits":
+        return z, None
+    if not keep:
+        return jax.nn.sigmoid(z), None
+    return _math.sigmoid_and_grad(jnp, z)
+
+
+def _residuals(res: _SoftResiduals, tau: Any, valid: Any) -> Any:
+    """The generic residuals, with the logits recomputed (and ``p (1 - p)`` where the
+    forward computed no ``p``: the one exponential of ``dftopk_vjp``)."""
+    x, a, b, z = _soft_inputs(res.x, res.a, res.b, tau, valid)
+    d = res.d
+    if res.output == "probs" and d is None:
+        d = _math.sigmoid_and_grad(jnp, z)[1]
+    return _math.SoftResiduals(x, a, b, z, d, res.output, res.counts)
+
+
+def _soft_backward(static: tuple, res: Any, tau: Any, valid: Any, g: Any) -> tuple[Any, Any]:
+    largest, tau_axes = static
+    grad_x, t = _math.soft_backward(jnp, _residuals(res, tau, valid), g, tau, valid)
+    t = jnp.sum(t) if tau_axes is None else jnp.sum(t, axis=tau_axes, keepdims=True)
+    return (grad_x if largest else -grad_x), t
+
+
+def _soft_tangent(largest: bool, res: Any, tau: Any, valid: Any, u: Any, dtau: Any) -> Any:
+    return _math.soft_tangent(
+        jnp, _residuals(res, tau, valid), u, tau, dtau, valid, largest=largest
+    )
+
+
+_soft_forward_jit = jax.jit(_soft_forward, static_argnums=0)
+_soft_backward_jit = jax.jit(_soft_backward, static_argnums=0)
+_soft_tangent_jit = jax.jit(_soft_tangent, static_argnums=0)
+
+
 def host_values(a: Any) -> Any:
     """NumPy view of a concrete JAX array on the CPU; None for tracers and accelerators.
 
@@ -583,6 +710,16 @@ def resolve_group(group: Any, x: Any, axis: int = -1) -> JaxGroup:
     return JaxGroup(group, int(size))
 
 
+def _public_select_counts(xp: Any, x: Any, k: Any) -> tuple[Any, Any, Any]:
+    """:func:`_public_select_pair` plus the tie counts from its last histogram: the
+    ``candidates`` that :class:`JaxSoft` reads (see ``Backend.select_candidates``), so
+    that the closed forms' tie weights need no two row sums over ``x``."""
+    from topk_core.adapters.jax_adapter import differentiable_pair_counts
+
+    del xp
+    return differentiable_pair_counts(x, k)
+
+
 def _public_select_pair(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
     """:func:`select_pair`, differentiable in ``x`` (the adapter's ``_pair`` rule): the
     public API's ``topk_threshold`` and closed-form functions select through it, so
@@ -602,4 +739,6 @@ BACKEND = Backend(
     host_values=host_values,
     cond=jax.lax.cond,
     group=resolve_group,
+    soft=JaxSoft(),
+    select_candidates=_public_select_counts,
 )

@@ -9,7 +9,8 @@ that the harness only has to time calls.  Operators:
     ``dftopk_and_vjp`` (one selection, then the VJP) on NumPy and CuPy.
 ``ours_vjp``
     The public closed-form ``topk_core.dftopk_vjp`` (it computes its own
-    forward; no autodiff), ``fwd+bwd`` only; under ``jax.jit`` on JAX.
+    forward; no autodiff), ``fwd+bwd`` only; on JAX called eagerly, as a user
+    calls it outside ``jit`` (its compiled programs, not one fused ``jit``).
 ``ours_rowk``
     ``ours`` with ``k`` given as a per-row integer array (every row the same
     value): the per-row-k path against the scalar one.
@@ -659,8 +660,9 @@ class JaxDriver(Driver):
             "sort_dftopk": _jax_sort_dftopk(k, tau),
         }
         if op == "ours_vjp":
-            jv = jax.jit(lambda t, gg: topk_core.dftopk_vjp(t, k, gg, tau=tau))
-            return Case(op, mode, lambda: jax.block_until_ready(jv(x, g)))
+            return Case(
+                op, mode, lambda: jax.block_until_ready(topk_core.dftopk_vjp(x, k, g, tau=tau))
+            )
         if op in fns:
             f = fns[op]
             if mode == "fwd":

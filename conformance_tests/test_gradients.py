@@ -301,8 +301,12 @@ def test_dftopk_and_vjp_equals_separate_calls(lib, rng, case, output):
     np.testing.assert_allclose(lib.to_numpy(out), lib.to_numpy(_call(lib, fn, x, kw)), rtol=1e-12)
     gx, gtau = vjp(lib.asarray(g))
     ref_gx, ref_gtau = _call(lib, tk.dftopk_vjp, x, kw, g, output=output)
-    np.testing.assert_array_equal(lib.to_numpy(gx), lib.to_numpy(ref_gx))
-    np.testing.assert_array_equal(lib.to_numpy(gtau), lib.to_numpy(ref_gtau))
+    # the same math, not always the same program: a compiling library (JAX) fuses the
+    # backward that reads the kept p (1 - p) and the one that computes it differently,
+    # so the row sums may round apart in the last bit (float64 here)
+    for got, ref in ((gx, ref_gx), (gtau, ref_gtau)):
+        got, ref = lib.to_numpy(got), lib.to_numpy(ref)
+        np.testing.assert_allclose(got, ref, rtol=1e-13, atol=1e-15 * np.abs(ref).max())
     with pytest.raises(ValueError, match="cotangent must have x's shape"):
         vjp(lib.asarray(np.ones(3)))
 

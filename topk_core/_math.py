@@ -277,6 +277,7 @@ def vjp_from_s(
     valid: Array | None,
     *,
     row_sum: RowSum = None,
+    counts: TieCounts = None,
 ) -> tuple[Array, Array]:
     """``grad_x = s - sum(s) * w`` from ``s = g * dout/dz`` (not yet divided by tau).
 
@@ -293,7 +294,7 @@ def vjp_from_s(
     if valid is not None:
         s = xp.where(valid, s, zero)
     total = _row_sum(xp, xp.where(xp.isnan(x), zero, s), row_sum)
-    eq_a, eq_b, wa, wb = _tie_weights_for(xp, x, a, b, valid, row_sum)
+    eq_a, eq_b, wa, wb = _tie_weights_for(xp, x, a, b, valid, row_sum, counts)
     wa = xp.astype(wa, s.dtype)
     wb = xp.astype(wb, s.dtype)
     return s, s - _apply_w(xp, eq_a, eq_b, wa, wb, total)
@@ -314,6 +315,7 @@ def jvp(
     row_sum: RowSum = None,
     pair: bool = False,
     slope: Array | None = None,
+    counts: TieCounts = None,
 ) -> Array | tuple[Array, Array, Array]:
     """Closed-form JVP: ``dz = (u - w.u) / tau - z dtau / tau``; ``dp = p(1-p) dz``.
 
@@ -325,11 +327,12 @@ def jvp(
     db)``: the mean of ``u`` over each one's ties (0 for an infinite one), so
     ``w.u = (da + db) / 2``; free, from the same two row sums.  ``slope``:
     ``p (1 - p)`` where the forward kept it (probabilities; none recomputed).
+    ``counts``: the tie counts, where the selection found them (:func:`tie_weights`).
     """
     zero = xp.asarray(0.0, dtype=z.dtype)
     if valid is not None:
         u = xp.where(valid, u, zero)
-    eq_a, eq_b, wa, wb = _tie_weights_for(xp, x, a, b, valid, row_sum)
+    eq_a, eq_b, wa, wb = _tie_weights_for(xp, x, a, b, valid, row_sum, counts)
     half_a = xp.astype(wa, z.dtype) * _row_sum(xp, xp.where(eq_a, u, zero), row_sum)
     half_b = xp.astype(wb, z.dtype) * _row_sum(xp, xp.where(eq_b, u, zero), row_sum)
     dtheta = half_a + half_b
@@ -474,7 +477,8 @@ class SoftResiduals:
 
     ``z`` are the logits (masked entries ``-inf``); ``d`` is ``p (1 - p)`` for
     ``output="probs"`` (None for logits, or where the backward recomputes it
-    from ``z``).
+    from ``z``); ``counts`` the tie counts of ``a`` and ``b`` where the
+    selection found them (as in :func:`tie_weights`; None: counted with row sums).
     """
 
     x: Array
@@ -483,6 +487,7 @@ class SoftResiduals:
     z: Array
     d: Array | None
     output: str
+    counts: TieCounts = None
 
 
 def soft_forward(
@@ -547,6 +552,7 @@ def soft_tangent(
         res.output,
         row_sum=row_sum,
         slope=res.d,
+        counts=res.counts,
     )
 
 
@@ -575,7 +581,9 @@ def soft_backward(
         s = g * sigmoid_grad(xp, res.z)
     else:
         s = g
-    s, grad_x = vjp_from_s(xp, res.x, res.a, res.b, s, tau, valid, row_sum=row_sum)
+    s, grad_x = vjp_from_s(
+        xp, res.x, res.a, res.b, s, tau, valid, row_sum=row_sum, counts=res.counts
+    )
     # dz/dtau = -z/tau; infinite z (masked, or infinite x) stays infinite whatever tau is,
     # so those entries contribute 0; NaN entries of x are constants (NaN rule)
     t = xp.where(xp.isnan(res.x), zero, -s * xp.where(xp.isinf(res.z), zero, res.z))

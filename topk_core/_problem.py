@@ -74,10 +74,11 @@ class Problem:
     group : topk_core._group.Group or None
         The shards' collectives when the selection axis of ``x`` is one shard
         of a longer axis (the public API's ``group=``); None otherwise.
-    candidates : array or None
+    candidates : array, tuple or None
         Set by the selection where the backend's ``select_candidates`` found
         them: flat positions of ``x`` holding every entry tied with ``a`` or
-        ``b`` (see :class:`topk_core.Backend`); None otherwise.
+        ``b``, or the tie counts of both (JAX; see :class:`topk_core.Backend`);
+        None otherwise.
     layout : array or None
         The normalised ``x`` as the user chunked it, where the backend's
         ``compact`` re-chunked ``x`` for the computation: :meth:`restore` puts

@@ -115,7 +115,11 @@ class Backend:
         include every entry equal to ``a`` or ``b``.  Called instead of
         ``select_pair`` when a backward will follow; the positions reach the
         ``soft`` hook as ``problem.candidates``, so that it can find the tied
-        entries among them instead of comparing all of ``x``.  Its ``(a, b)``
+        entries among them instead of comparing all of ``x``.  The third item
+        is read by the backend's own ``soft`` hook only, so it may instead be
+        another tie summary the selection holds: JAX's is ``(count_a,
+        count_b)``, the tie counts from its last histogram (either None where
+        unknown), for the tie weights' two row sums.  Its ``(a, b)``
         must be ``select_pair``'s: a copy of a backend with another
         ``select_pair`` (``dataclasses.replace``) sets this to None too.
     errstate : callable, optional
