@@ -67,8 +67,7 @@ __all__ = [
 ]
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _pair(sel: tuple, xs: Any, k_arr: Any) -> tuple[Any, Any, Any, Any]:
+def _pair_values(sel: tuple, xs: Any, k_arr: Any) -> tuple[Any, Any, Any, Any]:
     """``(a, b, count_a, count_b)`` of ``xs`` (masked entries already ``-inf``).
 
     ``sel = (k_static, group)``.  The int32 tie counts come from the
@@ -80,6 +79,18 @@ def _pair(sel: tuple, xs: Any, k_arr: Any) -> tuple[Any, Any, Any, Any]:
     if group is not None:
         return group.select_pair_counts(xs, k)
     return select_pair_counts(xs, k)
+
+
+_pair = partial(jax.custom_jvp, nondiff_argnums=(0,))(_pair_values)
+
+
+def _pair_of(sel: tuple, xs: Any, k_arr: Any) -> tuple[Any, Any, Any, Any]:
+    """``_pair``, through its rule only where ``xs`` is traced: a concrete ``xs`` cannot
+    be differentiated, and an eager ``custom_jvp`` call costs about 1 ms of Python
+    (argument handling) around the selection's compiled program."""
+    if isinstance(xs, jax.core.Tracer):
+        return _pair(sel, xs, k_arr)
+    return _pair_values(sel, xs, k_arr)
 
 
 @_pair.defjvp
@@ -104,7 +115,7 @@ def differentiable_pair(x: Any, k: Any, group: Any = None) -> tuple[Any, Any]:
     ``select_pair`` (and a ``JaxGroup``'s) hands the public API.
     """
     k_static, k_arr = (k, None) if isinstance(k, int) else (None, k)
-    a, b, _, _ = _pair((k_static, group), x, k_arr)
+    a, b, _, _ = _pair_of((k_static, group), x, k_arr)
     return a, b
 
 
@@ -113,7 +124,7 @@ def differentiable_pair_counts(x: Any, k: Any) -> tuple[Any, Any, Any]:
     histogram holds (``count_b`` None with narrow digits), for the closed forms' tie
     weights (:class:`topk_core.backends.jax_backend.JaxSoft`): no row sums over ``x``."""
     k_static, k_arr = (k, None) if isinstance(k, int) else (None, k)
-    a, b, ca, cb = _pair((k_static, None), x, k_arr)
+    a, b, ca, cb = _pair_of((k_static, None), x, k_arr)
     return a, b, (ca, cb)
 
 

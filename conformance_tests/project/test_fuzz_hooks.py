@@ -19,7 +19,7 @@ wider (README, Semantics, "infinities").  ``TOPK_FUZZ_CASES`` sets the number of
 draws per backend (default 120: a few seconds), ``TOPK_FUZZ_SEED`` the seed (fixed by
 default, so CI draws the same cases every run).  JAX's hook (the generic math compiled
 into one program per call) compiles per shape, and so does the generic code it is
-compared with, op by op (about 8 s a draw here): it gets a thirtieth of the draws, on
+compared with, op by op (about 8-11 s a draw here): it gets a fortieth of the draws, on
 three shapes.
 """
 
@@ -239,7 +239,7 @@ def test_soft_hooks_match_the_generic_code_on_random_draws(library):
     rng = np.random.default_rng([SEED, len(library)])
     # JAX compiles per shape (its hook's programs and, op by op, the generic code's):
     # fewer draws, on a few shapes (TOPK_FUZZ_CASES still scales them)
-    cases = max(1, CASES // 30) if lib == "jax" else CASES
+    cases = max(1, CASES // 40) if lib == "jax" else CASES
     failures = []
     for i in range(cases):
         draw = _draw(rng, few_shapes=lib == "jax")
