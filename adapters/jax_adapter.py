@@ -122,7 +122,16 @@ def differentiable_pair(x: Any, k: Any, group: Any = None) -> tuple[Any, Any]:
 def differentiable_pair_counts(x: Any, k: Any) -> tuple[Any, Any, Any]:
     """:func:`differentiable_pair` plus the tie counts ``(count_a, count_b)`` its last
     histogram holds (``count_b`` None with narrow digits), for the closed forms' tie
-    weights (:class:`topk_core.backends.jax_backend.JaxSoft`): no row sums over ``x``."""
+    weights (:class:`topk_core.backends.jax_backend.JaxSoft`): no row sums over ``x``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from topk_core.adapters.jax_adapter import differentiable_pair_counts
+    >>> a, b, (ca, cb) = differentiable_pair_counts(jnp.array([[4.0, 3.0, 3.0, 1.0]]), 1)
+    >>> float(a[0, 0]), float(b[0, 0]), int(ca[0, 0])
+    (4.0, 3.0, 1)
+    """
     k_static, k_arr = (k, None) if isinstance(k, int) else (None, k)
     a, b, ca, cb = _pair_of((k_static, None), x, k_arr)
     return a, b, (ca, cb)

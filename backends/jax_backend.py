@@ -514,6 +514,15 @@ class JaxSoft:
     program runs the whole math in one read of ``x``.  The tie weights take their
     counts from the selection's last histogram (``problem.candidates``, from
     :func:`_public_select_counts`) instead of two row sums over ``x``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import topk_core
+    >>> x = jnp.array([4.0, 1.0, 3.0, 2.0])
+    >>> gx, gtau = topk_core.dftopk_vjp(x, 2, jnp.array([1.0, 0.0, 0.0, 0.0]))
+    >>> [round(float(v), 4) for v in gx]
+    [0.1491, 0.0, -0.0746, -0.0746]
     """
 
     def forward(

@@ -696,6 +696,7 @@ def test_sampled_bracket_misses_are_redone_exactly(rng, monkeypatch):
         "topk_core.backends.numpy_soft",
         "topk_core._radix",
         "topk_core.backends.jax_backend",
+        "topk_core.adapters.jax_adapter",
         "topk_core.backends.torch_backend",
     ],
 )
@@ -703,7 +704,8 @@ def test_docstring_examples_run(module):
     import doctest
     import importlib
 
-    pytest.importorskip({"jax_backend": "jax", "torch_backend": "torch"}.get(module[19:], "numpy"))
+    need = {"jax_backend": "jax", "jax_adapter": "jax", "torch_backend": "torch"}
+    pytest.importorskip(need.get(module.rsplit(".", 1)[1], "numpy"))
     flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
     result = doctest.testmod(importlib.import_module(module), optionflags=flags)
     assert result.attempted > 0 and result.failed == 0
