@@ -114,12 +114,11 @@ def differentiable_pair(x: Any, k: Any, group: Any = None) -> tuple[Any, Any]:
     (second order) keeps the threshold's term.  What the jax backend's
     ``select_pair`` (and a ``JaxGroup``'s) hands the public API.
     """
-    k_static, k_arr = (k, None) if isinstance(k, int) else (None, k)
-    a, b, _, _ = _pair_of((k_static, group), x, k_arr)
+    a, b, _ = differentiable_pair_counts(x, k, group)
     return a, b
 
 
-def differentiable_pair_counts(x: Any, k: Any) -> tuple[Any, Any, Any]:
+def differentiable_pair_counts(x: Any, k: Any, group: Any = None) -> tuple[Any, Any, Any]:
     """:func:`differentiable_pair` plus the tie counts ``(count_a, count_b)`` its last
     histogram holds (``count_b`` None with narrow digits), for the closed forms' tie
     weights (:class:`topk_core.backends.jax_backend.JaxSoft`): no row sums over ``x``.
@@ -133,7 +132,7 @@ def differentiable_pair_counts(x: Any, k: Any) -> tuple[Any, Any, Any]:
     (4.0, 3.0, 1)
     """
     k_static, k_arr = (k, None) if isinstance(k, int) else (None, k)
-    a, b, ca, cb = _pair_of((k_static, None), x, k_arr)
+    a, b, ca, cb = _pair_of((k_static, group), x, k_arr)
     return a, b, (ca, cb)
 
 

@@ -521,7 +521,7 @@ def test_closed_forms_run_as_a_few_compiled_programs():
     the math after the selection as one compiled program each (the backend's ``soft``
     hook), not op by op: on a new shape each call compiles a few programs where the
     generic code, dispatched eagerly, compiled 27-46 (and ran 110-140 passes over ``x`` at
-    n = 1e6 where the compiled programs take 25-35).  Values as NumPy's."""
+    n = 1e6 where the compiled ones take about 14).  Values as NumPy's."""
     compiles = []
 
     def listen(event: str, duration: float, **kwargs) -> None:
