@@ -108,10 +108,26 @@ def pytest_configure(config: pytest.Config) -> None:
         if isinstance(plugin, ConformanceReport):
             config.stash[_REPORT] = plugin
     path = config.getoption("conformance_report")
+    if (path or _REPORT in config.stash) and _distributed(config):
+        raise pytest.UsageError(
+            "a conformance report (--conformance-report, TOPK_CONFORMANCE_REPORT or "
+            "python -m topk_core.conformance) cannot be written from a pytest-xdist run "
+            f"(-n {config.getoption('numprocesses', None)}): its errors and scaling "
+            "exponents are recorded inside the test processes, so each worker would hold "
+            "part of them; run the report without -n"
+        )
     if path:
         report = ConformanceReport(path, list(config.invocation_params.args))
         config.stash[_REPORT] = report
         config.pluginmanager.register(report, "topk-conformance-report")
+
+
+def _distributed(config: pytest.Config) -> bool:
+    """Whether pytest-xdist runs the tests in worker processes (controller or worker)."""
+    if hasattr(config, "workerinput"):
+        return True
+    dist = getattr(config.option, "dist", "no")
+    return dist != "no" and bool(getattr(config.option, "tx", None))
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

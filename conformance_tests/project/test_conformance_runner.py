@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,3 +297,29 @@ def test_report_shows_the_errors_of_failing_cases(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[1].removeprefix("float32: ")) > 1e-4, row  # forward error
     assert float(cells[2].removeprefix("float32: ")) > 1e-4, row  # gradient error
+
+
+def test_a_report_from_an_xdist_run_is_refused(tmp_path):
+    """With -n the report's values are recorded in the workers: a usage error, not a partial
+    report (the runner, and --conformance-report in a checkout's pytest run)."""
+    pytest.importorskip("xdist")
+    old = tmp_path / "conformance-array_api_strict.md"
+    old.write_text("previous report\n")
+    proc = _run(["--array-module", "array_api_strict", "--", "-n", "2"], cwd=tmp_path)
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "cannot be written from a pytest-xdist run (-n 2)" in proc.stdout + proc.stderr
+    assert old.read_text() == "previous report\n"
+
+    suite = Path(__file__).resolve().parents[1]
+    report = tmp_path / "r.md"
+    args = ["-n", "2", "-p", "no:cacheprovider", f"--conformance-report={report}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *args, str(suite / "test_contract.py")],
+        cwd=suite.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "run the report without -n" in proc.stdout + proc.stderr
+    assert "passed" not in proc.stdout and not report.exists()
