@@ -109,10 +109,11 @@ def pytest_configure(config: pytest.Config) -> None:
             config.stash[_REPORT] = plugin
     path = config.getoption("conformance_report")
     if (path or _REPORT in config.stash) and _distributed(config):
+        workers = config.getoption("numprocesses", None)
         raise pytest.UsageError(
             "a conformance report (--conformance-report, TOPK_CONFORMANCE_REPORT or "
             "python -m topk_core.conformance) cannot be written from a pytest-xdist run "
-            f"(-n {config.getoption('numprocesses', None)}): its errors and scaling "
+            f"({f'-n {workers}' if workers else '--tx'}): its errors and scaling "
             "exponents are recorded inside the test processes, so each worker would hold "
             "part of them; run the report without -n"
         )
