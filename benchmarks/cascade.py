@@ -475,7 +475,8 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         "versions": _versions(),
         "dftopk_backends": {fw: get_backend(fw).name for fw in cfg.frameworks},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs visible",
-        "threads": "torch.set_num_threads(1); XLA_FLAGS single-threaded Eigen",
+        "threads": "torch.set_num_threads(1); XLA_FLAGS single-threaded Eigen; "
+        "numpy_soft.set_num_threads(1)",
     }
 
 
@@ -569,6 +570,9 @@ def _single_thread() -> None:
         os.environ["XLA_FLAGS"] = (
             flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         ).strip()
+    from topk_core.backends.numpy_soft import set_num_threads
+
+    set_num_threads(1)
     try:
         import torch
 

@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="torch.set_num_threads (default: leave torch's default, recorded in the JSON)",
+        help="threads for torch (torch.set_num_threads) and for topk-core's NumPy backend "
+        "(topk_core.backends.numpy_soft.set_num_threads); default: leave both defaults, "
+        "recorded in the JSON",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -308,11 +310,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        from topk_core.backends.numpy_soft import set_num_threads
+
+        set_num_threads(args.threads)
         try:
             import torch
         except ImportError:
-            raise ValueError("--threads sets torch's threads; torch is not installed") from None
-        torch.set_num_threads(args.threads)
+            pass  # the NumPy backend's threads alone
+        else:
+            torch.set_num_threads(args.threads)
     status = ops.available_backends()
     if args.backends is None:
         backends = [

@@ -234,7 +234,12 @@ class ArrayDriver(Driver):
         return None
 
     def versions(self) -> dict[str, str]:
-        return {self.name: self._mod().__version__}
+        out = {self.name: self._mod().__version__}
+        if self.name == "numpy":
+            from topk_core.backends.numpy_soft import get_num_threads
+
+            out["numpy_threads"] = str(get_num_threads())
+        return out
 
     def devices(self, device: str) -> bool:
         return device == ("cuda" if self.name == "cupy" else "cpu")

@@ -469,6 +469,7 @@ def render_markdown(payload: dict[str, Any], plot_name: str | None) -> str:
         + f"; {m['os']}; Python {m['python']}; "
         + ", ".join(f"{k} {m[k]}" for k in ("numpy", "torch", "jax") if k in m)
         + (f"; torch threads {m['torch_threads']}" if "torch_threads" in m else "")
+        + (f"; NumPy backend threads {m['numpy_threads']}" if "numpy_threads" in m else "")
         + f"; topk-core {m['topk_core']}.",
         f"Backends used by topk-core: {cfg.get('backend_names', {})}.",
         f"Load average at start / end: {m.get('loadavg_start')} / {m.get('loadavg_end')} "
