@@ -8,7 +8,10 @@ run lazily on the dask array with these shims:
   (``map_blocks``, so a pass never moves values between tasks);
 * per-row histogram of a pass: one NumPy ``bincount`` per chunk
   (:class:`topk_core.backends.numpy_backend.NumpyShims`), then a tree
-  reduction (``sum`` with ``split_every``) of those small per-chunk histograms.
+  reduction (``sum`` with ``split_every``) of those small per-chunk histograms;
+* the bin that holds the wanted rank: the driver's own
+  :func:`topk_core._radix.locate_bin` run by NumPy on each row chunk's
+  histogram (one task, where its Array API calls were some 30 graph layers).
 
 Every per-row value of the driver (the histograms, the chosen digits, the
 final key maximum) is ``rows x bins`` small; every full-size array is
@@ -34,7 +37,7 @@ import dask.array as da
 import numpy as np
 from topk_core.backends.numpy_backend import NumpyShims, digit_bits_for
 
-from topk_core._radix import float_to_keys, keys_to_float, radix_select_pair
+from topk_core._radix import float_to_keys, keys_to_float, locate_bin, radix_select_pair
 from topk_core._registry import Backend
 
 __all__ = ["BACKEND", "SPLIT_EVERY", "DaskShims", "check_lazily", "select_pair"]
@@ -55,6 +58,11 @@ def _keys_block(x: np.ndarray) -> np.ndarray:
 
 def _floats_block(keys: np.ndarray, dtype: Any) -> np.ndarray:
     return keys_to_float(np, keys, dtype, _view)
+
+
+def _locate_block(hist: np.ndarray, remaining: np.ndarray, *, width: int) -> np.ndarray:
+    # the driver's own locate_bin, in NumPy on one row chunk; (digit, gt, count) side by side
+    return np.concatenate(locate_bin(np, hist, remaining, width, _NP.block_bins), axis=-1)
 
 
 def _histogram_block(
@@ -89,6 +97,29 @@ class DaskShims:
             dtype=np.int64,
         )
         return per_chunk.sum(axis=-2, split_every=SPLIT_EVERY)
+
+    def locate(self, hist: Any, remaining: Any, width: int) -> tuple[Any, Any, Any]:
+        """:func:`topk_core._radix.locate_bin` as one NumPy task per row chunk.
+
+        Its two-level search written in Array API calls on dask arrays is some
+        30 graph layers a pass (the graph of one ``dftopk`` had 477); each row
+        chunk's histogram is small, so NumPy runs the same function on it.
+        """
+        lead = "abcdefghijklmnopqrstuvwx"[: remaining.ndim - 1]
+        hist = hist.rechunk(remaining.chunks[:-1] + (-1,))
+        out = da.blockwise(
+            _locate_block,
+            lead + "z",
+            hist,
+            lead + "y",
+            remaining,
+            lead + "z",
+            width=width,
+            dtype=remaining.dtype,
+            adjust_chunks={"z": 3},
+            concatenate=True,
+        )
+        return out[..., 0:1], out[..., 1:2], out[..., 2:3]
 
 
 SHIMS = DaskShims()

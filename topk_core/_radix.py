@@ -46,6 +46,7 @@ __all__ = [
     "radix_select_pair",
     "check_digit_bits",
     "digit_widths",
+    "locate_bin",
 ]
 
 MAX_DIGIT_BITS = 16
@@ -77,6 +78,10 @@ class RadixShims(Protocol):
     # ``block_bins(blocks, rows) -> (..., width)``, row ``rows`` (integer ``(..., 1)``)
     # of ``blocks`` ``(..., n_blocks, width)``: a gather.  Without it the driver
     # picks that row with a one-hot sum, which reads every block.
+    # ``locate(hist, remaining, width) -> (digit, gt, count)``: :func:`locate_bin`'s
+    # result for one histogram of ``2**width`` bins per row, computed in the
+    # library's own way (Dask: one NumPy task per row chunk instead of a few dozen
+    # graph layers); used where the driver narrows one rank per pass.
 
 
 def _int_dtype(xp: Any, bits: int) -> Any:
@@ -342,6 +347,30 @@ def _locate_blocks(
     return block * width + digit, above + gt, count
 
 
+def locate_bin(
+    xp: Any, hist: Array, remaining: Array, width: int, take: Any = None
+) -> tuple[Array, Array, Array]:
+    """The bin of the ``remaining``-th largest counted entry, per row of ``hist``.
+
+    ``hist`` ``(..., 2**width)`` counts per digit (bin ``j``: digit ``j``),
+    ``remaining`` ``(..., 1)`` a rank in ``[1, sum(hist)]``, both of one integer
+    dtype; ``take``: a library's ``RadixShims.block_bins`` (None: the one-hot
+    sum).  Returns ``(digit, gt, count)``, each ``(..., 1)``: the bin, the
+    entries in higher bins, and the entries in the bin.  What the driver runs
+    after each pass's histogram (or a shim's ``locate``, with the same result).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core._radix import locate_bin
+    >>> hist = np.array([[3, 0, 2, 1]])  # 1 entry with digit 3, 2 with digit 2, ...
+    >>> [int(v[0, 0]) for v in locate_bin(np, hist, np.array([[2]]), 2)]
+    [2, 1, 2]
+    """
+    blocks, sums = _blocks(xp, hist, width)
+    return _locate_blocks(xp, blocks, sums, remaining, 0, take)
+
+
 def radix_select_pair(
     xp: Any,
     x: Array,
@@ -447,6 +476,7 @@ def radix_select_pair(
     one_i = xp.ones_like(kk)
     keys = shims.to_keys(x)
     take = getattr(shims, "block_bins", None)  # optional: a gather of one block's bins
+    locate = getattr(shims, "locate", None)  # optional: locate_bin in the library's way
     key_bits = xp.iinfo(keys.dtype).bits
     # signed keys are the unsigned ones minus 2**(key_bits-1): the same order, the
     # top digit's sign bit flipped, and the type's minimum as "no key"
@@ -496,8 +526,11 @@ def radix_select_pair(
             hist = xp.astype(shims.row_histogram(digits, active, nbins), idx)
             if group is not None:
                 hist = group.sum(hist)
-            blocks, sums = _blocks(xp, hist, w)
-            digit, gt, in_bin = _locate_blocks(xp, blocks, sums, remaining, 0, take)
+            if locate is not None and not track_b:
+                digit, gt, in_bin = locate(hist, remaining, w)
+            else:
+                blocks, sums = _blocks(xp, hist, w)
+                digit, gt, in_bin = _locate_blocks(xp, blocks, sums, remaining, 0, take)
             if track_b:
                 total = xp.sum(sums, axis=-1, keepdims=True)
                 b_none = kk >= total  # k = n: no (k+1)-th entry

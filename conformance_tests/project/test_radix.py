@@ -25,6 +25,7 @@ from topk_core._radix import (
     digit_widths,
     float_to_keys,
     keys_to_float,
+    locate_bin,
     radix_select_pair,
 )
 
@@ -251,6 +252,52 @@ def test_wide_digits_a_and_b_in_different_blocks(shims):
     for k in range(x.shape[-1] + 1):
         for digit_bits in (8, 11, 16):
             check_pair(x, k, digit_bits, shims)
+
+
+@pytest.mark.parametrize("width", [1, 3, 8, 11])
+def test_locate_bin_against_a_count(width):
+    """``locate_bin``'s bin, entries above and entries in it, from a plain count."""
+    rng = np.random.default_rng(width)
+    nbins = 1 << width
+    hist = rng.integers(0, 4, size=(5, 2, nbins)) * (rng.random((5, 2, nbins)) < 0.3)
+    hist[..., 0] += 1  # at least one entry a row
+    total = hist.sum(-1, keepdims=True)
+    remaining = (rng.integers(0, 1 << 30, size=total.shape) % total) + 1
+    for take in (SHIMS.block_bins, None):  # the gather, and the one-hot pick
+        digit, gt, count = locate_bin(np, hist, remaining, width, take)
+        # suffix[..., j]: entries with digit >= j (0 past the last bin)
+        suffix = np.cumsum(hist[..., ::-1], -1)[..., ::-1]
+        suffix = np.concatenate([suffix, np.zeros_like(suffix[..., :1])], -1)
+        above = np.take_along_axis(suffix, digit + 1, -1)
+        np.testing.assert_array_equal(gt, above)
+        np.testing.assert_array_equal(count, np.take_along_axis(hist, digit, -1))
+        assert ((gt < remaining) & (remaining <= gt + count)).all()
+
+
+class CountingLocate(NumpyShims):
+    """NumPy's shims with a ``locate`` hook that counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def locate(self, hist, remaining, width):
+        self.calls += 1
+        return locate_bin(np, hist, remaining, width, self.block_bins)
+
+
+def test_a_shims_locate_hook_is_used_where_one_rank_is_narrowed():
+    x = np.random.default_rng(4).standard_normal((3, 200))
+    x[0, :50] = 1.0  # ties
+    for track_b in (False, True):
+        hooked = CountingLocate()
+        for k in (0, 1, 50, 51, np.array([[3], [200], [7]])):
+            want = radix_select_pair(np, x, k, SHIMS, digit_bits=8, track_b=track_b)
+            got = radix_select_pair(np, x, k, hooked, digit_bits=8, track_b=track_b)
+            for w, g in zip(want, got, strict=True):
+                np.testing.assert_array_equal(g, w)
+        # 8-bit digits of float64 keys: 8 passes a call, 5 calls; with track_b none
+        assert hooked.calls == (0 if track_b else 40)
 
 
 def test_n_zero_and_n_one():
