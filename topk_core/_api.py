@@ -484,7 +484,9 @@ def dftopk_and_vjp(
         at the ``x``, mask and ``tau`` of this call, whatever happens to them
         later where the library's arrays can change in place: NumPy keeps the
         few values of ``x`` it needs (and a copy of an array ``tau``), other
-        libraries keep copies (JAX and Dask arrays cannot change).
+        libraries keep copies (JAX arrays cannot change; Dask's ``copy`` is a
+        new array object over the same graph, which ``x[...] = v`` on the
+        caller's array leaves alone).
 
     Examples
     --------
@@ -522,7 +524,10 @@ def _keep_inputs(pb: Problem) -> None:
     A ``vjp`` that runs later must see this call's ``x``, mask and ``tau``,
     which the residuals may reference (``pb.x`` can be a view of the caller's
     ``x``): an in-place change in between (``x += 1``) silently changed the
-    gradient.  JAX and Dask arrays cannot change in place: nothing to do.  A
+    gradient.  JAX arrays cannot change in place: nothing to do.  Dask arrays
+    can (``x[...] = v`` rebinds the object to a new graph, so residuals that
+    reference the caller's object would follow it); their copies below are new
+    objects over the same graph (one copy task for a single-chunk array).  A
     ``soft`` hook that owns its residuals (NumPy's) needs only an array
     ``tau`` copied; otherwise ``x`` and the mask are copied too (one pass over
     ``x``), except ``x`` where the forward keeps it cast to a wider compute
@@ -532,7 +537,7 @@ def _keep_inputs(pb: Problem) -> None:
     memory shared with NumPy, and checking them breaks
     ``torch.compile(fullgraph=True)``.
     """
-    if array_api_compat.is_jax_array(pb.x) or array_api_compat.is_dask_array(pb.x):
+    if array_api_compat.is_jax_array(pb.x):
         return
     xp = pb.xp
     hook = _soft_hook(pb)

@@ -253,6 +253,23 @@ def test_the_graph_of_one_call_stays_small():
     assert len(tk.dftopk(x, 9).dask.layers) < 250
 
 
+@pytest.mark.parametrize("changed", ["x", "mask"])
+@pytest.mark.parametrize("chunks", [(2, 3), (2, 6)], ids=["chunks", "one-chunk-a-row"])
+def test_vjp_ignores_later_setitem_on_the_inputs(changed, chunks):
+    """``x[...] = v`` rebinds a Dask array to a new graph in place; the ``vjp`` of
+    ``dftopk_and_vjp`` is still the gradient at the forward's ``x`` and mask (it
+    followed the caller's objects before 2026-12-07: 6 conformance failures)."""
+    xn = np.array([[4.0, 1.0, 3.0, 2.0, 3.0, 0.0], [0.5, -1.0, 2.0, 2.0, 0.0, 1.5]])
+    mn = np.array([[True] * 6, [True, False, True, True, True, True]])
+    g = da.from_array(np.linspace(-1.0, 1.0, 12).reshape(2, 6), chunks=chunks)
+    args = {"x": da.from_array(xn, chunks=chunks), "mask": da.from_array(mn, chunks=chunks)}
+    want = tk.dftopk_vjp(xn, 2, g.compute(), tau=0.5, mask=mn)
+    _, vjp = tk.dftopk_and_vjp(args["x"], 2, tau=0.5, mask=args["mask"])
+    args[changed][...] = {"x": xn[:, ::-1] + 1.0, "mask": ~mn}[changed]
+    for got, w in zip(vjp(g), want, strict=True):
+        _close(got.compute(), w, atol=1e-12)
+
+
 def test_cascade_stage_sizes_checked_when_computed():
     """Dask k arrays of a cascade are compared when the loss is computed (differently
     chunked stages included), and the call computes nothing; the same k from NumPy
