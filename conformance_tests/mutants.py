@@ -62,33 +62,31 @@ def _patch(module: Any, name: str, make: Callable[[Callable], Callable]) -> Call
 def _grad_no_threshold(target: str) -> Callable[[], None]:
     from topk_core import _math
 
+    # tie_share: the one weight rule behind tie_weights and the backends' O(#ties) paths
     def make(orig):
-        def tie_weights(xp, x, a, b, valid):
-            eq_a, eq_b, wa, wb = orig(xp, x, a, b, valid)
-            if _is_target(x, target):
-                wa, wb = wa * 0, wb * 0
-            return eq_a, eq_b, wa, wb
+        def tie_share(xp, v, count):
+            w = orig(xp, v, count)
+            return w * 0 if _is_target(v, target) else w
 
-        return tie_weights
+        return tie_share
 
-    return _patch(_math, "tie_weights", make)
+    return _patch(_math, "tie_share", make)
 
 
 def _ties_uneven(target: str) -> Callable[[], None]:
     from topk_core import _math
 
     def make(orig):
-        def tie_weights(xp, x, a, b, valid):
-            eq_a, eq_b, wa, wb = orig(xp, x, a, b, valid)
-            if _is_target(x, target):
-                half = xp.asarray(0.5, dtype=wa.dtype)
-                wa = xp.where(wa > 0, half, wa)  # every tie gets 1/2: not split
-                wb = xp.where(wb > 0, half, wb)
-            return eq_a, eq_b, wa, wb
+        def tie_share(xp, v, count):
+            w = orig(xp, v, count)
+            if _is_target(v, target):
+                half = xp.asarray(0.5, dtype=w.dtype)
+                w = xp.where(w > 0, half, w)  # every tie gets 1/2: not split
+            return w
 
-        return tie_weights
+        return tie_share
 
-    return _patch(_math, "tie_weights", make)
+    return _patch(_math, "tie_share", make)
 
 
 def _overflow_threshold(target: str) -> Callable[[], None]:

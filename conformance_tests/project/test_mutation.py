@@ -147,6 +147,14 @@ def test_mutation_proof_catches_every_mutant(capsys):
     assert proof_main([]) == 0, capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_mutation_proof_reaches_numpys_own_fast_paths(capsys):
+    """NumPy arrays run the backend's O(#ties) tie weights, not the generic
+    ``tie_weights``: the gradient mutants must reach them too (they planted their bug
+    in ``tie_weights`` alone, and NumPy's proof caught 4 of 6, until 2026-12-07)."""
+    assert proof_main(["--array-module", "numpy"]) == 0, capsys.readouterr().out
+
+
 def test_proof_says_why_the_clean_run_did_not_run(capsys):
     """A clean run stopped by a usage error (bad --backend) is not 'failing files'."""
     assert proof_main(["--backend", "no_such_module_xyz:BACKEND", "--jobs", "1"]) == 2
