@@ -6,9 +6,12 @@ run lazily on the dask array with these shims:
 
 * keys: NumPy's order-preserving key mapping, applied per chunk
   (``map_blocks``, so a pass never moves values between tasks);
-* per-row histogram of a pass: one NumPy ``bincount`` per chunk
-  (:class:`topk_core.backends.numpy_backend.NumpyShims`), then a tree
-  reduction (``sum`` with ``split_every``) of those small per-chunk histograms;
+* per-row histogram of a pass: one NumPy task per chunk finds the pass's
+  candidates from the chunk's keys and the prefix fixed so far and counts
+  their digits (the driver's own :func:`topk_core._radix.pass_histogram`
+  with NumPy's ``bincount``), then a tree reduction (``sum`` with
+  ``split_every``) of those small per-chunk histograms.  So no full-size
+  array (digits, candidate mask) passes from one pass to the next;
 * the bin that holds the wanted rank: the driver's own
   :func:`topk_core._radix.locate_bin` run by NumPy on each row chunk's
   histogram (one task, where its Array API calls were some 30 graph layers).
@@ -37,7 +40,13 @@ import dask.array as da
 import numpy as np
 from topk_core.backends.numpy_backend import NumpyShims, digit_bits_for
 
-from topk_core._radix import float_to_keys, keys_to_float, locate_bin, radix_select_pair
+from topk_core._radix import (
+    float_to_keys,
+    keys_to_float,
+    locate_bin,
+    pass_histogram,
+    radix_select_pair,
+)
 from topk_core._registry import Backend
 
 __all__ = ["BACKEND", "SPLIT_EVERY", "DaskShims", "check_lazily", "select_pair"]
@@ -72,6 +81,14 @@ def _histogram_block(
     return _NP.row_histogram(digits, active, nbins)[..., None, :]
 
 
+def _prefix_histogram_block(
+    keys: np.ndarray, prefix: np.ndarray, *, shift: int, width: int, first: bool
+) -> np.ndarray:
+    # the driver's own pass_histogram on one chunk; prefix comes without its size-1 axis
+    hist = pass_histogram(np, keys, prefix[..., None], shift, width, first, _NP.row_histogram)
+    return hist[..., None, :]
+
+
 class DaskShims:
     """Radix shims for dask arrays: per-chunk NumPy work, tree-reduced histograms."""
 
@@ -94,6 +111,34 @@ class DaskShims:
             nbins=nbins,
             new_axis=digits.ndim,
             chunks=tuple(digits.chunks[:-1]) + ((1,) * nblocks, (nbins,)),
+            dtype=np.int64,
+        )
+        return per_chunk.sum(axis=-2, split_every=SPLIT_EVERY)
+
+    def prefix_histogram(self, keys: Any, prefix: Any, shift: int, width: int, first: bool) -> Any:
+        """:func:`topk_core._radix.pass_histogram` per chunk, summed as a tree.
+
+        Each task takes its chunk's keys and its rows' prefix and builds the
+        digits and the candidate mask itself, so a pass adds no full-size
+        array to the graph (the driver's digits and mask are four such
+        layers a pass, and the mask chains every pass to the one before).
+        """
+        nbins = 1 << width
+        lead = "abcdefghijklmnopqrstuvwx"[: keys.ndim - 1]
+        # the per-row prefix on the keys' row chunks, without its size-1 axis
+        prefix = prefix[..., 0].rechunk(keys.chunks[:-1])
+        per_chunk = da.blockwise(
+            _prefix_histogram_block,
+            lead + "yz",
+            keys,
+            lead + "y",
+            prefix,
+            lead,
+            shift=shift,
+            width=width,
+            first=first,
+            new_axes={"z": nbins},
+            adjust_chunks={"y": 1},
             dtype=np.int64,
         )
         return per_chunk.sum(axis=-2, split_every=SPLIT_EVERY)

@@ -47,6 +47,8 @@ __all__ = [
     "check_digit_bits",
     "digit_widths",
     "locate_bin",
+    "pass_digits",
+    "pass_histogram",
 ]
 
 MAX_DIGIT_BITS = 16
@@ -82,6 +84,10 @@ class RadixShims(Protocol):
     # result for one histogram of ``2**width`` bins per row, computed in the
     # library's own way (Dask: one NumPy task per row chunk instead of a few dozen
     # graph layers); used where the driver narrows one rank per pass.
+    # ``prefix_histogram(keys, prefix, shift, width, first) -> (..., 2**width)``:
+    # :func:`pass_histogram`'s result, computed in the library's own way (Dask: one
+    # NumPy task per chunk, where the driver's digits and candidate mask are four
+    # full-size graph layers a pass); used where the driver narrows one rank per pass.
 
 
 def _int_dtype(xp: Any, bits: int) -> Any:
@@ -282,6 +288,57 @@ def digit_widths(key_bits: int, digit_bits: int) -> list[int]:
     return widths
 
 
+def pass_digits(xp: Any, keys: Array, shift: int, width: int, flip: bool) -> Array:
+    """Bits ``[shift, shift + width)`` of ``keys``: one pass's digits.
+
+    ``flip``: the top digit of signed keys, its sign bit flipped so that the
+    digits keep the keys' order.
+    """
+    nbins = 1 << width
+    digits = (keys >> shift) & xp.asarray(nbins - 1, dtype=keys.dtype)
+    if flip:
+        digits = digits ^ xp.asarray(nbins >> 1, dtype=keys.dtype)
+    return digits
+
+
+def pass_histogram(
+    xp: Any,
+    keys: Array,
+    prefix: Array,
+    shift: int,
+    width: int,
+    first: bool,
+    row_histogram: Callable[[Array, Array, int], Array],
+) -> Array:
+    """One narrowing pass's per-row histogram, from the keys and the prefix alone.
+
+    The candidates of a pass are the keys whose bits above ``shift + width``
+    equal ``prefix``'s (the digits fixed by the earlier passes; every key in
+    the ``first`` pass); the histogram counts their digits at ``shift``
+    (``row_histogram`` is a :class:`RadixShims`' method).  The same counts as
+    the driver's own pass, which carries the candidate mask from pass to pass
+    instead: this form needs no full-size state between passes, which is what
+    a ``prefix_histogram`` shim (Dask) runs on each chunk.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core._radix import pass_histogram
+    >>> from topk_core.backends.numpy_backend import SHIMS
+    >>> keys = np.array([[0x12, 0x13, 0x21, 0x1F]], dtype=np.uint8)
+    >>> prefix = np.array([[0x10]], dtype=np.uint8)  # candidates: high digit 1
+    >>> pass_histogram(np, keys, prefix, 0, 4, False, SHIMS.row_histogram)[0, :4]
+    array([0, 0, 1, 1])
+    """
+    signed = xp.iinfo(keys.dtype).min < 0
+    digits = pass_digits(xp, keys, shift, width, signed and first)
+    if first:
+        return row_histogram(digits, None, 1 << width)
+    # arithmetic shifts of signed keys and prefix alike: the same top bits compare equal
+    top = shift + width
+    return row_histogram(digits, (keys >> top) == (prefix >> top), 1 << width)
+
+
 def _find_bin(xp: Any, hist: Array, remaining: Array) -> tuple[Array, Array, Array]:
     """In one flat histogram: the bin holding the ``remaining``-th largest active entry.
 
@@ -477,6 +534,8 @@ def radix_select_pair(
     keys = shims.to_keys(x)
     take = getattr(shims, "block_bins", None)  # optional: a gather of one block's bins
     locate = getattr(shims, "locate", None)  # optional: locate_bin in the library's way
+    # optional: each pass's histogram from the keys and the prefix, no mask carried
+    prefix_hist = None if track_b else getattr(shims, "prefix_histogram", None)
     key_bits = xp.iinfo(keys.dtype).bits
     # signed keys are the unsigned ones minus 2**(key_bits-1): the same order, the
     # top digit's sign bit flipped, and the type's minimum as "no key"
@@ -503,9 +562,8 @@ def radix_select_pair(
     for p, w in enumerate(widths):
         shift -= w
         nbins = 1 << w
-        digits = (keys >> shift) & xp.asarray(nbins - 1, dtype=keys.dtype)
-        if signed and p == 0:
-            digits = digits ^ xp.asarray(nbins >> 1, dtype=keys.dtype)
+        if prefix_hist is None:
+            digits = pass_digits(xp, keys, shift, w, signed and p == 0)
         if track_b and p:
             # b's candidates in the upper half: disjoint from a's once the prefixes differ,
             # the same set (all in the lower half) while they agree; digit + nbins fits the
@@ -523,7 +581,10 @@ def radix_select_pair(
             digit, gt, in_bin = _locate_blocks(xp, blocks, sums, remaining, 0, take)
             digit_b, gt_b, n_equal_b = _locate_blocks(xp, blocks, sums_b, rem_b, off_b, take)
         else:
-            hist = xp.astype(shims.row_histogram(digits, active, nbins), idx)
+            if prefix_hist is not None:
+                hist = xp.astype(prefix_hist(keys, prefix, shift, w, p == 0), idx)
+            else:
+                hist = xp.astype(shims.row_histogram(digits, active, nbins), idx)
             if group is not None:
                 hist = group.sum(hist)
             if locate is not None and not track_b:
@@ -538,20 +599,20 @@ def radix_select_pair(
                 digit_b, gt_b, n_equal_b = _locate_blocks(xp, blocks, sums, rem_b, 0, take)
         remaining = remaining - gt
         above = above + gt
-        d = xp.astype(digit, keys.dtype)
         prefix = _put_digit(xp, prefix, digit, p, shift, nbins, signed)
         if track_b:
             rem_b = rem_b - gt_b
             d_b = xp.astype(digit_b, keys.dtype)
             prefix_b = _put_digit(xp, prefix_b, digit_b, p, shift, nbins, signed)
-        if p + 1 < len(widths):
+        if p + 1 == len(widths):
+            n_equal = in_bin  # entries equal to the k-th key
+        elif prefix_hist is None:
             if track_b:
                 in_b = digits == d_b
                 active_b = in_b if active_b is None else active_b & in_b
                 same = prefix == prefix_b
+            d = xp.astype(digit, keys.dtype)
             active = digits == d if active is None else active & (digits == d)
-        else:
-            n_equal = in_bin  # entries equal to the k-th key
     top = shims.from_keys(prefix, x.dtype)
     inf = xp.full_like(top, xp.inf)
     k_zero = kk == zero_i

@@ -24,9 +24,12 @@ from topk_core._radix import (
     check_digit_bits,
     digit_widths,
     float_to_keys,
+    float_to_signed_keys,
     keys_to_float,
     locate_bin,
+    pass_histogram,
     radix_select_pair,
+    signed_keys_to_float,
 )
 
 DTYPES = (np.float16, np.float32, np.float64)
@@ -298,6 +301,73 @@ def test_a_shims_locate_hook_is_used_where_one_rank_is_narrowed():
                 np.testing.assert_array_equal(g, w)
         # 8-bit digits of float64 keys: 8 passes a call, 5 calls; with track_b none
         assert hooked.calls == (0 if track_b else 40)
+
+
+class PrefixShims(NumpyShims):
+    """NumPy's shims with the Dask backend's ``prefix_histogram`` hook, counting its calls;
+    ``signed``: PyTorch's signed keys instead of unsigned ones."""
+
+    def __init__(self, signed=False):
+        super().__init__()
+        self.signed = signed
+        self.calls = 0
+
+    def to_keys(self, x):
+        return float_to_signed_keys(np, x, _view) if self.signed else super().to_keys(x)
+
+    def from_keys(self, keys, dtype):
+        if self.signed:
+            return signed_keys_to_float(np, keys, dtype, _view)
+        return super().from_keys(keys, dtype)
+
+    def prefix_histogram(self, keys, prefix, shift, width, first):
+        self.calls += 1
+        return pass_histogram(np, keys, prefix, shift, width, first, self.row_histogram)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("digit_bits", (1, 3, 8, 11, 16))
+def test_a_shims_prefix_histogram_hook_gives_the_same_pairs(signed, dtype, digit_bits):
+    """Candidates from the keys' top bits against the prefix (no mask carried between
+    passes): the same pairs and tie counts as a sort, signed keys' flipped top digit
+    included; the hook runs once a pass where one rank is narrowed, never with track_b."""
+    rng = np.random.default_rng(digit_bits)
+    vals = adversarial_values(dtype)
+    n = 23
+    x = rng.choice(vals, size=(4, 3, n))
+    x[0, 0] = vals[2]  # all-equal row
+    x[0, 1] = np.where(rng.random(n) < 0.5, 0.0, -0.0).astype(dtype)
+    x[1, 0] = np.inf
+    x[1, 1] = -np.inf
+    x[1, 2, :5] = -np.inf
+    k = rng.integers(0, n + 1, size=(4, 3, 1))
+    k[0, :, 0] = [0, n, 1]
+    shims = PrefixShims(signed)
+    check_pair(x, k, digit_bits, shims)
+    bits = np.finfo(dtype).bits
+    passes = len(digit_widths(bits, min(digit_bits, bits - 1) if signed else digit_bits))
+    # check_pair: two calls without track_b (plain, and with counts), two with it
+    assert shims.calls == 2 * passes
+
+
+def test_pass_histogram_is_the_carried_mask_histogram():
+    """Pass by pass, the histogram from the prefix equals the one from the mask the
+    driver carries (digits equal to the chosen ones in every earlier pass)."""
+    rng = np.random.default_rng(7)
+    keys = rng.integers(0, 1 << 12, size=(5, 300)).astype(np.uint16)
+    keys[:, :100] = keys[:, :1]  # a shared key: candidates left in the last pass
+    chosen = keys[:, 7:8]  # narrow towards one key of each row
+    active = None
+    for shift, width in ((12, 4), (8, 4), (3, 5), (0, 3)):
+        digits = (keys >> shift) & ((1 << width) - 1)
+        want = SHIMS.row_histogram(digits, active, 1 << width)
+        prefix = (chosen >> (shift + width)) << (shift + width)
+        got = pass_histogram(np, keys, prefix, shift, width, active is None, SHIMS.row_histogram)
+        np.testing.assert_array_equal(got, want)
+        hit = digits == ((chosen >> shift) & ((1 << width) - 1))
+        active = hit if active is None else active & hit
+    assert (want.sum(-1) >= 100).all()
 
 
 def test_n_zero_and_n_one():

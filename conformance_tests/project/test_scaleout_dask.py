@@ -246,11 +246,43 @@ def test_locate_runs_the_drivers_own_function_per_row_chunk(shape, chunks):
         np.testing.assert_array_equal(g.compute(), w)
 
 
+@pytest.mark.parametrize(
+    ("shape", "chunks"), [((50,), (20,)), ((3, 2, 40), (2, 1, 15)), ((4, 30), (4, 30))]
+)
+def test_prefix_histogram_runs_the_drivers_own_function_per_chunk(shape, chunks):
+    from topk_core.backends.dask_backend import SHIMS
+    from topk_core.backends.numpy_backend import SHIMS as NUMPY
+
+    from topk_core._radix import pass_histogram
+
+    rng = np.random.default_rng(1)
+    keys = rng.integers(0, 1 << 16, size=shape).astype(np.uint32)
+    keys[..., :9] = keys[..., :1]  # candidates shared by several chunks
+    prefix = keys[..., :1] >> 8 << 8
+    dkeys = da.from_array(keys, chunks=chunks)
+    for shift, width, first in ((8, 8, True), (3, 5, False), (0, 8, False)):
+        p = prefix if first else keys[..., :1] >> (shift + width) << (shift + width)
+        want = pass_histogram(np, keys, p, shift, width, first, NUMPY.row_histogram)
+        # the prefix chunked unlike the keys' rows, as the driver's per-row values may be
+        got = SHIMS.prefix_histogram(dkeys, da.from_array(p, chunks=1), shift, width, first)
+        assert got.shape == want.shape and got.chunks[:-1] == dkeys.chunks[:-1]
+        np.testing.assert_array_equal(got.compute(), want)
+
+
 def test_the_graph_of_one_call_stays_small():
     """The selection's per-row search is one task per row chunk and pass (the driver's
-    Array API calls made it 477 layers before 2026-12-07: 0.7 s to build at 6 x 40)."""
-    x = da.from_array(_data((6, 40)), chunks=(2, 20))
-    assert len(tk.dftopk(x, 9).dask.layers) < 250
+    Array API calls made it 477 layers before 2026-12-07: 0.7 s to build at 6 x 40),
+    and a pass adds no full-size layer: each histogram task finds its candidates from
+    the keys and the prefix (the carried digits and mask made 55 full-size layers of
+    196 for float64, 39 for float32's half as many passes)."""
+    layers = {}
+    for dtype in (np.float64, np.float32):  # 8 and 4 passes of 8-bit digits
+        x = da.from_array(_data((6, 40)).astype(dtype), chunks=(2, 20))
+        graph = tk.dftopk(x, 9).dask.layers
+        full = [v for v in graph.values() if v.collection_annotations["shape"] == (6, 40)]
+        layers[dtype] = (len(graph), len(full))
+    assert layers[np.float64][0] < 190
+    assert layers[np.float64][1] == layers[np.float32][1] < 30
 
 
 @pytest.mark.parametrize("changed", ["x", "mask"])
