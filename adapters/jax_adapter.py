@@ -217,8 +217,8 @@ def forward_math(
     p = jax.nn.sigmoid(z)
     res = (p, code, wa, wb, t, zf)
     if output == "hard":
-        mask = _math.hard_mask(jnp, xc, a, valid, k, cond=jax.lax.cond, group=group)
-        return mask.astype(x.dtype), res
+        mask = _math.hard_mask(jnp, xc, a, valid, k, cond=jax.lax.cond, group=group, dtype=x.dtype)
+        return mask, res
     return p.astype(x.dtype), res
 
 

@@ -112,17 +112,17 @@ def _soft_hook(pb: Problem, *arrays: Array) -> Any:
 def hard_forward(pb: Problem) -> Array:
     """Hard top-k mask in the normalised layout, x's dtype (``topk_mask``'s values)."""
     a, _ = select(pb)
-    return pb.xp.astype(_hard_mask(pb, pb.x, a), pb.dtype)
+    return _hard_mask(pb, pb.x, a, dtype=pb.dtype)
 
 
-def _hard_mask(pb: Problem, x: Array, a: Array) -> Array:
+def _hard_mask(pb: Problem, x: Array, a: Array, dtype: Any = None) -> Array:
     # the fast path's branch: on the host where values are free to read, else the
     # library's traced cond (or none: the ranked mask); a group's counts are collectives
     cond = None
     if pb.group is None:
         free = host_values(pb.backend, x) is not None
         cond = _math.eager_cond if free else pb.backend.cond
-    return _math.hard_mask(pb.xp, x, a, pb.valid, pb.k, cond=cond, group=pb.group)
+    return _math.hard_mask(pb.xp, x, a, pb.valid, pb.k, cond=cond, group=pb.group, dtype=dtype)
 
 
 def _sigmoid(pb: Problem, z: Array) -> Array:

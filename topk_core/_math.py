@@ -393,6 +393,7 @@ def hard_mask(
     *,
     cond: Any = None,
     group: Any = None,
+    dtype: Any = None,
 ) -> Array:
     """Hard top-k indicator (bool) from the k-th largest valid value ``a``.
 
@@ -407,31 +408,42 @@ def hard_mask(
 
     ``cond(pred, if_true, if_false)``, optional, calls one of two
     zero-argument functions on a scalar boolean (:func:`eager_cond`,
-    ``jax.lax.cond``).  With it, rows free of NaN whose entries equal to
-    ``a`` are all needed take ``(x > a) | (x == a)`` and skip the NaN rule
-    and the ranking of ties (a cumulative sum, most of the cost).  None
-    always takes the general path (for traced or lazy arrays).
+    ``jax.lax.cond``).  With it, when every row has exactly ``k`` valid
+    entries that are ``>= a`` or NaN (no surplus ties at ``a``), those are
+    the mask, and the NaN rule and the ranking of ties (a cumulative sum,
+    most of the cost) are skipped.  None always takes the general path (for
+    traced or lazy arrays).
 
     ``group`` (a :class:`topk_core._group.Group`, with ``cond=None``): ``x`` is
     one shard of the row; the count above ``a`` is summed over the shards and
     ties on earlier shards rank first (lower *global* index first).
+
+    ``dtype``: the mask as 0/1 values of this dtype instead of bool (cast in
+    each branch of ``cond``, which XLA fuses with the branch's mask).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core._math import eager_cond, hard_mask
+    >>> x = np.array([[1.0, 3.0, 3.0, 2.0], [np.nan, 0.0, 5.0, 4.0]])
+    >>> a = np.array([[3.0], [5.0]])  # the 2nd largest of each row (NaN ranks first)
+    >>> hard_mask(np, x, a, None, 2, cond=eager_cond, dtype=np.float64)
+    array([[0., 1., 1., 0.],
+           [1., 0., 1., 0.]])
     """
+
+    def cast(m: Array) -> Array:
+        return m if dtype is None else xp.astype(m, dtype)
+
     if cond is None or group is not None:
-        return _hard_mask_ranked(xp, x, a, valid, k, group)
-    gt = x > a
-    eq = x == a
-    le = x <= a
+        return cast(_hard_mask_ranked(xp, x, a, valid, k, group))
+    # every entry the general mask can select (above or at a, or NaN, which ranks above
+    # everything); it selects k of them, so where there are exactly k they are the mask
+    top = (x >= a) | xp.isnan(x)
     if valid is not None:
-        gt = gt & valid
-        eq = eq & valid
-        le = le & valid
-        n_valid = _count(xp, valid)
-    else:
-        n_valid = x.shape[-1]
-    n_gt = _count(xp, gt)
-    # no NaN (every valid entry compares with a) and no surplus ties: gt | eq has k entries
-    simple = xp.all(_count(xp, eq) == _need(xp, k, n_gt)) & xp.all(n_gt + _count(xp, le) == n_valid)
-    return cond(simple, lambda: gt | eq, lambda: _hard_mask_ranked(xp, x, a, valid, k))
+        top = top & valid
+    simple = xp.all(_count(xp, top) == (k if isinstance(k, int) else xp.astype(k, xp.int32)))
+    return cond(simple, lambda: cast(top), lambda: cast(_hard_mask_ranked(xp, x, a, valid, k)))
 
 
 def _count(xp: Any, m: Array) -> Array:

@@ -9,6 +9,8 @@ library-parametrized ones.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from topk_core.conformance.plugin import tol
@@ -169,6 +171,61 @@ def test_hard_mask_fast_and_ranked_paths_agree(rng):
         x = np.array([x])
         np.testing.assert_array_equal(tk.dftopk(x, k, hard=True), [want])
         np.testing.assert_array_equal(tk.topk_mask(x, k), [want])
+
+
+def test_hard_mask_skips_the_ranking_exactly_where_no_row_has_surplus_ties():
+    """The ranking is skipped when every row has exactly ``k`` valid entries at or
+    above ``a`` or NaN (the only entries the ranked mask can pick): NaN rows
+    included; surplus ties, a NaN beside ``k = 0``, or a masked-out tie still rank.
+    Under ``jax.jit`` (``lax.cond``) the same masks."""
+    from topk_core import _math
+    from topk_core._api import select
+    from topk_core._problem import prepare
+
+    nan, inf = np.nan, np.inf
+    cases = [  # (rows, k, mask, skipped)
+        ([[1.0, 3.0, 3.0, 2.0]], 2, None, True),
+        ([[1.0, 3.0, 3.0, 2.0]], 1, None, False),  # two entries at a = 3, one wanted
+        ([[nan, 3.0, 1.0, 2.0]], 2, None, True),  # NaN ranks above 3
+        ([[nan, nan, 1.0, 2.0]], 2, None, True),  # a is NaN: the two NaN
+        ([[nan, nan, 1.0, 2.0]], 1, None, False),  # a is NaN, one of two wanted
+        ([[nan, 1.0, 2.0]], 0, None, False),  # k = 0: a = +inf, NaN would count
+        ([[inf, 1.0, 2.0]], 0, None, False),
+        ([[1.0, 2.0, 5.0]], 0, None, True),
+        ([[3.0, 3.0, 1.0]], 1, [[False, True, True]], True),  # the tie is masked out
+        ([[-inf, -inf, 1.0], [4.0, 2.0, 2.0]], np.array([3, 2]), None, False),
+        ([[-inf, -inf, 1.0], [4.0, 2.0, 2.0]], np.array([3, 3]), None, True),
+    ]
+    for rows, k, mask, skipped in cases:
+        x = np.array(rows)
+        valid = None if mask is None else np.array(mask)
+        pb = prepare(x, k, None, -1, valid, True, need_tau=False)
+        a, _ = select(pb)
+        taken = []
+
+        def cond(pred, if_true, if_false, taken=taken):
+            taken.append(bool(pred))
+            return if_true() if pred else if_false()
+
+        fast = _math.hard_mask(np, pb.x, a, pb.valid, pb.k, cond=cond)
+        assert taken == [skipped], (rows, k)
+        np.testing.assert_array_equal(fast, _math.hard_mask(np, pb.x, a, pb.valid, pb.k))
+        kr = np.minimum(np.broadcast_to(np.asarray(k).reshape(-1), len(rows)), pb.x.shape[-1])
+        full = np.ones(x.shape, bool) if valid is None else valid
+        np.testing.assert_array_equal(fast, _ref_mask_nan_top(x, np.minimum(kr, full.sum(1)), full))
+        if importlib.util.find_spec("jax") is not None:
+            import jax
+            import jax.numpy as jnp
+
+            def jitted(x, a, valid, k):
+                return _math.hard_mask(jnp, x, a, valid, k, cond=jax.lax.cond, dtype=x.dtype)
+
+            kj = pb.k if isinstance(pb.k, int) else jnp.asarray(pb.k)
+            vj = None if pb.valid is None else jnp.asarray(pb.valid)
+            got = jax.jit(jitted, static_argnums=3 if isinstance(pb.k, int) else ())(
+                jnp.asarray(pb.x), jnp.asarray(a), vj, kj
+            )
+            np.testing.assert_array_equal(np.asarray(got), fast.astype(np.float64))
 
 
 # ---------------------------------------------------------------------------
