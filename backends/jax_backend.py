@@ -471,6 +471,38 @@ _counts_static_k = jax.jit(_radix_counts, static_argnums=1)
 _counts_array_k = jax.jit(_radix_counts)
 
 
+def _mask_program(x: Any, k: Any, valid: Any) -> Any:
+    xs = x if valid is None else jnp.where(valid, x, jnp.asarray(-jnp.inf, dtype=x.dtype))
+    a, _ = _radix(xs, k)
+    return _math.hard_mask(jnp, x, a, valid, k, cond=jax.lax.cond, dtype=x.dtype)
+
+
+_mask_static_k = jax.jit(_mask_program, static_argnums=1)
+_mask_array_k = jax.jit(_mask_program)
+
+
+def hard_mask(pb: Any) -> Any:
+    """``Backend.hard_mask``: :func:`topk_core.topk_mask` as one compiled program.
+
+    The selection and the mask (:func:`topk_core._math.hard_mask` with
+    ``lax.cond``) of a normalised problem, compiled once per shape whatever
+    ``k`` (:func:`eager_k`); an eager call dispatched them op by op before
+    (1.4-1.8 ms for 8 x 256 scores against 0.1 ms on this project's 2-core
+    machine).  Under an outer ``jit``/``vmap``/``grad`` the program is inlined.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import topk_core
+    >>> topk_core.topk_mask(jnp.array([[1.0, 3.0, 3.0, 2.0]]), 2).tolist()
+    [[0.0, 1.0, 1.0, 0.0]]
+    """
+    k = eager_k(pb.x, pb.k)
+    if isinstance(k, int):
+        return _mask_static_k(pb.x, k, pb.valid)
+    return _mask_array_k(pb.x, k, pb.valid)
+
+
 def _apply(pb: Any, output: str, hard: bool = False) -> Any:
     # imported lazily: the adapter imports this module for select_pair
     from topk_core.adapters.jax_adapter import apply
@@ -750,4 +782,5 @@ BACKEND = Backend(
     group=resolve_group,
     soft=JaxSoft(),
     select_candidates=_public_select_counts,
+    hard_mask=hard_mask,
 )

@@ -111,6 +111,8 @@ def _soft_hook(pb: Problem, *arrays: Array) -> Any:
 
 def hard_forward(pb: Problem) -> Array:
     """Hard top-k mask in the normalised layout, x's dtype (``topk_mask``'s values)."""
+    if pb.group is None and pb.backend.hard_mask is not None:
+        return pb.backend.hard_mask(pb)
     a, _ = select(pb)
     return _hard_mask(pb, pb.x, a, dtype=pb.dtype)
 

@@ -161,6 +161,14 @@ class Backend:
         take), or ``x`` itself when nothing changes.  The other arguments are
         aligned to it, and outputs go back to x's own chunks through ``align``
         (needed with ``compact``).  ``None``: ``x`` as given.
+    hard_mask : callable, optional
+        ``hard_mask(problem) -> array``: :func:`topk_core.topk_mask`'s values for
+        a normalised problem without a ``group`` (the selection of the valid
+        entries, then :func:`topk_core._math.hard_mask` from its ``a``), in x's
+        dtype, computed the library's way: JAX's is one compiled program per
+        shape where an eager call would dispatch a few dozen operations one by
+        one.  Not differentiated (as the comparisons it is made of).  ``None``:
+        ``select_pair`` and the generic mask.
     """
 
     name: str
@@ -178,6 +186,7 @@ class Backend:
     check_lazily: Callable[..., Any] | None = None
     align: Callable[[Any, Any], Any] | None = None
     compact: Callable[[Any], Any] | None = None
+    hard_mask: Callable[[Any], Any] | None = None
 
 
 # library name -> Backend, or an import path "pkg.module:attr" loaded lazily

@@ -468,6 +468,37 @@ def test_clear_caches_unmaps_compiled_programs():
     assert after - before < (grown - before) / 4
 
 
+def test_eager_topk_mask_is_one_compiled_program():
+    """An eager ``topk_mask`` runs the selection and the mask as one program (the
+    backend's ``hard_mask``): the first call on a new shape compiles at most 6
+    programs (4 in a fresh process, the mask's and a few small ones of the argument
+    handling; 21 when the mask's operations were dispatched one by one), and the
+    values are NumPy's, NaN, ties, masks, per-row k, axis and largest included."""
+    compiles = []
+
+    def listen(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    x_np = np.array([[np.nan, 2.0, 2.0, 1.0, -np.inf], [0.5, 3.0, 3.0, 3.0, 0.0]])
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        first = tk.topk_mask(jnp.asarray(x_np[:, 1:4]), 1)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len(compiles) <= 6
+    np.testing.assert_array_equal(np.asarray(first), tk.topk_mask(x_np[:, 1:4], 1))
+    mask_np = np.array([[True, True, False, True, True], [True, True, True, False, True]])
+    x, mask = jnp.asarray(x_np), jnp.asarray(mask_np)
+    for k in (0, 1, 2, 3, np.array([2, 4])):
+        for kw in ({}, {"mask": mask}, {"largest": False}):
+            kw_np = {key: mask_np if key == "mask" else v for key, v in kw.items()}
+            got = tk.topk_mask(x, jnp.asarray(k) if isinstance(k, np.ndarray) else k, **kw)
+            assert got.dtype == x.dtype
+            want = tk.topk_mask(x_np, k, **kw_np)
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"k={k} {kw}")
+
+
 def test_eager_calls_compile_once_per_shape_whatever_k():
     """An int k is a traced per-row array in eager calls (as a Python tau is a traced
     scalar): a k schedule or a cascade's stages on one shape reuse one program instead of
