@@ -81,6 +81,11 @@ def _histogram_block(
     return _NP.row_histogram(digits, active, nbins)[..., None, :]
 
 
+def _row_index(a: Any) -> str:
+    # blockwise index letters of the leading (row) axes; "y"/"z" stay free for the last
+    return "abcdefghijklmnopqrstuvwx"[: a.ndim - 1]
+
+
 def _prefix_histogram_block(
     keys: np.ndarray, prefix: np.ndarray, *, shift: int, width: int, first: bool
 ) -> np.ndarray:
@@ -124,7 +129,7 @@ class DaskShims:
         layers a pass, and the mask chains every pass to the one before).
         """
         nbins = 1 << width
-        lead = "abcdefghijklmnopqrstuvwx"[: keys.ndim - 1]
+        lead = _row_index(keys)
         # the per-row prefix on the keys' row chunks, without its size-1 axis
         prefix = prefix[..., 0].rechunk(keys.chunks[:-1])
         per_chunk = da.blockwise(
@@ -150,7 +155,7 @@ class DaskShims:
         30 graph layers a pass (the graph of one ``dftopk`` had 477); each row
         chunk's histogram is small, so NumPy runs the same function on it.
         """
-        lead = "abcdefghijklmnopqrstuvwx"[: remaining.ndim - 1]
+        lead = _row_index(remaining)
         hist = hist.rechunk(remaining.chunks[:-1] + (-1,))
         out = da.blockwise(
             _locate_block,
