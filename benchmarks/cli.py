@@ -438,6 +438,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if ours_row is None or ours_row["status"] == "ok" or "fwd+bwd" not in modes:
                 entry = _measure_passes(driver, x, g, k, args)
                 if entry is not None:
+                    if entry["status"] == "ok":
+                        entry["bandwidth"] = passes.bandwidth(entry, (batch or 1) * n, dtype)
                     if backend == "torch" and _compile_shape(dtype, batch, n, sizes, args):
                         entry["compile"] = _compile_kernels(x, g, k, args)
                     pass_rows.append(dict(base, **entry))
@@ -632,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{p['bwd_math']:.1f}, total {p.get('total', float('nan')):.1f} "
             f"(median {e.get('passes_median', {}).get('total', float('nan')):.1f}; "
             f"1 pass = {e['unit_s'] * 1e3:.3f} ms; back to back "
-            f"{report._fmt_hot(e.get('unit_hot_s'))} ms)"
+            f"{report._fmt_hot(e.get('unit_hot_s'))} ms; GB/s: pass "
+            f"{report._fmt_gbps(e.get('bandwidth', {}).get('pass_gbps'))}, total "
+            f"{report._fmt_gbps(e.get('bandwidth', {}).get('total_gbps'))})"
         )
     written = [out / "results.md", out / "results.json"] + ([out / plot] if plot else [])
     written += [out / "passes.png"] if passes_plot else []

@@ -35,13 +35,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PHASES", "measure", "targets"]
+__all__ = ["BYTES_PER_ENTRY", "PHASES", "bandwidth", "measure", "targets"]
 
 PHASES = ("select", "fwd_math", "bwd_math")
 # the issue's pass targets (n = 1e6, k = n/10, float32, fwd+bwd)
 TOTAL_TARGET = {"jax": 10.0}
 MATH_TARGET = 12.0
 HOT_CALLS = 20
+#: bytes per entry of each dtype the benchmark runs
+BYTES_PER_ENTRY = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+#: arrays of the input's size that forward + backward must read or write at the
+#: least: x and g read, p and the gradient written
+FWD_BWD_ARRAYS = 4
 
 
 def measure(
@@ -92,6 +97,31 @@ def measure(
     out["unit_median_s"] = middle["unit"]
     out["passes_median"] = _in_passes(middle)
     out["rounds"] = done
+    return out
+
+
+def bandwidth(entry: dict[str, Any], entries: int, dtype: str) -> dict[str, float]:
+    """Achieved bandwidth (GB/s, 1e9 bytes) of a :func:`measure` result.
+
+    ``pass_gbps``: ``x * 2`` reads and writes ``entries`` values once each, so
+    its minimum time gives the bandwidth that one elementwise pass reaches here.
+    ``total_gbps``: the :data:`FWD_BWD_ARRAYS` arrays of that size that
+    forward + backward must move at the least (``x`` and ``g`` in, ``p`` and
+    the gradient out) over the fastest whole call.  Their ratio is
+    ``2 * passes / FWD_BWD_ARRAYS``; a fused operator at the memory limit
+    would reach ``pass_gbps``.
+
+    Examples
+    --------
+    >>> from benchmarks.passes import bandwidth
+    >>> bw = bandwidth({"unit_s": 1e-3, "total_s": 4e-3}, 10**6, "float32")
+    >>> bw["pass_gbps"], bw["total_gbps"]
+    (8.0, 4.0)
+    """
+    nbytes = entries * BYTES_PER_ENTRY[dtype]
+    out = {"pass_gbps": 2 * nbytes / entry["unit_s"] / 1e9}
+    if "total_s" in entry:
+        out["total_gbps"] = FWD_BWD_ARRAYS * nbytes / entry["total_s"] / 1e9
     return out
 
 

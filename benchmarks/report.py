@@ -184,6 +184,12 @@ def _fmt_hot(t: Any) -> str:
     return "—" if t is None else f"{t * 1e3:.3f}"
 
 
+def _fmt_gbps(gbps: float | None) -> str:
+    if gbps is None:
+        return "—"
+    return f"{gbps:.0f}" if gbps >= 100 else f"{gbps:.1f}" if gbps >= 1 else f"{gbps:.2g}"
+
+
 def _fmt_ms(seconds: float | None) -> str:
     if seconds is None:
         return "—"
@@ -538,16 +544,22 @@ def render_markdown(payload: dict[str, Any], plot_name: str | None) -> str:
             "times in a row (caches and worker threads warm); where it is far below the "
             "unit, the pass counts lean on the interleaved context. `total (median)`: the "
             "median total call over the median pass, from the same rounds; where it is "
-            "far above `total`, the minimum was a lucky call rather than a typical one.",
+            "far above `total`, the minimum was a lucky call rather than a typical one. "
+            "`pass GB/s`: the bytes `x * 2` reads and writes over its fastest call; "
+            "`total GB/s`: the four arrays of x's size that forward + backward must move "
+            "at the least (x and g read, p and the gradient written) over the fastest whole "
+            "call, so that a fused operator at the memory limit would reach `pass GB/s`.",
             "",
             "| backend | dtype | k | shape | 1 pass (ms) | back to back (ms) | select | "
-            "fwd math | bwd math | math | other | total | total (median) | total (ms) | load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "fwd math | bwd math | math | other | total | total (median) | total (ms) | "
+            "pass GB/s | total GB/s | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for e in sorted(
             entries, key=lambda e: (e["backend"], e["dtype"], e["kfrac"], e["batch"] or 0, e["n"])
         ):
             p = e["passes"]
+            bw = e.get("bandwidth", {})
             lines.append(
                 f"| {e['backend']} | {e['dtype']} | {e['kfrac']} | "
                 f"{_shape_label(e['batch'], e['n'])} | {e['unit_s'] * 1e3:.3f} | "
@@ -556,7 +568,8 @@ def render_markdown(payload: dict[str, Any], plot_name: str | None) -> str:
                 f"{p['math']:.1f} | {p.get('other', float('nan')):.1f} | "
                 f"{p.get('total', float('nan')):.1f} | "
                 f"{e.get('passes_median', {}).get('total', float('nan')):.1f} | "
-                f"{_fmt_ms(e.get('total_s'))} | {e.get('loadavg', '')} |"
+                f"{_fmt_ms(e.get('total_s'))} | {_fmt_gbps(bw.get('pass_gbps'))} | "
+                f"{_fmt_gbps(bw.get('total_gbps'))} | {e.get('loadavg', '')} |"
             )
         lines += ["", "![pass budget](passes.png)", ""]
         comp = [e for e in entries if isinstance(e.get("compile"), dict)]

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is run from the checkout, never installed
 
-from benchmarks import cascade, scaleout  # noqa: E402
+from benchmarks import cascade, passes, scaleout  # noqa: E402
 
 # the smallest real run: a bad option given after these must still be rejected
 SMALL = ["--n", "2^4", "--p", "1", "--batch", "1", "--methods", "ours", "--repeats", "1"]
@@ -189,7 +189,7 @@ def test_cascade_markdown_with_seeds():
     assert "mean ± sample std over seeds [0, 1]" in text
 
 
-@pytest.mark.parametrize("module", [scaleout, cascade])
+@pytest.mark.parametrize("module", [scaleout, cascade, passes])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

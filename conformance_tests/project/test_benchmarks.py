@@ -248,6 +248,15 @@ def test_cli_smoke_numpy_torch(tmp_path):
     assert payload["machine"]["cores"] >= 1 and "torch" in payload["machine"]
     assert f"Machine: {report.cpu_label(payload['machine'])}, " in md
     assert "## Targets" in md and "| torch | 256 | official / ours |" in md
+    # bandwidth: x * 2 moves 2 arrays, forward + backward at least 4 (x, g in; p, grad out)
+    budget = [e for e in payload["passes"] if e["status"] == "ok"]
+    assert {(e["backend"], e["batch"], e["n"]) for e in budget} >= {("numpy", None, 256)}
+    for e in budget:
+        nbytes = (e["batch"] or 1) * e["n"] * 4
+        bw = e["bandwidth"]
+        assert bw["pass_gbps"] == pytest.approx(2 * nbytes / e["unit_s"] / 1e9, rel=2e-3)
+        assert bw["total_gbps"] == pytest.approx(4 * nbytes / e["total_s"] / 1e9, rel=2e-3)
+    assert "| pass GB/s | total GB/s | load |" in md
     assert {r["baseline"] for r in payload["ratios"] if r["backend"] == "torch"} >= {
         "official",
         "lapsum",
