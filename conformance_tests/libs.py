@@ -148,6 +148,18 @@ def _torch_from(mod: Any, a: np.ndarray, dtype: str) -> Any:
     return mod.from_numpy(np.array(a, dtype=dtype))
 
 
+def _torch_cuda_from(mod: Any, a: np.ndarray, dtype: str) -> Any:
+    return _torch_from(mod, a, dtype).to("cuda")
+
+
+def _torch_cuda_unavailable() -> str | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch"
+    return None
+
+
 def _torch_to(a: Any) -> np.ndarray:
     import torch
 
@@ -202,6 +214,15 @@ BUILTIN_LIBS: dict[str, ArrayLib] = {
     ),
     "torch": ArrayLib(
         "torch", "torch", ("float16", "bfloat16", "float32", "float64"), _torch_from, _torch_to
+    ),
+    # the same checks on CUDA tensors: skipped where torch sees no GPU
+    "torch_cuda": ArrayLib(
+        "torch_cuda",
+        "torch",
+        ("float16", "bfloat16", "float32", "float64"),
+        _torch_cuda_from,
+        _torch_to,
+        _torch_cuda_unavailable,
     ),
     "jax": ArrayLib(
         "jax",

@@ -86,7 +86,8 @@ def fit_exponent(sizes, times, ref_times=None) -> float:
 
 
 def _block(out: Any) -> None:
-    """Wait for asynchronous libraries (JAX, CuPy) to finish ``out``; compute lazy ones."""
+    """Wait for asynchronous libraries (JAX, CuPy, torch on CUDA) to finish ``out``;
+    compute lazy ones."""
     import array_api_compat
 
     for o in out if isinstance(out, (tuple, list)) else (out,):
@@ -100,6 +101,10 @@ def _block(out: Any) -> None:
             import cupy
 
             cupy.cuda.get_current_stream().synchronize()
+        elif getattr(getattr(o, "device", None), "type", None) == "cuda":
+            import torch
+
+            torch.cuda.synchronize(o.device)
 
 
 def _min_time(fn: Callable[[Any], Any], arg: Any, repeats: int) -> float:

@@ -68,10 +68,9 @@ def test_docstring_examples_run(module):
     assert result.failed == 0
 
 
-@pytest.mark.slow
-def test_wheel_installs_and_runs_outside_checkout(tmp_path):
-    """Build the wheel, install it into a fresh venv, use it from elsewhere, including
-    the conformance suite's entry point (with its mutation proof)."""
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> pathlib.Path:
+    """topk-core's wheel, built once for this file's tests."""
     import setuptools
 
     if _version(setuptools.__version__) < (70, 1) and importlib.util.find_spec("wheel") is None:
@@ -79,6 +78,7 @@ def test_wheel_installs_and_runs_outside_checkout(tmp_path):
             f"setuptools {setuptools.__version__} has no bdist_wheel without the 'wheel' "
             f"package; pip install -e '.[test]' installs setuptools>=70.1"
         )
+    tmp_path = tmp_path_factory.mktemp("wheel")
     dist = tmp_path / "dist"
     _run(
         [
@@ -96,9 +96,16 @@ def test_wheel_installs_and_runs_outside_checkout(tmp_path):
     )
     wheels = list(dist.glob("topk_core-*.whl"))
     assert len(wheels) == 1
+    return wheels[0]
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_runs_outside_checkout(tmp_path, wheel):
+    """Install the wheel into a fresh venv, use it from elsewhere, including the
+    conformance suite's entry point (with its mutation proof)."""
     import zipfile
 
-    names = zipfile.ZipFile(wheels[0]).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
     assert "topk_core/backends/numpy_backend.py" in names
     assert "topk_core/py.typed" in names
     assert not any(n.startswith(("backends/", "adapters/", "conformance_tests/")) for n in names)
@@ -123,7 +130,7 @@ def test_wheel_installs_and_runs_outside_checkout(tmp_path):
             "--no-index",
             "--target",
             str(tmp_path / "target"),
-            str(wheels[0]),
+            str(wheel),
         ],
         cwd=tmp_path,
         env=env,
@@ -194,3 +201,73 @@ def test_doctor_rejects_bad_arguments(tmp_path):
     )
     assert proc.returncode == 2
     assert "unknown libraries ['nope']" in proc.stderr
+
+
+def _device_check(tmp_path, wheels, **env):
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("TOPK_", "JAX_"))},
+        "PYTHON": sys.executable,
+        "MPLBACKEND": "Agg",
+        **env,
+    }
+    script = ROOT / "benchmarks" / "device_check.sh"
+    return subprocess.run(
+        ["bash", str(script), "run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_device_check_script_runs_on_the_cpu(tmp_path, wheel):
+    """The prepared GPU check (benchmarks/device_check.sh run) end to end on the CPU with
+    small sizes: the carried wheel installed apart and imported from there, the suite from
+    the installed files, both benchmark runs, and only what the device tool brings back
+    (at most 8 files, at most 2 folders down) in OUT."""
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / wheel.name).write_bytes(wheel.read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    site = tmp_path / "site"
+    proc = _device_check(
+        tmp_path,
+        wheels,
+        OUT=str(out),
+        TOPK_CHECK_WHEELS=str(wheels),
+        TOPK_CHECK_SITE=str(site),
+        TOPK_CHECK_DEVICE="cpu",
+        TOPK_CHECK_BACKENDS="numpy",
+        TOPK_CHECK_SIZES="2^10",
+        TOPK_CHECK_BIG="2^12",
+        TOPK_CHECK_SUITE_K="torch_cuda or cupy or (numpy and float32 and test_forward)",
+        TOPK_CHECK_JOBS="0",
+        TOPK_CHECK_BENCH_ARGS="--repeats 1 --warmup 1 --pass-rounds 5 --pass-budget 0.2",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert f"topk_core 0.1.0 {site}/topk_core/__init__.py" in log, log[:2000]
+    assert log.count("exit 0") == 4, log
+    conformance = (out / "conformance.txt").read_text()
+    assert f"{site}/topk_core/conformance/test_forward.py" in conformance  # installed files
+    assert " passed" in conformance and "failed" not in conformance
+    assert "no CUDA device visible to torch" in conformance  # torch_cuda selected, skipped
+    assert " passed" in (out / "gpu_tests.txt").read_text()
+    import json
+
+    for name, n in (("bench", 1024), ("big", 4096)):
+        payload = json.loads((out / name / "results.json").read_text())
+        entry = next(e for e in payload["passes"] if e["n"] == n)
+        assert entry["status"] == "ok" and entry["bandwidth"]["total_gbps"] > 0
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files)
+
+
+def test_device_check_script_refuses_without_out_or_wheels(tmp_path):
+    proc = _device_check(tmp_path, tmp_path)
+    assert proc.returncode == 2 and "set OUT" in proc.stderr
+    proc = _device_check(tmp_path, tmp_path, OUT=str(tmp_path), TOPK_CHECK_WHEELS=str(tmp_path))
+    assert proc.returncode == 2 and "no wheels in" in proc.stdout

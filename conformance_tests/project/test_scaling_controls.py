@@ -77,3 +77,18 @@ def test_quadratic_control_is_flagged(conformance_record):
     print(f"sort control: normalised exponent {srt.exponent:.3f} (raw {srt.raw_exponent:.3f})")
     conformance_record("scaling_fwd", quad.exponent, lib="control: quadratic select (numpy)")
     conformance_record("scaling_fwd", srt.exponent, lib="control: sort select (numpy)")
+
+
+def test_timing_waits_for_cuda_tensors(monkeypatch):
+    """Timed calls wait for torch's CUDA queue (kernels run asynchronously there)."""
+    torch = pytest.importorskip("torch")
+    from topk_core.conformance import scaling
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+
+    class CudaLike:  # a result on a CUDA device, without needing one
+        device = torch.device("cuda", 0)
+
+    scaling._block((CudaLike(), [torch.zeros(2)]))
+    assert waited == [torch.device("cuda", 0)]  # once, and not for the CPU tensor
