@@ -10,18 +10,23 @@
 # (the `run` call carries .whl).  `run` installs them into /tmp/site and works from a
 # copy of benchmarks/ outside the checkout, so the checkout's own folders never shadow
 # the installed package.  Each step has its own time limit and its output lands in $OUT
-# as it goes (at most 8 files come back: log.txt, conformance.txt, gpu_tests.txt and each
-# benchmark's results.md / results.json), so a step cut short still leaves the others.
+# as it goes (at most 8 files come back: log.txt, conformance.txt, gpu_tests.txt,
+# conformance_jax.txt and the two benchmarks' results.md / results.json), so a step cut
+# short still leaves the others.
 #
 # Environment (the defaults are the GPU check; the test suite runs `run` on the CPU with
 # small values):
 #   TOPK_CHECK_DEVICE      cuda                          the benchmarks' --device
-#   TOPK_CHECK_BACKENDS    torch,cupy,jax                the benchmarks' --backends
+#   TOPK_CHECK_BACKENDS    ""                            the benchmarks' --backends ("": every
+#                                                        installed one that runs on the device,
+#                                                        so a library failing there is skipped)
 #   TOPK_CHECK_SIZES       1e6,1024x4096,8192x256        the pass-budget run's --sizes
 #   TOPK_CHECK_BIG         1e8                           the bandwidth run's --sizes ("" skips it)
-#   TOPK_CHECK_SUITE_K     "torch_cuda or jax or cupy"   pytest -k of the conformance suite
-#   TOPK_CHECK_JOBS        4                             pytest-xdist workers for the suite
-#   TOPK_CHECK_LIMITS      "150 60 200 100"              seconds: suite, GPU tests, benchmark, big
+#   TOPK_CHECK_SUITE_K     "torch_cuda or cupy"          pytest -k of the conformance suite
+#   TOPK_CHECK_JAX_K       jax                           -k of the suite's last run ("" skips it)
+#   TOPK_CHECK_JOBS        8                             pytest-xdist workers for the suite
+#   TOPK_CHECK_LIMITS      "60 30 180 60 90"             seconds: suite, GPU tests, benchmark,
+#                                                        big, JAX suite (420 s together)
 #   TOPK_CHECK_BENCH_ARGS  ""                            more benchmark options (both runs)
 #   TOPK_CHECK_WHEELS      .whl                          the folder of carried wheels
 #   TOPK_CHECK_SITE        /tmp/site                     where they are installed
@@ -55,14 +60,16 @@ run() {
         exit 2
     fi
     local device=${TOPK_CHECK_DEVICE:-cuda}
-    local backends=${TOPK_CHECK_BACKENDS:-torch,cupy,jax}
+    local backends=()
+    [ -n "${TOPK_CHECK_BACKENDS:-}" ] && backends=(--backends "$TOPK_CHECK_BACKENDS")
     local sizes=${TOPK_CHECK_SIZES:-1e6,1024x4096,8192x256}
     local big=${TOPK_CHECK_BIG-1e8}
-    local suite_k=${TOPK_CHECK_SUITE_K:-torch_cuda or jax or cupy}
-    local jobs=${TOPK_CHECK_JOBS:-4}
+    local suite_k=${TOPK_CHECK_SUITE_K:-torch_cuda or cupy}
+    local jax_k=${TOPK_CHECK_JAX_K-jax}
+    local jobs=${TOPK_CHECK_JOBS:-8}
     local extra_args=${TOPK_CHECK_BENCH_ARGS:-}
-    local t_suite t_gpu t_bench t_big
-    read -r t_suite t_gpu t_bench t_big <<<"${TOPK_CHECK_LIMITS:-150 60 200 100}"
+    local t_suite t_gpu t_bench t_big t_jax
+    read -r t_suite t_gpu t_bench t_big t_jax <<<"${TOPK_CHECK_LIMITS:-60 30 180 60 90}"
     local py=${PYTHON:-python3}
     local site=${TOPK_CHECK_SITE:-/tmp/site}
     local log=$out/log.txt
@@ -114,13 +121,16 @@ except Exception as exc:
 EOF
 
     local conf=$site/topk_core/conformance
-    echo "== $(date -u +%T) conformance suite (-k '$suite_k'), limit ${t_suite} s"
-    # -P: the checkout's folders stay off sys.path, so the installed wheel is what runs
-    timeout "$t_suite" "$py" -P -m pytest -p topk_core.conformance.plugin -c "$conf/conformance.ini" \
-        --rootdir "$conf" -q -rfEs -n "$jobs" -k "$suite_k" \
-        "$conf"/test_contract.py "$conf"/test_forward.py "$conf"/test_gradients.py \
-        "$conf"/test_errors.py "$conf"/test_scaling.py >"$out/conformance.txt" 2>&1
-    echo "exit $?; $(tail -n 1 "$out/conformance.txt")"
+    suite() {  # suite KEYWORDS LIMIT FILE: the installed suite's checks selected by -k
+        echo "== $(date -u +%T) conformance suite (-k '$1'), limit $2 s"
+        # -P: the checkout's folders stay off sys.path, so the installed wheel is what runs
+        timeout "$2" "$py" -P -m pytest -p topk_core.conformance.plugin \
+            -c "$conf/conformance.ini" --rootdir "$conf" -q -rfEs -n "$jobs" -k "$1" \
+            "$conf"/test_contract.py "$conf"/test_forward.py "$conf"/test_gradients.py \
+            "$conf"/test_errors.py "$conf"/test_scaling.py >"$3" 2>&1
+        echo "exit $?; $(tail -n 1 "$3")"
+    }
+    suite "$suite_k" "$t_suite" "$out/conformance.txt"
 
     echo "== $(date -u +%T) the project's GPU tests (CuPy), limit ${t_gpu} s"
     timeout "$t_gpu" "$py" -P -m pytest -q -rfEs -p no:cacheprovider \
@@ -133,17 +143,23 @@ EOF
     cd "$work" || exit 1
     echo "== $(date -u +%T) benchmark: pass budget and ratios ($sizes), limit ${t_bench} s"
     # shellcheck disable=SC2086  # extra_args: several options
-    timeout "$t_bench" "$py" -m benchmarks --device "$device" --backends "$backends" \
+    timeout "$t_bench" "$py" -m benchmarks --device "$device" "${backends[@]}" \
         --sizes "$sizes" --k 0.1 --modes fwd+bwd --no-plot --out "$out/bench" $extra_args
     echo "exit $?"
     if [ -n "$big" ]; then
         echo "== $(date -u +%T) benchmark: bandwidth at $big, limit ${t_big} s"
+        # ours and x * 2 only: a sort-based top_k with k = 1e7 could take the whole limit
         # shellcheck disable=SC2086
-        timeout "$t_big" "$py" -m benchmarks --device "$device" --backends "$backends" \
-            --sizes "$big" --k 0.1 --modes fwd+bwd --operators ours,official,hard,elementwise \
+        timeout "$t_big" "$py" -m benchmarks --device "$device" "${backends[@]}" \
+            --sizes "$big" --k 0.1 --modes fwd+bwd --operators ours,elementwise \
             --repeats 5 --pass-rounds 10 --no-plot --no-memory --no-compile-kernels \
             --out "$out/big" $extra_args
         echo "exit $?"
+    fi
+    if [ -n "$jax_k" ]; then
+        # last: JAX's part of the suite is compile-bound (about 400 s of the suite's CPU
+        # time here), so a cut-short run costs nothing above
+        suite "$jax_k" "$t_jax" "$out/conformance_jax.txt"
     fi
     echo "== $(date -u +%T) done"
 }

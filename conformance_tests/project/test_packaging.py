@@ -244,18 +244,20 @@ def test_device_check_script_runs_on_the_cpu(tmp_path, wheel):
         TOPK_CHECK_SIZES="2^10",
         TOPK_CHECK_BIG="2^12",
         TOPK_CHECK_SUITE_K="torch_cuda or cupy or (numpy and float32 and test_forward)",
+        TOPK_CHECK_JAX_K="numpy and float64 and test_errors",  # the last step, cheaply
         TOPK_CHECK_JOBS="0",
         TOPK_CHECK_BENCH_ARGS="--repeats 1 --warmup 1 --pass-rounds 5 --pass-budget 0.2",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert f"topk_core 0.1.0 {site}/topk_core/__init__.py" in log, log[:2000]
-    assert log.count("exit 0") == 4, log
+    assert log.count("exit 0") == 5, log
     conformance = (out / "conformance.txt").read_text()
     assert f"{site}/topk_core/conformance/test_forward.py" in conformance  # installed files
     assert " passed" in conformance and "failed" not in conformance
     assert "no CUDA device visible to torch" in conformance  # torch_cuda selected, skipped
     assert " passed" in (out / "gpu_tests.txt").read_text()
+    assert " passed" in (out / "conformance_jax.txt").read_text()
     import json
 
     for name, n in (("bench", 1024), ("big", 4096)):
