@@ -635,8 +635,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(median {e.get('passes_median', {}).get('total', float('nan')):.1f}; "
             f"1 pass = {e['unit_s'] * 1e3:.3f} ms; back to back "
             f"{report._fmt_hot(e.get('unit_hot_s'))} ms; GB/s: pass "
-            f"{report._fmt_gbps(e.get('bandwidth', {}).get('pass_gbps'))}, total "
-            f"{report._fmt_gbps(e.get('bandwidth', {}).get('total_gbps'))})"
+            f"{report._fmt_gbps(report.bandwidth_of(e)['pass_gbps'])}, total "
+            f"{report._fmt_gbps(report.bandwidth_of(e).get('total_gbps'))})"
         )
     written = [out / "results.md", out / "results.json"] + ([out / plot] if plot else [])
     written += [out / "passes.png"] if passes_plot else []

@@ -184,6 +184,17 @@ def _fmt_hot(t: Any) -> str:
     return "—" if t is None else f"{t * 1e3:.3f}"
 
 
+def bandwidth_of(entry: dict[str, Any]) -> dict[str, float]:
+    """A pass-budget entry's achieved bandwidth (:func:`benchmarks.passes.bandwidth`).
+
+    Computed again from its timings where a run saved before the JSON kept it
+    (``--from-json``).
+    """
+    return entry.get("bandwidth") or passes_mod.bandwidth(
+        entry, (entry["batch"] or 1) * entry["n"], entry["dtype"]
+    )
+
+
 def _fmt_gbps(gbps: float | None) -> str:
     if gbps is None:
         return "—"
@@ -559,7 +570,7 @@ def render_markdown(payload: dict[str, Any], plot_name: str | None) -> str:
             entries, key=lambda e: (e["backend"], e["dtype"], e["kfrac"], e["batch"] or 0, e["n"])
         ):
             p = e["passes"]
-            bw = e.get("bandwidth", {})
+            bw = bandwidth_of(e)
             lines.append(
                 f"| {e['backend']} | {e['dtype']} | {e['kfrac']} | "
                 f"{_shape_label(e['batch'], e['n'])} | {e['unit_s'] * 1e3:.3f} | "

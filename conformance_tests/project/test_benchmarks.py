@@ -449,3 +449,11 @@ def test_benchmarks_need_the_checkout_installed_editable(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "topk_core.backends" in proc.stderr and "pip install -e ." in proc.stderr
+
+
+def test_bandwidth_of_runs_saved_before_the_json_kept_it():
+    # --from-json of an older results.json: GB/s computed from the saved timings
+    entry = {"batch": 4, "n": 250_000, "dtype": "float16", "unit_s": 1e-3, "total_s": 8e-3}
+    assert report.bandwidth_of(entry) == {"pass_gbps": 4.0, "total_gbps": 1.0}
+    kept = {"pass_gbps": 1.0, "total_gbps": 2.0}
+    assert report.bandwidth_of(entry | {"bandwidth": kept}) is kept
