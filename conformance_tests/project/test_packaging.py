@@ -253,7 +253,8 @@ def test_device_check_script_runs_on_the_cpu(tmp_path, wheel):
     assert f"topk_core 0.1.0 {site}/topk_core/__init__.py" in log, log[:2000]
     assert log.count("exit 0") == 5, log
     conformance = (out / "conformance.txt").read_text()
-    assert f"{site}/topk_core/conformance/test_forward.py" in conformance  # installed files
+    # the installed files (named relative to the working directory or not, by pytest)
+    assert "site/topk_core/conformance/test_" in conformance, conformance
     assert " passed" in conformance and "failed" not in conformance
     assert "no CUDA device visible to torch" in conformance  # torch_cuda selected, skipped
     assert " passed" in (out / "gpu_tests.txt").read_text()
