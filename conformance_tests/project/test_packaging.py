@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -203,7 +204,7 @@ def test_doctor_rejects_bad_arguments(tmp_path):
     assert "unknown libraries ['nope']" in proc.stderr
 
 
-def _device_check(tmp_path, wheels, **env):
+def _device_check(tmp_path, **env):
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("TOPK_", "JAX_"))},
         "PYTHON": sys.executable,
@@ -235,7 +236,6 @@ def test_device_check_script_runs_on_the_cpu(tmp_path, wheel):
     site = tmp_path / "site"
     proc = _device_check(
         tmp_path,
-        wheels,
         OUT=str(out),
         TOPK_CHECK_WHEELS=str(wheels),
         TOPK_CHECK_SITE=str(site),
@@ -259,8 +259,6 @@ def test_device_check_script_runs_on_the_cpu(tmp_path, wheel):
     assert "no CUDA device visible to torch" in conformance  # torch_cuda selected, skipped
     assert " passed" in (out / "gpu_tests.txt").read_text()
     assert " passed" in (out / "conformance_jax.txt").read_text()
-    import json
-
     for name, n in (("bench", 1024), ("big", 4096)):
         payload = json.loads((out / name / "results.json").read_text())
         entry = next(e for e in payload["passes"] if e["n"] == n)
@@ -270,7 +268,7 @@ def test_device_check_script_runs_on_the_cpu(tmp_path, wheel):
 
 
 def test_device_check_script_refuses_without_out_or_wheels(tmp_path):
-    proc = _device_check(tmp_path, tmp_path)
+    proc = _device_check(tmp_path)
     assert proc.returncode == 2 and "set OUT" in proc.stderr
-    proc = _device_check(tmp_path, tmp_path, OUT=str(tmp_path), TOPK_CHECK_WHEELS=str(tmp_path))
+    proc = _device_check(tmp_path, OUT=str(tmp_path), TOPK_CHECK_WHEELS=str(tmp_path))
     assert proc.returncode == 2 and "no wheels in" in proc.stdout
