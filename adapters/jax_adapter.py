@@ -169,8 +169,7 @@ def _select(sel: tuple, x: Any, k_arr: Any, valid: Any) -> tuple[Any, Any, Any]:
     entries are ``-inf`` in the selection, so a count can include them only
     for an infinite value, which gets no weight.
     """
-    xs = x if valid is None else jnp.where(valid, x, jnp.asarray(-jnp.inf, dtype=x.dtype))
-    a, b, ca, cb = _pair(sel, xs, k_arr)
+    a, b, ca, cb = _pair(sel, _math.selection_scores(jnp, x, valid), k_arr)
     return a, b, (ca, cb)
 
 

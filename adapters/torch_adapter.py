@@ -748,8 +748,7 @@ class _DFTopKNoJvp(torch.autograd.Function):
 
     @staticmethod
     def forward(x, tau, k, valid, output):
-        xm = x if valid is None else torch.where(valid, x, -math.inf)
-        a, b, cand = _select(xm, k)
+        a, b, cand = _select(_math.selection_scores(_XP, x, valid), k)
         # outputs, not views into the selection's buffers: forward AD wants a view
         # output's tangent laid out like it (one value per row to copy)
         a = a.clone() if a._base is not None else a

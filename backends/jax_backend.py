@@ -472,8 +472,7 @@ _counts_array_k = jax.jit(_radix_counts)
 
 
 def _mask_program(x: Any, k: Any, valid: Any) -> Any:
-    xs = x if valid is None else jnp.where(valid, x, jnp.asarray(-jnp.inf, dtype=x.dtype))
-    a, _ = _radix(xs, k)
+    a, _ = _radix(_math.selection_scores(jnp, x, valid), k)
     return _math.hard_mask(jnp, x, a, valid, k, cond=jax.lax.cond, dtype=x.dtype)
 
 

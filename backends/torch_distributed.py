@@ -425,8 +425,7 @@ class GroupDFTopKFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, tau, k, valid, output, group):
-        xm = x if valid is None else torch.where(valid, x, -math.inf)
-        a, b = group.select_pair(_XP, xm, k)
+        a, b = group.select_pair(_XP, _math.selection_scores(_XP, x, valid), k)
         cdt = _math.compute_dtype(_XP, x.dtype)
         xc = x.to(cdt)
         if output == "hard":

@@ -32,9 +32,7 @@ def select(pb: Problem, candidates: bool = False) -> tuple[Array, Array]:
     ``select_candidates``, the tie candidates it finds go to ``pb.candidates``.
     """
     xp = pb.xp
-    x = pb.x
-    if pb.valid is not None:
-        x = xp.where(pb.valid, x, xp.asarray(-xp.inf, dtype=x.dtype))
+    x = _math.selection_scores(xp, pb.x, pb.valid)
     if candidates and pb.group is None and pb.backend.select_candidates is not None:
         a, b, pb.candidates = pb.backend.select_candidates(xp, x, pb.k)
         return a, b

@@ -384,6 +384,24 @@ def pair_vjp(
     return g
 
 
+def selection_scores(xp: Any, x: Array, valid: Array | None) -> Array:
+    """``x`` as the selection of ``a`` and ``b`` sees it: masked-out entries are ``-inf``.
+
+    So they never rank above a valid entry, and a row with fewer than ``k + 1``
+    valid entries gets ``-inf`` for the missing ranks.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from topk_core._math import selection_scores
+    >>> selection_scores(np, np.array([2.0, 5.0, 1.0]), np.array([True, False, True]))
+    array([  2., -inf,   1.])
+    """
+    if valid is None:
+        return x
+    return xp.where(valid, x, xp.asarray(-xp.inf, dtype=x.dtype))
+
+
 def hard_mask(
     xp: Any,
     x: Array,

@@ -53,6 +53,7 @@ def test_subpackages_installed_under_topk_core():
 
 MODULES = [
     "topk_core._api",
+    "topk_core._math",
     "topk_core._registry",
     "topk_core._layer_args",
     "topk_core._problem",
