@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from topk_core._math import standard_function
 from topk_core._registry import Backend
 
 __all__ = ["GENERIC_BACKEND", "STRICT_BACKEND", "select_pair", "sentinel"]
@@ -53,7 +54,10 @@ def _per_row_k(xp: Any, x: Any, k: Any) -> tuple[Any, Any]:
     """``(a, b)`` of a NaN-free ``x`` for per-row ``k`` (shape ``(..., 1)``, in [0, n])."""
     n = x.shape[-1]
     s = xp.sort(x, axis=-1, stable=False)  # ascending: the k-th largest sits at n - k
-    pos = xp.arange(n, device=_device(x))
+    arange = standard_function(
+        xp, "arange", "a per-row k (an array k, or a mask)", "an integer k without a mask"
+    )
+    pos = arange(n, device=_device(x))
     k = xp.astype(k, pos.dtype)
     ninf = xp.asarray(-xp.inf, dtype=x.dtype)
     # one-hot pick along the row (no take_along_axis); max keeps the value bit-exact

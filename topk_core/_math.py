@@ -38,6 +38,7 @@ __all__ = [
     "sigmoid",
     "sigmoid_grad",
     "soft_backward",
+    "standard_function",
     "tau_coefficient",
     "soft_forward",
     "soft_tangent",
@@ -402,6 +403,41 @@ def selection_scores(xp: Any, x: Array, valid: Array | None) -> Array:
     return xp.where(valid, x, xp.asarray(-xp.inf, dtype=x.dtype))
 
 
+def standard_function(
+    xp: Any, name: str, needed_for: str, instead: str = ""
+) -> Callable[..., Array]:
+    """``xp.<name>``, or a ``TypeError`` saying that x's library lacks it and what needs it.
+
+    For the Array API functions that only some paths call: a library that lacks one
+    (pydata sparse has no ``arange`` or ``cumulative_sum``) gets an error that says
+    which function, which library and which argument asked for it (and ``instead``,
+    what works without it), not the library's ``AttributeError`` from deep inside
+    the selection.
+
+    Examples
+    --------
+    >>> import types
+    >>> from topk_core._math import standard_function
+    >>> lib = types.SimpleNamespace(__name__="mylib")
+    >>> standard_function(lib, "arange", "a per-row k", "an integer k")
+    Traceback (most recent call last):
+    ...
+    TypeError: x's array library mylib has no arange(), a function of the Array API
+    standard that a per-row k needs: use an integer k, or an array of a library that has
+    it (NumPy, CuPy, ...)
+    """
+    fn = getattr(xp, name, None)
+    if fn is None:
+        lib = getattr(xp, "__name__", type(xp).__name__)
+        use = f"{instead}, or an array" if instead else "an array"
+        raise TypeError(
+            f"x's array library {lib} has no {name}(), a function of the Array API "
+            f"standard that {needed_for} needs: use {use} of a library that has it "
+            "(NumPy, CuPy, PyTorch, JAX, Dask, array-api-strict)"
+        )
+    return fn
+
+
 def hard_mask(
     xp: Any,
     x: Array,
@@ -488,7 +524,9 @@ def _hard_mask_ranked(
     if valid is not None:
         gt = gt & valid
         eq = eq & valid
-    rank = xp.cumulative_sum(xp.astype(eq, xp.int32), axis=-1)
+    # ties at a are ranked by position: the hard mask (topk_mask, hard=True) needs it
+    cumulative_sum = standard_function(xp, "cumulative_sum", "the hard top-k mask")
+    rank = cumulative_sum(xp.astype(eq, xp.int32), axis=-1)
     n_gt = _count(xp, gt)
     if group is not None:
         n_gt = group.sum(n_gt)

@@ -104,3 +104,30 @@ def test_jax_grad_with_concrete_mask_and_k():
     g = jax.grad(lambda v: tk.dftopk(v, k, mask=mask).sum())(x)
     ref, _ = ref_vjp(np.linspace(-1.0, 1.0, 6), 2, np.ones(6), mask=np.asarray(mask))
     np.testing.assert_allclose(np.asarray(g), ref, atol=1e-9)
+
+
+_CALLS_NEEDING = {
+    "per-row k": ("arange", lambda s, x: tk.dftopk(x, s.asarray([1, 2]))),
+    # a mask that leaves a row fewer valid entries than k: that row's k is clipped
+    "mask": (
+        "arange",
+        lambda s, x: tk.dftopk(x, 2, mask=s.asarray([[True] * 3, [True] + [False] * 2])),
+    ),
+    "topk_mask": ("cumulative_sum", lambda s, x: tk.topk_mask(x, 2)),
+    "hard=True": ("cumulative_sum", lambda s, x: tk.dftopk(x, 2, hard=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CALLS_NEEDING))
+def test_library_without_a_standard_function(monkeypatch, case):
+    """A namespace without a function only some paths call (pydata sparse has neither
+    ``arange`` nor ``cumulative_sum``) gets the project's TypeError naming the library,
+    the function and what needs it, not the namespace's AttributeError."""
+    s = pytest.importorskip("array_api_strict")
+    name, call = _CALLS_NEEDING[case]
+    # ties at the k-th largest: the eager hard mask's fast path ranks nothing without them
+    x = s.asarray([[2.0, 2.0, 2.0], [0.0, 5.0, 4.0]])
+    call(s, x)  # the same call runs where the namespace has the function
+    monkeypatch.delattr(s, name)
+    with pytest.raises(TypeError, match=rf"library array_api_strict has no {name}\(\), a function"):
+        call(s, x)

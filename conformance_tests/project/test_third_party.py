@@ -73,3 +73,9 @@ def test_sparse_forward_matches_numpy():
     p = tk.dftopk(sparse.asarray(x), 4, tau=0.3)
     assert library_name(p) == "sparse"
     np.testing.assert_allclose(p.todense(), tk.dftopk(x, 4, tau=0.3), atol=1e-12)
+    # its namespace has no arange / cumulative_sum: the project's error, not sparse's
+    k_rows = sparse.asarray(np.array([1, 2, 3]))
+    with pytest.raises(TypeError, match=r"library sparse has no arange\(\).*per-row k"):
+        tk.dftopk(sparse.asarray(x), k_rows)
+    with pytest.raises(TypeError, match=r"library sparse has no cumulative_sum\(\).*hard"):
+        tk.topk_mask(sparse.asarray(np.ones((3, 9))), 4)
