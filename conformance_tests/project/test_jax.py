@@ -589,3 +589,53 @@ def test_closed_forms_run_as_a_few_compiled_programs():
                 want = fn(x_np, g_np)
             for a, b in zip(got, want, strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=fn.__name__)
+
+
+_CACHED_RUN = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+counts = {"hits": 0, "misses": 0}
+def listen(event, **kwargs):
+    if event == "/jax/compilation_cache/cache_hits":
+        counts["hits"] += 1
+    elif event == "/jax/compilation_cache/cache_misses":
+        counts["misses"] += 1
+jax.monitoring.register_event_listener(listen)
+import topk_core as tk
+x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 50)).astype(np.float32))
+g = jax.jit(jax.grad(lambda t: tk.dftopk(t, 5, tau=0.5).sum()))(x)
+v = tk.dftopk_vjp(x, 5, x, tau=0.5)[0]
+m = tk.topk_mask(x, jnp.arange(1, 9))  # a per-row k
+print(json.dumps({**counts, "values": [float(g.sum()), float(v.sum()), float(m.sum())]}))
+"""
+
+
+def test_programs_reload_from_jax_persistent_cache(tmp_path):
+    """The README's tip: with JAX's persistent compilation cache on, a second process
+    loads every program (``jit`` + ``grad``, an eager closed form, an eager ``topk_mask``)
+    from the cache instead of compiling it: nothing in them differs from one process to
+    the next (no object ids, no unordered state in the traced code)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    runs = []
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", _CACHED_RUN, str(tmp_path / "cache")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["misses"] > 0  # (a program compiled twice in one process hits already)
+    compiled = first["hits"] + first["misses"]
+    assert second == {**first, "hits": compiled, "misses": 0}
