@@ -16,6 +16,7 @@ import importlib.util
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,12 @@ def _top_level_modules(code: str) -> set[str]:
     return set(names)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -83,6 +90,9 @@ def test_readme_example_runs(section, tmp_path):
         reason = BUILTIN_LIBS["cupy"].unavailable()
         if reason is not None:
             pytest.skip(f"CuPy example: {reason}")
+    # the torch.distributed example's fixed port: a free one here, so that nothing else
+    # listening on this machine (another checkout's run) can collide with it
+    code = re.sub(r"tcp://127\.0\.0\.1:\d+", f"tcp://127.0.0.1:{_free_port()}", code)
     script = tmp_path / "example.py"
     script.write_text(code, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in _NOT_A_USERS}
