@@ -25,7 +25,7 @@
 #   TOPK_CHECK_SUITE_K     "torch_cuda or cupy"          pytest -k of the conformance suite
 #   TOPK_CHECK_JAX_K       jax                           -k of the suite's last run ("" skips it)
 #   TOPK_CHECK_JOBS        8                             pytest-xdist workers for the suite
-#   TOPK_CHECK_LIMITS      "60 30 180 60 90"             seconds: suite, GPU tests, benchmark,
+#   TOPK_CHECK_LIMITS      "60 45 180 60 75"             seconds: suite, GPU tests, benchmark,
 #                                                        big, JAX suite (420 s together)
 #   TOPK_CHECK_BENCH_ARGS  ""                            more benchmark options (both runs)
 #   TOPK_CHECK_WHEELS      .whl                          the folder of carried wheels
@@ -69,7 +69,7 @@ run() {
     local jobs=${TOPK_CHECK_JOBS:-8}
     local extra_args=${TOPK_CHECK_BENCH_ARGS:-}
     local t_suite t_gpu t_bench t_big t_jax
-    read -r t_suite t_gpu t_bench t_big t_jax <<<"${TOPK_CHECK_LIMITS:-60 30 180 60 90}"
+    read -r t_suite t_gpu t_bench t_big t_jax <<<"${TOPK_CHECK_LIMITS:-60 45 180 60 75}"
     local py=${PYTHON:-python3}
     local site=${TOPK_CHECK_SITE:-/tmp/site}
     local log=$out/log.txt
@@ -132,9 +132,10 @@ EOF
     }
     suite "$suite_k" "$t_suite" "$out/conformance.txt"
 
-    echo "== $(date -u +%T) the project's GPU tests (CuPy), limit ${t_gpu} s"
+    echo "== $(date -u +%T) the project's GPU tests (CuPy; the README's CuPy example), limit ${t_gpu} s"
     timeout "$t_gpu" "$py" -P -m pytest -q -rfEs -p no:cacheprovider \
-        conformance_tests/project/test_cupy.py >"$out/gpu_tests.txt" 2>&1
+        conformance_tests/project/test_cupy.py "conformance_tests/project/test_readme.py::test_readme_example_runs[CuPy]" \
+        >"$out/gpu_tests.txt" 2>&1
     echo "exit $?; $(tail -n 1 "$out/gpu_tests.txt")"
 
     local work
