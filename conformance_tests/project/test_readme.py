@@ -5,7 +5,9 @@ heading) they stand in, and a group runs as one script in a fresh process
 (its later blocks build on its earlier ones: "Choosing ``tau``" reuses the
 NumPy quickstart's ``x``), from a file (``torch.multiprocessing.spawn`` needs
 one), with the environment of a plain user: no ``XLA_FLAGS``, no x64, no Keras
-backend chosen.  A group that imports a library this machine lacks is skipped
+backend chosen.  What the comments say an example shows is checked too: the
+output of ``print(...)  # 4000`` and the value of ``loss(...)  # 0.391`` (to the
+decimals written).  A group that imports a library this machine lacks is skipped
 (CuPy without a GPU).  The multi-process examples use 127.0.0.1 only; every
 process is ended by the test, whatever happens.
 """
@@ -57,6 +59,37 @@ def _top_level_modules(code: str) -> set[str]:
     return set(names)
 
 
+def _shown_values(code: str) -> str:
+    """``loss(x)  # 0.391: ...`` (a value shown as in a REPL) printed to its decimals."""
+
+    def show(found: re.Match) -> str:
+        expr, value = found.group(1), found.group(2)
+        decimals = len(value.split(".")[1])
+        return f'print(f"{{float({expr}):.{decimals}f}}")  # {value}'
+
+    return re.sub(r"^([A-Za-z_][\w.]*\(.*\))\s+#\s*(-?\d+\.\d+)(?=:|$)", show, code, flags=re.M)
+
+
+def _printed(code: str) -> list[str]:
+    """What the example's comments say its ``print(...)`` lines show, as regexes.
+
+    ``print(x)  # 4000: 1000 per row`` shows ``4000`` (the text after a value and a
+    colon explains it); ``...`` and ``<learned>`` stand for whatever is printed there.
+    """
+    wanted = []
+    for line in code.splitlines():
+        found = re.match(r"\s*print\(.*\)\s+#\s*(.+)$", line)
+        if not found:
+            continue
+        text = found.group(1).strip()
+        value = re.match(r"^(\S+): ", text)
+        if value:
+            text = value.group(1)
+        parts = re.split(r"(\.\.\.|<\w+>)", text)
+        wanted.append("".join(".*" if i % 2 else re.escape(part) for i, part in enumerate(parts)))
+    return wanted
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -82,7 +115,7 @@ def test_readme_has_the_examples():
 
 @pytest.mark.parametrize("section", list(GROUPS))
 def test_readme_example_runs(section, tmp_path):
-    code = "\n\n".join(GROUPS[section])
+    code = _shown_values("\n\n".join(GROUPS[section]))
     missing = sorted(m for m in _top_level_modules(code) if importlib.util.find_spec(m) is None)
     if missing:
         pytest.skip(f"the example imports {', '.join(missing)}, not installed here")
@@ -114,3 +147,6 @@ def test_readme_example_runs(section, tmp_path):
     finally:
         _kill_group(proc.pid)  # anything its workers left behind
     assert proc.returncode == 0, f"{section}:\n{out[-2000:]}\n{err[-4000:]}"
+    lines = [line.strip() for line in out.splitlines()]
+    for pattern in _printed(code):
+        assert any(re.fullmatch(pattern, line) for line in lines), (section, pattern, out)
