@@ -628,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for e in report.pass_headline(payload.get("passes", [])):
         p = e["passes"]
+        bw = report.bandwidth_of(e)
         print(
             f"{e['backend']:6s} {report._shape_label(e['batch'], e['n']):10s} passes: "
             f"select {p['select']:.1f}, fwd math {p['fwd_math']:.1f}, bwd math "
@@ -635,8 +636,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(median {e.get('passes_median', {}).get('total', float('nan')):.1f}; "
             f"1 pass = {e['unit_s'] * 1e3:.3f} ms; back to back "
             f"{report._fmt_hot(e.get('unit_hot_s'))} ms; GB/s: pass "
-            f"{report._fmt_gbps(report.bandwidth_of(e)['pass_gbps'])}, total "
-            f"{report._fmt_gbps(report.bandwidth_of(e).get('total_gbps'))})"
+            f"{report._fmt_gbps(bw['pass_gbps'])}, total "
+            f"{report._fmt_gbps(bw.get('total_gbps'))})"
         )
     written = [out / "results.md", out / "results.json"] + ([out / plot] if plot else [])
     written += [out / "passes.png"] if passes_plot else []
