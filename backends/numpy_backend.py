@@ -44,9 +44,17 @@ quickselect were slow.  On a Zen 5 (AVX-512; one process, min ms, idle)
 they are fast (``np.partition`` of 1 x 1e6 0.57, ``np.sort`` 2.9): there
 the scalar-k partition path measured 0.68 against 0.76-0.94 for the sampled
 one at 1 x 1e6 and 0.77 against 2.1 at 16 x 65536, and for per-row k a sort
-of 1024 x 4096 9.5 against 16 for the sampled path.  Which one wins depends
-on the CPU, and a timing at run time would make the speed of a call depend on
-a measurement: left as measured on the Zen 4.
+of 1024 x 4096 9.5 against 16 for the sampled path.  Two changes since
+(session 12, Zen 5) made the sampled path faster everywhere: the sample is
+partitioned at its two bracket ranks one kth at a time (a list of kth fell
+back to NumPy's scalar introselect, 0.88 against 0.06 ms on 1e5 entries),
+and the sample holds ~n**0.8 entries instead of n**(2/3), so that fewer
+candidates are gathered (1 x 1e6, min ms: 0.56 -> 0.47 at k = n/10, 0.78 ->
+0.57 at k = n/2; 16 x 65536 1.13 -> 0.81).  Now, on the Zen 5: partition
+0.54 against sampled 0.42 at 1 x 1e6, 0.65 against 0.84 at 16 x 65536, 0.69
+against 1.22 at 64 x 16384.  Which one wins depends on the CPU, and a timing
+at run time would make the speed of a call depend on a measurement: left as
+measured on the Zen 4.
 
 NaN counts as larger than ``+inf`` on the sampled and sorted paths (a sort
 puts it last; ``~(x <= hi)`` counts it above the bracket).
@@ -260,8 +268,9 @@ def _quiet_nan(v: np.ndarray) -> np.ndarray:
 
 
 def _sample_size(n: int) -> int:
-    # ~n**(2/3) (Floyd-Rivest), at most a quarter of the row
-    return max(16, min(n // 4, round(n ** (2 / 3))))
+    # ~n**0.8, at most a quarter of the row: a larger sample than Floyd-Rivest's
+    # n**(2/3) gathers fewer candidates, and the gather (flatnonzero) is what costs
+    return max(16, min(n // 4, round(n**0.8)))
 
 
 _SAMPLE_CACHE: dict[tuple[int, int], np.ndarray] = {}
@@ -426,7 +435,7 @@ def _bracket(
         lo_pos = math.ceil(min(scalar_k + 1, n) * s / n - 1.0 + d)
         hi_i = s - 1 - min(max(hi_pos, 0), s - 1)  # ascending index into the sample
         lo_i = s - 1 - min(max(lo_pos, 0), s - 1)
-        samp.partition(sorted({hi_i, lo_i}), axis=-1)
+        _partition_pair(samp, lo_i, hi_i)
         hi = samp[:, hi_i, None] if hi_pos >= 0 else np.full((rows, 1), inf)
         lo = samp[:, lo_i, None] if lo_pos < s else np.full((rows, 1), -inf)
         return lo, hi
@@ -440,6 +449,26 @@ def _bracket(
     hi = np.where(hi_pos < 0, inf, hi)
     lo = np.where(lo_pos >= s, -inf, lo)
     return lo, hi
+
+
+def _partition_pair(v: np.ndarray, i: int, j: int) -> None:
+    """Partition ``v`` in place along its last axis so that columns ``i <= j`` hold their ranks.
+
+    Two one-kth partitions, the second over the side of the first kth that
+    holds the other one (the first kth is the one that leaves the shorter
+    side): NumPy's SIMD partition takes one kth only, and with a list of them
+    it falls back to a scalar introselect (NumPy 2.4, AVX-512: 0.88 against
+    0.06 ms on 1e5 float32).
+    """
+    n = v.shape[-1]
+    if j == i:
+        v.partition(i, axis=-1)
+    elif n - 1 - i <= j:
+        v.partition(i, axis=-1)
+        v[..., i + 1 :].partition(j - i - 1, axis=-1)
+    else:
+        v.partition(j, axis=-1)
+        v[..., :j].partition(i, axis=-1)
 
 
 BACKEND = Backend(
