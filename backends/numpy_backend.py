@@ -45,16 +45,18 @@ they are fast (``np.partition`` of 1 x 1e6 0.57, ``np.sort`` 2.9): there
 the scalar-k partition path measured 0.68 against 0.76-0.94 for the sampled
 one at 1 x 1e6 and 0.77 against 2.1 at 16 x 65536, and for per-row k a sort
 of 1024 x 4096 9.5 against 16 for the sampled path.  Two changes since
-(2026-12-08, Zen 5) made the sampled path faster everywhere: the sample is
-partitioned at its two bracket ranks one kth at a time (a list of kth fell
-back to NumPy's scalar introselect, 0.88 against 0.06 ms on 1e5 entries),
-and the sample holds ~n**0.8 entries (at most 2**17) instead of n**(2/3),
-so that fewer candidates are gathered (1 x 1e6, min ms: 0.56 -> 0.47 at k = n/10, 0.78 ->
-0.57 at k = n/2; 16 x 65536 1.13 -> 0.81).  Now, on the Zen 5: partition
-0.54 against sampled 0.42 at 1 x 1e6, 0.65 against 0.84 at 16 x 65536, 0.69
-against 1.22 at 64 x 16384.  Which one wins depends on the CPU, and a timing
-at run time would make the speed of a call depend on a measurement: left as
-measured on the Zen 4.
+(2026-12-08, Zen 5) made the sampled path faster: the sample is partitioned
+at its two bracket ranks one kth at a time (a list of kth fell back to
+NumPy's scalar introselect, 0.88 against 0.06 ms on 1e5 entries), and the
+sample holds ~n**0.8 entries (at most 2**17) instead of n**(2/3), so that
+fewer candidates are gathered.  Min ms: 1 x 1e6 0.56 -> 0.47 at k = n/10,
+0.78 -> 0.57 at k = n/2; 16 x 65536 1.13 -> 0.81; per-row k 8192 x 2048
+73 -> 51, 256 x 32768 21 -> 16.5, but 4096 x 8192 95 -> 103 (a longer
+sample to sort per row).  Now, on the Zen 5: partition 0.54 against sampled
+0.42 at 1 x 1e6, 0.65 against 0.84 at 16 x 65536, 0.69 against 1.22 at
+64 x 16384.  Which one wins depends on the CPU, and a timing at run time
+would make the speed of a call depend on a measurement: left as measured on
+the Zen 4.
 
 NaN counts as larger than ``+inf`` on the sampled and sorted paths (a sort
 puts it last; ``~(x <= hi)`` counts it above the bracket).
